@@ -1,0 +1,421 @@
+//! Command line and environment.
+//!
+//! Every option is both a flag and an environment variable (containers are
+//! configured through env, developers through flags). Options are global so
+//! that `worker --concurrency 4`, `worker poll --concurrency 4` and
+//! `WORKER_CONCURRENCY=4 worker` mean the same thing.
+//!
+//! Secrets (`WORKER_WEBHOOK_SECRET`, `AZURE_STORAGE_CONNECTION_STRING`) are
+//! held in [`Secret`], whose `Debug` is redacted, are hidden from `--help`, and
+//! are validated after parsing so that no error message echoes their value
+//! (clap's own "invalid value" errors would).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::egress::{EgressPolicy, HostRule};
+use crate::webhook::{RetryPolicy, SigningSecret};
+
+/// A string that must never be printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+const AFTER_HELP: &str = "\
+Modes:
+  TASK_DATA set         run that one task, notify its webhook, exit 0 (succeeded) or 1
+  no TASK_DATA          poll the queue(s) <client>-tasks (same as `worker poll`)
+  WORKER_MODE=job       lease one message, settle it, exit (same as `worker job`)
+
+TASK_DATA holds a task envelope as JSON or standard base64 of that JSON:
+  {\"task_id\":\"t1\",\"task_type\":\"echo\",\"payload\":{...},\"webhook_url\":\"https://...\",\"client\":\"acme\"}
+
+Exit codes: 0 succeeded (or queue drained), 1 task failed / timed out / cancelled / invalid,
+2 invalid flags or environment. Logs go to stderr (RUST_LOG sets the level, default info).";
+
+#[derive(Parser, Debug)]
+#[command(name = "worker", version, about = "Runs tasks from Azure Storage Queues: one task per container (TASK_DATA) or a polling consumer", after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub opts: Options,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one task from --task, --task-file or TASK_DATA (local debugging).
+    Run(RunArgs),
+    /// Poll the client queue(s) until stopped (the default without TASK_DATA).
+    Poll(PollArgs),
+    /// Lease one message, process and settle it, exit (Container Apps jobs).
+    Job,
+    /// List every registered task type.
+    Handlers,
+    /// Put a task on <client>-tasks the way a backend would.
+    Enqueue(EnqueueArgs),
+    /// Validate the configuration and reach every configured queue.
+    Check,
+    /// Inspect or replay messages in <client>-tasks-poison.
+    #[command(subcommand)]
+    Poison(PoisonCommand),
+    /// Print every environment variable the binary reads, as JSON lines.
+    EnvVars,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Task envelope JSON (or base64 of it).
+    #[arg(long, conflicts_with = "task_file")]
+    pub task: Option<String>,
+    /// File holding the task envelope (no 128 KiB env limit); `-` reads stdin.
+    #[arg(long)]
+    pub task_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct PollArgs {
+    /// Stop after this many tasks have been settled.
+    #[arg(long)]
+    pub max_tasks: Option<u64>,
+    /// Exit 0 once every queue is empty and nothing is in flight.
+    #[arg(long)]
+    pub exit_when_empty: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EnqueueArgs {
+    #[arg(long)]
+    pub task_type: String,
+    /// Payload JSON.
+    #[arg(long)]
+    pub payload: Option<String>,
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+    /// Task id; a UUID is generated when absent.
+    #[arg(long)]
+    pub task_id: Option<String>,
+    /// Base64-encode the message (as Azure Functions and the Python SDK's base64 policy do).
+    #[arg(long)]
+    pub base64: bool,
+    /// Seconds before the message becomes visible (up to 7 days).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub delay: Option<u64>,
+    /// Message time-to-live in seconds (-1: never expires).
+    #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i64).range(-1..))]
+    pub ttl: Option<i64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoisonCommand {
+    /// One line per poisoned message (peeks at most 32).
+    List,
+    /// Send poisoned messages back to <client>-tasks, then delete them from poison.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct ReplayArgs {
+    #[arg(long)]
+    pub task_id: Option<String>,
+    #[arg(long)]
+    pub message_id: Option<String>,
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (Azure Monitor / Log Analytics).
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// TASK_DATA decides: single task when set, polling otherwise.
+    Auto,
+    Poll,
+    Job,
+}
+
+/// Every option, flag and env var alike.
+#[derive(Args, Debug, Clone)]
+pub struct Options {
+    /// Log format.
+    #[arg(long, env = "WORKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Seconds a task may run before it is stopped and reported timed_out.
+    #[arg(long, env = "WORKER_TASK_TIMEOUT", default_value_t = 1800.0, value_parser = positive_secs, global = true)]
+    pub task_timeout: f64,
+    /// TOML file declaring exec handlers.
+    #[arg(long, env = "WORKER_HANDLERS_FILE", global = true)]
+    pub handlers_file: Option<PathBuf>,
+    /// Standard Webhooks signing secret: whsec_ + base64 of 24-64 bytes.
+    #[arg(
+        long,
+        env = "WORKER_WEBHOOK_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub webhook_secret: Option<Secret>,
+    /// Comma-separated host or host:port allowed for webhooks and `http` tasks, whatever they resolve to. Unset: public addresses only.
+    #[arg(
+        long,
+        env = "WORKER_WEBHOOK_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub webhook_allowed_hosts: Option<Vec<HostRule>>,
+    /// Per-request webhook timeout in seconds.
+    #[arg(long, env = "WORKER_WEBHOOK_TIMEOUT", default_value_t = 10.0, value_parser = positive_secs, global = true)]
+    pub webhook_timeout: f64,
+    /// Webhook delivery attempts (the first included).
+    #[arg(long, env = "WORKER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20), global = true)]
+    pub webhook_max_attempts: u32,
+    /// Seconds before the second webhook attempt; doubles each time (with jitter).
+    #[arg(long, env = "WORKER_WEBHOOK_INITIAL_BACKOFF", default_value_t = 1.0, value_parser = positive_secs, global = true)]
+    pub webhook_initial_backoff: f64,
+
+    /// Which way in (see Modes below).
+    #[arg(long, env = "WORKER_MODE", value_enum, default_value_t = Mode::Auto, global = true)]
+    pub mode: Mode,
+    /// Storage connection string (AccountName/AccountKey, SharedAccessSignature or UseDevelopmentStorage=true).
+    #[arg(
+        long,
+        env = "AZURE_STORAGE_CONNECTION_STRING",
+        hide_env_values = true,
+        global = true
+    )]
+    pub connection_string: Option<Secret>,
+    /// Queue service endpoint for Entra ID auth (https://ACCOUNT.queue.core.windows.net).
+    #[arg(long, env = "AZURE_STORAGE_QUEUE_ENDPOINT", global = true)]
+    pub queue_endpoint: Option<String>,
+    /// Storage account name for Entra ID auth (endpoint derived from it).
+    #[arg(long, env = "AZURE_STORAGE_ACCOUNT", global = true)]
+    pub storage_account: Option<String>,
+    /// Client id of a user-assigned managed identity (Entra ID auth).
+    #[arg(long, env = "AZURE_CLIENT_ID", global = true)]
+    pub managed_identity_client_id: Option<String>,
+    /// Client name(s): the worker consumes <client>-tasks. Comma-separated or repeated.
+    #[arg(
+        long = "client",
+        env = "WORKER_CLIENT",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub clients: Vec<String>,
+    /// Queue name override (instead of <client>-tasks; one client only).
+    #[arg(long, env = "WORKER_QUEUE_NAME", global = true)]
+    pub queue_name: Option<String>,
+    /// Messages fetched per receive call (1-32).
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=32), global = true)]
+    pub batch_size: u8,
+    /// Tasks run at once.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024), global = true)]
+    pub concurrency: u32,
+    /// Longest pause between polls of an empty queue, in seconds.
+    #[arg(long, env = "WORKER_MAX_POLL_INTERVAL", default_value_t = 30.0, value_parser = positive_secs, global = true)]
+    pub max_poll_interval: f64,
+    /// Seconds a received message stays invisible; renewed at half-life while the task runs.
+    #[arg(long, env = "WORKER_VISIBILITY_TIMEOUT", default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=604_800), global = true)]
+    pub visibility_timeout: u32,
+    /// Deliveries before a failing message goes to the poison queue.
+    #[arg(long, env = "WORKER_MAX_DEQUEUE_COUNT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    pub max_dequeue_count: u32,
+    /// Base seconds before a failed message is retried; grows with the attempt.
+    #[arg(long, env = "WORKER_RETRY_DELAY", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=604_800), global = true)]
+    pub retry_delay: u32,
+    /// Seconds running tasks get to finish after SIGTERM before they are released.
+    #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value_t = 30.0, value_parser = nonneg_secs, global = true)]
+    pub shutdown_grace: f64,
+    /// Serve Prometheus /metrics and /healthz on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, env = "WORKER_METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if v.is_finite() && v > 0.0 && v <= 31_536_000.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} must be a positive number of seconds"))
+    }
+}
+
+fn nonneg_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if v.is_finite() && (0.0..=31_536_000.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} must be zero or a positive number of seconds"))
+    }
+}
+
+impl Options {
+    pub fn task_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.task_timeout)
+    }
+
+    pub fn egress(&self) -> EgressPolicy {
+        match &self.webhook_allowed_hosts {
+            Some(rules) if !rules.is_empty() => EgressPolicy::allow_hosts(rules.clone()),
+            _ => EgressPolicy::public_only(),
+        }
+    }
+
+    pub fn webhook_retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            attempts: self.webhook_max_attempts,
+            initial_backoff: Duration::from_secs_f64(self.webhook_initial_backoff),
+            max_backoff: Duration::from_secs(30),
+            timeout: Duration::from_secs_f64(self.webhook_timeout),
+        }
+    }
+
+    /// The signing secret, validated; the error names the variable, never the value.
+    pub fn signing_secret(&self) -> Result<Option<SigningSecret>, String> {
+        match &self.webhook_secret {
+            None => Ok(None),
+            Some(s) if s.expose().is_empty() => Ok(None),
+            Some(s) => {
+                s.expose().parse().map(Some).map_err(|e| {
+                    format!("WORKER_WEBHOOK_SECRET (--webhook-secret) is invalid: {e}")
+                })
+            }
+        }
+    }
+}
+
+/// One environment variable the binary reads.
+#[derive(Debug, serde::Serialize)]
+pub struct EnvVar {
+    pub name: String,
+    pub flag: Option<String>,
+    pub secret: bool,
+    pub default: Option<String>,
+    pub help: String,
+}
+
+/// Every env var the binary reads, from clap's own definitions plus the few
+/// read outside clap. `worker env-vars` prints this; infra tests compare the
+/// templates against it so the two cannot drift.
+pub fn env_vars() -> Vec<EnvVar> {
+    let cmd = Cli::command();
+    let mut out: Vec<EnvVar> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            let name = a.get_env()?.to_str()?.to_owned();
+            Some(EnvVar {
+                secret: a.is_hide_env_values_set(),
+                flag: a.get_long().map(|l| format!("--{l}")),
+                default: a
+                    .get_default_values()
+                    .first()
+                    .and_then(|d| d.to_str())
+                    .map(str::to_owned),
+                help: a.get_help().map(|h| h.to_string()).unwrap_or_default(),
+                name,
+            })
+        })
+        .collect();
+    for (name, help) in [
+        (
+            "TASK_DATA",
+            "the task envelope for single-task mode (JSON or base64 JSON)",
+        ),
+        (
+            "RUST_LOG",
+            "log filter, e.g. info or worker=debug (default info)",
+        ),
+    ] {
+        out.push(EnvVar {
+            name: name.into(),
+            flag: None,
+            secret: false,
+            default: None,
+            help: help.into(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--webhook-secret",
+            "whsec_c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0",
+            "--connection-string",
+            "AccountName=a;AccountKey=c2VjcmV0a2V5",
+        ])
+        .unwrap();
+        let dbg = format!("{cli:?}");
+        assert!(!dbg.contains("c2VjcmV0"), "{dbg}");
+        assert!(dbg.contains("<redacted>"));
+    }
+
+    #[test]
+    fn env_var_listing_marks_secrets() {
+        let vars = env_vars();
+        let secret = vars
+            .iter()
+            .find(|v| v.name == "WORKER_WEBHOOK_SECRET")
+            .unwrap();
+        assert!(secret.secret);
+        assert!(vars.iter().any(|v| v.name == "TASK_DATA"));
+        assert!(vars
+            .iter()
+            .any(|v| v.name == "WORKER_CONCURRENCY" && v.default.as_deref() == Some("16")));
+    }
+
+    #[test]
+    fn invalid_secret_error_does_not_echo_it() {
+        let cli =
+            Cli::try_parse_from(["worker", "--webhook-secret", "whsec_tooshortvalue"]).unwrap();
+        let e = cli.opts.signing_secret().unwrap_err();
+        assert!(
+            e.contains("WORKER_WEBHOOK_SECRET") && !e.contains("tooshortvalue"),
+            "{e}"
+        );
+    }
+}

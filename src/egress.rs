@@ -1,0 +1,367 @@
+//! Where task-supplied URLs may go.
+//!
+//! A task is data from a queue, so its `webhook_url` and its `http` handler
+//! URL are attacker-controllable. Without a guard, a task could make the
+//! worker call the cloud metadata service (169.254.169.254, which hands out
+//! managed-identity tokens) or services on the private network.
+//!
+//! The rule lives in the HTTP client, not at call sites: every client built by
+//! [`EgressPolicy::client`] resolves names through [`GuardedResolver`], which
+//! refuses a name if *any* address it resolves to is not public and hands
+//! reqwest exactly the addresses it checked, so there is no window between
+//! check and connect for DNS rebinding. IP literals never reach a resolver, so
+//! [`EgressPolicy::check`] covers them (and redirects) before a request leaves.
+//!
+//! `WORKER_WEBHOOK_ALLOWED_HOSTS` replaces the address rule with an explicit
+//! list of hosts, allowed whatever they resolve to (local development).
+//!
+//! The Azure SDK's own traffic (queues, managed identity) does not go through
+//! here: those endpoints come from the operator, not from tasks.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
+
+/// Why a URL was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EgressError {
+    #[error("scheme `{0}` is not allowed; only http and https")]
+    Scheme(String),
+    #[error("URL has no host")]
+    NoHost,
+    #[error("host `{0}` is not in WORKER_WEBHOOK_ALLOWED_HOSTS")]
+    NotAllowed(String),
+    #[error("host `{host}` resolves to non-public address {addr}; set WORKER_WEBHOOK_ALLOWED_HOSTS to allow it explicitly")]
+    Blocked { host: String, addr: IpAddr },
+    #[error("host `{host}` did not resolve: {reason}")]
+    Resolve { host: String, reason: String },
+}
+
+/// One entry of the allow list: a host, optionally pinned to a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostRule {
+    host: String,
+    port: Option<u16>,
+}
+
+impl std::str::FromStr for HostRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty host".into());
+        }
+        // `[::1]:8080`, `[::1]`, `host:8080`, `host`
+        let parsed = Url::parse(&format!("http://{s}/"))
+            .map_err(|e| format!("`{s}` is not a host or host:port ({e})"))?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| format!("`{s}` has no host"))?;
+        let explicit_port = s
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !s.ends_with(']');
+        Ok(HostRule {
+            host: host.trim_matches(['[', ']']).to_ascii_lowercase(),
+            port: if explicit_port {
+                parsed.port_or_known_default()
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// The egress rule shared by the webhook notifier and the `http` handler.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// `None`: only public addresses. `Some`: exactly these hosts.
+    allowed_hosts: Option<Vec<HostRule>>,
+}
+
+impl EgressPolicy {
+    pub fn public_only() -> Self {
+        Self {
+            allowed_hosts: None,
+        }
+    }
+
+    pub fn allow_hosts(rules: Vec<HostRule>) -> Self {
+        Self {
+            allowed_hosts: Some(rules),
+        }
+    }
+
+    /// The checks that need no DNS: scheme, allow list, IP literals.
+    pub fn check(&self, url: &Url) -> Result<(), EgressError> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(EgressError::Scheme(url.scheme().to_owned()));
+        }
+        let host = url.host().ok_or(EgressError::NoHost)?;
+        let host_str = match &host {
+            url::Host::Domain(d) => d.to_ascii_lowercase(),
+            url::Host::Ipv4(a) => a.to_string(),
+            url::Host::Ipv6(a) => a.to_string(),
+        };
+        if let Some(rules) = &self.allowed_hosts {
+            let port = url.port_or_known_default();
+            let allowed = rules
+                .iter()
+                .any(|r| r.host == host_str && (r.port.is_none() || r.port == port));
+            return if allowed {
+                Ok(())
+            } else {
+                Err(EgressError::NotAllowed(host_str))
+            };
+        }
+        let literal = match host {
+            url::Host::Ipv4(a) => Some(IpAddr::V4(a)),
+            url::Host::Ipv6(a) => Some(IpAddr::V6(a)),
+            url::Host::Domain(_) => None,
+        };
+        match literal {
+            Some(addr) if !is_public(addr) => Err(EgressError::Blocked {
+                host: host_str,
+                addr,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// An HTTP client that enforces this policy on every connection.
+    /// `follow_redirects` re-checks each hop; webhooks pass `false`.
+    pub fn client(
+        &self,
+        timeout: Duration,
+        follow_redirects: bool,
+    ) -> Result<reqwest::Client, reqwest::Error> {
+        let redirect = if follow_redirects {
+            let policy = self.clone();
+            reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 5 {
+                    return attempt.error("too many redirects (limit 5)");
+                }
+                match policy.check(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(e) => attempt.error(e),
+                }
+            })
+        } else {
+            reqwest::redirect::Policy::none()
+        };
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("worker/", env!("CARGO_PKG_VERSION")))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            // A proxy would resolve names itself, out of the guard's sight.
+            .no_proxy()
+            .redirect(redirect);
+        if self.allowed_hosts.is_none() {
+            builder = builder.dns_resolver(Arc::new(GuardedResolver));
+        }
+        builder.build()
+    }
+}
+
+/// Finds an [`EgressError`] in a reqwest error's cause chain: a refusal is
+/// final, not something to retry.
+pub fn egress_error_in(err: &(dyn std::error::Error + 'static)) -> Option<EgressError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<EgressError>() {
+            return Some(found.clone());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Resolves names and refuses any whose addresses are not all public.
+struct GuardedResolver;
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| EgressError::Resolve {
+                    host: host.clone(),
+                    reason: e.to_string(),
+                })?
+                .collect();
+            if addrs.is_empty() {
+                return Err(EgressError::Resolve {
+                    host,
+                    reason: "no addresses".into(),
+                }
+                .into());
+            }
+            if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+                return Err(EgressError::Blocked {
+                    host,
+                    addr: bad.ip(),
+                }
+                .into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Whether an address is reachable on the public internet (and so is not the
+/// metadata service, a loopback service or a private network peer).
+pub fn is_public(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => is_public_v4(a),
+        IpAddr::V6(a) => is_public_v6(a),
+    }
+}
+
+fn is_public_v4(a: Ipv4Addr) -> bool {
+    let [b0, b1, b2, _] = a.octets();
+    !(a.is_unspecified()
+        || b0 == 0 // "this network"
+        || a.is_loopback()
+        || a.is_private()
+        || a.is_link_local() // 169.254.0.0/16, metadata service included
+        || (b0 == 100 && (64..128).contains(&b1)) // CGNAT 100.64.0.0/10
+        || (b0 == 192 && b1 == 0 && b2 == 0) // IETF protocol assignments
+        || (b0 == 192 && b1 == 0 && b2 == 2) // documentation
+        || (b0 == 198 && b1 == 51 && b2 == 100)
+        || (b0 == 203 && b1 == 0 && b2 == 113)
+        || (b0 == 198 && (18..20).contains(&b1)) // benchmarking
+        || a.is_multicast()
+        || b0 >= 240) // reserved and broadcast
+}
+
+fn is_public_v6(a: Ipv6Addr) -> bool {
+    if let Some(v4) = a.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let seg = a.segments();
+    // NAT64 (64:ff9b::/96) embeds an IPv4 address: judge that one.
+    if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6].iter().all(|s| *s == 0) {
+        let [a, b] = seg[6].to_be_bytes();
+        let [c, d] = seg[7].to_be_bytes();
+        return is_public_v4(Ipv4Addr::new(a, b, c, d));
+    }
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+        || (seg[0] & 0xffc0) == 0xfe80 // link local fe80::/10
+        || (seg[0] & 0xffc0) == 0xfec0 // site local (deprecated)
+        || a.is_multicast()
+        || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+        || seg[..6].iter().all(|s| *s == 0)) // IPv4-compatible (deprecated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn non_public_addresses_are_refused() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(!is_public(ip(a)), "{a} should be refused");
+        }
+        for a in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "100.128.0.1"] {
+            assert!(is_public(ip(a)), "{a} should be allowed");
+        }
+    }
+
+    #[test]
+    fn literal_urls_are_checked() {
+        let p = EgressPolicy::public_only();
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(matches!(
+            p.check(&u("http://169.254.169.254/metadata")),
+            Err(EgressError::Blocked { .. })
+        ));
+        assert!(matches!(
+            p.check(&u("http://[::1]:80/")),
+            Err(EgressError::Blocked { .. })
+        ));
+        assert!(matches!(
+            p.check(&u("file:///etc/passwd")),
+            Err(EgressError::Scheme(_))
+        ));
+        assert!(p.check(&u("https://example.com/hook")).is_ok());
+    }
+
+    #[test]
+    fn allow_list_replaces_address_rule() {
+        let rules = vec![
+            "127.0.0.1".parse().unwrap(),
+            "hooks.local:8080".parse().unwrap(),
+        ];
+        let p = EgressPolicy::allow_hosts(rules);
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(p.check(&u("http://127.0.0.1:9999/x")).is_ok());
+        assert!(p.check(&u("http://hooks.local:8080/x")).is_ok());
+        assert!(matches!(
+            p.check(&u("http://hooks.local:8081/x")),
+            Err(EgressError::NotAllowed(_))
+        ));
+        assert!(matches!(
+            p.check(&u("https://example.com/")),
+            Err(EgressError::NotAllowed(_))
+        ));
+    }
+
+    #[test]
+    fn host_rules_parse() {
+        let r: HostRule = "[::1]:8080".parse().unwrap();
+        assert_eq!(
+            r,
+            HostRule {
+                host: "::1".into(),
+                port: Some(8080)
+            }
+        );
+        let r: HostRule = "Example.COM".parse().unwrap();
+        assert_eq!(
+            r,
+            HostRule {
+                host: "example.com".into(),
+                port: None
+            }
+        );
+        assert!("".parse::<HostRule>().is_err());
+    }
+
+    #[tokio::test]
+    async fn resolver_refuses_localhost() {
+        let client = EgressPolicy::public_only()
+            .client(Duration::from_secs(2), false)
+            .unwrap();
+        let err = client.get("http://localhost:9/").send().await.unwrap_err();
+        assert!(
+            matches!(egress_error_in(&err), Some(EgressError::Blocked { .. })),
+            "{err:?}"
+        );
+    }
+}

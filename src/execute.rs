@@ -1,0 +1,277 @@
+//! The only place a handler runs.
+//!
+//! Single-task mode, the poller and job mode all call [`execute`], so lookup,
+//! the task timeout, cancellation and panic isolation behave identically in
+//! every mode. The handler runs in its own tokio task: a panic becomes a failed
+//! outcome instead of taking the process (and every other in-flight task) down,
+//! and on timeout the future is aborted, which runs the handler's `Drop`
+//! cleanup (exec handlers kill their child's process group there).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::handler::{Retry, TaskContext};
+use crate::registry::Registry;
+use crate::task::Task;
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Succeeded,
+    Failed,
+    TimedOut,
+    /// Shutdown or a signal stopped the task before it finished. Single-task
+    /// mode reports it as `failed` with error `cancelled`; the poller releases
+    /// the message for another worker instead of reporting anything.
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::TimedOut => "timed_out",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The result of one attempt at one task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub status: Status,
+    /// The handler's result when it succeeded.
+    pub result: Option<Value>,
+    /// What went wrong, when it did not.
+    pub error: Option<String>,
+    /// Whether another attempt could succeed (meaningful for `Failed`).
+    pub retry: Retry,
+    pub duration: Duration,
+}
+
+impl Outcome {
+    pub fn failed(error: impl Into<String>, retry: Retry, duration: Duration) -> Self {
+        Self {
+            status: Status::Failed,
+            result: None,
+            error: Some(error.into()),
+            retry,
+            duration,
+        }
+    }
+}
+
+/// Runs `task` with its registered handler under `timeout`, stopping early
+/// when `cancel` fires. Never panics and never outlives `timeout` by more than
+/// the time an aborted handler needs to drop.
+pub async fn execute(
+    registry: &Registry,
+    task: Arc<Task>,
+    attempt: u32,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let started = Instant::now();
+    let Some(handler) = registry.get(&task.task_type).cloned() else {
+        let error = format!(
+            "unknown task type `{}`; registered types: {}",
+            task.task_type,
+            registry.names().join(", ")
+        );
+        tracing::error!(%error, "task refused");
+        return Outcome::failed(error, Retry::Permanent, started.elapsed());
+    };
+
+    let task_cancel = cancel.child_token();
+    let ctx = TaskContext {
+        task: task.clone(),
+        attempt,
+        cancel: task_cancel.clone(),
+        deadline: started + timeout,
+    };
+    let span = tracing::Span::current();
+    let mut join = tokio::spawn(
+        async move {
+            let payload = ctx.task.payload.clone();
+            handler.run(&ctx, &payload).await
+        }
+        .instrument(span),
+    );
+
+    tracing::info!(attempt, timeout_s = timeout.as_secs_f64(), "task started");
+    let joined = tokio::select! {
+        joined = &mut join => Some(joined),
+        () = tokio::time::sleep(timeout) => None,
+        () = cancel.cancelled() => {
+            // Give the handler a moment to observe cancellation and clean up.
+            task_cancel.cancel();
+            match tokio::time::timeout(Duration::from_secs(2), &mut join).await {
+                Ok(_) | Err(_) => {}
+            }
+            join.abort();
+            let outcome = Outcome {
+                status: Status::Cancelled,
+                result: None,
+                error: Some("cancelled".into()),
+                retry: Retry::Transient,
+                duration: started.elapsed(),
+            };
+            tracing::warn!(duration_ms = outcome.duration.as_millis() as u64, "task cancelled");
+            return outcome;
+        }
+    };
+    let duration = started.elapsed();
+    let outcome = match joined {
+        None => {
+            task_cancel.cancel();
+            join.abort();
+            let _ = join.await;
+            Outcome {
+                status: Status::TimedOut,
+                result: None,
+                error: Some(format!("timed out after {}s", timeout.as_secs_f64())),
+                retry: Retry::Transient,
+                duration,
+            }
+        }
+        Some(Ok(Ok(result))) => Outcome {
+            status: Status::Succeeded,
+            result: Some(result),
+            error: None,
+            retry: Retry::Transient,
+            duration,
+        },
+        // The handler saw the shutdown before `select!` did.
+        Some(Ok(Err(_))) if cancel.is_cancelled() => Outcome {
+            status: Status::Cancelled,
+            result: None,
+            error: Some("cancelled".into()),
+            retry: Retry::Transient,
+            duration,
+        },
+        Some(Ok(Err(e))) => Outcome::failed(e.message, e.retry, duration),
+        Some(Err(join_error)) => {
+            let what = if join_error.is_panic() {
+                "handler panicked"
+            } else {
+                "handler was aborted"
+            };
+            Outcome::failed(what, Retry::Transient, duration)
+        }
+    };
+    let duration_ms = duration.as_millis() as u64;
+    match outcome.status {
+        Status::Succeeded => tracing::info!(duration_ms, "task succeeded"),
+        _ => tracing::warn!(
+            duration_ms,
+            status = outcome.status.as_str(),
+            error = outcome.error.as_deref().unwrap_or_default(),
+            permanent = outcome.retry == Retry::Permanent,
+            "task did not succeed"
+        ),
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::egress::EgressPolicy;
+    use serde_json::json;
+
+    fn task(t: &str, payload: Value) -> Arc<Task> {
+        Arc::new(Task {
+            task_id: "t1".into(),
+            task_type: t.into(),
+            payload,
+            webhook_url: None,
+            client: None,
+        })
+    }
+
+    fn registry() -> Registry {
+        Registry::standard(&EgressPolicy::default(), None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn echo_succeeds() {
+        let o = execute(
+            &registry(),
+            task("echo", json!({"a":1})),
+            1,
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(o.status, Status::Succeeded);
+        assert_eq!(o.result, Some(json!({"a":1})));
+    }
+
+    #[tokio::test]
+    async fn unknown_type_is_permanent() {
+        let o = execute(
+            &registry(),
+            task("nope", Value::Null),
+            1,
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(o.status, Status::Failed);
+        assert_eq!(o.retry, Retry::Permanent);
+        assert!(o.error.unwrap().contains("unknown task type `nope`"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_is_reported() {
+        let o = execute(
+            &registry(),
+            task("sleep", json!({"seconds": 60})),
+            1,
+            Duration::from_secs(1),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(o.status, Status::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancellation_is_reported() {
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            c.cancel();
+        });
+        let o = execute(
+            &registry(),
+            task("sleep", json!({"seconds": 60})),
+            1,
+            Duration::from_secs(30),
+            &cancel,
+        )
+        .await;
+        assert_eq!(o.status, Status::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn failure_carries_message() {
+        let o = execute(
+            &registry(),
+            task("fail", json!({"message":"boom"})),
+            1,
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(o.status, Status::Failed);
+        assert_eq!(o.error.as_deref(), Some("boom"));
+    }
+}

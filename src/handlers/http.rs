@@ -1,0 +1,173 @@
+//! `http`: one outbound HTTP request described by the payload.
+//!
+//! The URL comes from a task, so the request goes through the same
+//! [`EgressPolicy`] as webhooks. Non-2xx answers are failures: 408, 429 and
+//! 5xx are worth retrying, other 4xx are not.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::egress::{egress_error_in, EgressPolicy};
+use crate::handler::{Handler, HandlerError, HandlerFuture, TaskContext};
+
+/// Response bodies larger than this are refused rather than buffered.
+const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Headers copied into the result; the rest are rarely useful and can be large.
+const KEPT_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "location",
+    "etag",
+    "last-modified",
+    "retry-after",
+];
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Http {
+    policy: EgressPolicy,
+    /// Built lazily so that start-up never pays for a TLS stack it may not use.
+    client: tokio::sync::OnceCell<reqwest::Client>,
+}
+
+impl Http {
+    pub fn new(policy: EgressPolicy) -> Self {
+        Self {
+            policy,
+            client: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    #[serde(default = "default_method")]
+    method: String,
+    url: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    json: Option<Value>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    timeout_seconds: Option<f64>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+
+impl Handler for Http {
+    fn description(&self) -> String {
+        "makes the HTTP request in the payload (method, url, headers, json|body, timeout_seconds); non-2xx fails".into()
+    }
+
+    fn run<'a>(&'a self, _ctx: &'a TaskContext, payload: &'a Value) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let input: Input = super::parse_payload("http", payload)?;
+            let bad = |m: String| HandlerError::permanent(format!("invalid `http` payload: {m}"));
+            let url = url::Url::parse(&input.url).map_err(|e| bad(format!("url: {e}")))?;
+            self.policy
+                .check(&url)
+                .map_err(|e| HandlerError::permanent(format!("request refused: {e}")))?;
+            let method = reqwest::Method::from_bytes(input.method.to_ascii_uppercase().as_bytes())
+                .map_err(|_| bad(format!("method `{}` is not an HTTP method", input.method)))?;
+            if input.json.is_some() && input.body.is_some() {
+                return Err(bad("give `json` or `body`, not both".into()));
+            }
+            let timeout = match input.timeout_seconds {
+                None => DEFAULT_TIMEOUT,
+                Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
+                Some(s) => {
+                    return Err(bad(format!(
+                        "timeout_seconds must be in (0, 3600], got {s}"
+                    )))
+                }
+            };
+            let client = self
+                .client
+                .get_or_try_init(|| async { self.policy.client(DEFAULT_TIMEOUT, true) })
+                .await
+                .map_err(|e| HandlerError::transient(format!("cannot build HTTP client: {e}")))?;
+            let mut req = client.request(method, url).timeout(timeout);
+            for (k, v) in &input.headers {
+                req = req.header(k, v);
+            }
+            if let Some(j) = &input.json {
+                req = req.json(j);
+            } else if let Some(b) = input.body {
+                req = req.body(b);
+            }
+            let mut resp = req.send().await.map_err(|e| match egress_error_in(&e) {
+                Some(refused) => HandlerError::permanent(format!("request refused: {refused}")),
+                None => HandlerError::transient(format!("request failed: {}", error_chain(&e))),
+            })?;
+            let status = resp.status();
+            let mut headers = serde_json::Map::new();
+            for name in KEPT_HEADERS {
+                if let Some(v) = resp.headers().get(*name).and_then(|v| v.to_str().ok()) {
+                    headers.insert((*name).into(), Value::String(v.into()));
+                }
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| {
+                HandlerError::transient(format!("reading response failed: {}", error_chain(&e)))
+            })? {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(HandlerError::permanent(format!(
+                        "response body exceeds {MAX_BODY_BYTES} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let body = serde_json::from_slice::<Value>(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+            let result = json!({"status": status.as_u16(), "headers": headers, "body": body});
+            if status.is_success() {
+                return Ok(result);
+            }
+            let message = format!(
+                "HTTP {status}: {}",
+                truncate(&result["body"].to_string(), 500)
+            );
+            let retryable =
+                status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429;
+            Err(if retryable {
+                HandlerError::transient(message)
+            } else {
+                HandlerError::permanent(message)
+            })
+        })
+    }
+}
+
+/// `Display` of an error and its causes on one line (reqwest's top-level
+/// message alone rarely says what failed).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

@@ -1,0 +1,39 @@
+//! Built-in handlers, one file each, and the exec handlers an operator
+//! declares in `WORKER_HANDLERS_FILE`.
+
+pub mod echo;
+pub mod exec;
+pub mod fail;
+pub mod http;
+pub mod sleep;
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::egress::EgressPolicy;
+use crate::handler::HandlerError;
+use crate::registry::{Registry, RegistryError};
+
+/// Registers `echo`, `sleep`, `fail` and `http`.
+pub fn register_builtins(
+    registry: &mut Registry,
+    egress: &EgressPolicy,
+) -> Result<(), RegistryError> {
+    registry.register("echo", Arc::new(echo::Echo))?;
+    registry.register("sleep", Arc::new(sleep::Sleep))?;
+    registry.register("fail", Arc::new(fail::Fail))?;
+    registry.register("http", Arc::new(http::Http::new(egress.clone())))?;
+    Ok(())
+}
+
+/// Parses a payload into a handler's input type; a mismatch can never succeed
+/// on retry, so it is a permanent error naming the handler.
+pub(crate) fn parse_payload<T: DeserializeOwned>(
+    handler: &str,
+    payload: &Value,
+) -> Result<T, HandlerError> {
+    T::deserialize(payload)
+        .map_err(|e| HandlerError::permanent(format!("invalid `{handler}` payload: {e}")))
+}

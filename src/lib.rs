@@ -1,0 +1,34 @@
+//! `worker`: runs tasks from Azure Storage Queues, either one task per
+//! container (`TASK_DATA`, Azure Container Instances started by a Logic App)
+//! or as a long-running polling consumer (the VPS service), or one leased
+//! message per execution (Azure Container Apps jobs).
+//!
+//! Every mode shares one handler registry, one execution path and one webhook
+//! notifier; modes differ only in where a task comes from and how its outcome
+//! is settled.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags and env vars (clap), redacted secrets, the env-var listing.
+//! - [`task`]: the task envelope; decoding plain or base64 JSON, with errors that name the field.
+//! - [`handler`]: the `Handler` trait, `TaskContext`, `HandlerError` (transient vs permanent).
+//! - [`registry`]: `task_type` → handler; built-ins plus the operator's exec handlers.
+//! - [`handlers`]: `echo`, `sleep`, `fail`, `http`, and exec handlers (child processes).
+//! - [`execute`]: the only place a handler runs: lookup, timeout, cancellation, panics.
+//! - [`egress`]: where task-supplied URLs may go (no metadata service, no private hosts).
+//! - [`webhook`]: Standard Webhooks delivery with signing and retries.
+//! - [`app`]: the shared parts (registry + notifier) handed to every mode.
+//! - [`single`]: single-task mode (`TASK_DATA`, `worker run`).
+//! - [`telemetry`]: tracing setup, text or JSON lines.
+
+pub mod app;
+pub mod config;
+pub mod egress;
+pub mod execute;
+pub mod handler;
+pub mod handlers;
+pub mod registry;
+pub mod single;
+pub mod task;
+pub mod telemetry;
+pub mod webhook;
