@@ -19,6 +19,7 @@
 //! - [`webhook`]: Standard Webhooks delivery with signing and retries.
 //! - [`app`]: the shared parts (registry + notifier) handed to every mode.
 //! - [`single`]: single-task mode (`TASK_DATA`, `worker run`).
+//! - [`queue`]: Azure Storage Queue access: settings, auth (Shared Key, SAS, managed identity), typed errors.
 //! - [`telemetry`]: tracing setup, text or JSON lines.
 
 pub mod app;
@@ -27,6 +28,7 @@ pub mod egress;
 pub mod execute;
 pub mod handler;
 pub mod handlers;
+pub mod queue;
 pub mod registry;
 pub mod single;
 pub mod task;
