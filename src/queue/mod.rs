@@ -11,8 +11,9 @@
 //! - **Bounded failure.** The SDK's default retry gave up on a closed port
 //!   only after 82 s. Here each try has a connect and a total timeout and the
 //!   SDK retries at most twice, quickly, so the caller's own backoff decides
-//!   what happens next: an unreachable service is reported within seconds, a
-//!   hung one within about 20 s.
+//!   what happens next: a refused connection is reported within a second or
+//!   two, an unresponsive host within about 10 s (two connect timeouts), a
+//!   hung server within about 20 s (two request timeouts).
 //! - **Errors the caller can act on.** [`QueueError`] separates "someone else
 //!   owns this message now" ([`QueueError::LeaseLost`]) from a missing queue,
 //!   bad credentials, transient trouble and configuration mistakes. Messages
@@ -60,8 +61,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Quick retries inside the SDK before an error reaches the caller.
 pub const SDK_RETRIES: u32 = 2;
-/// No new SDK retry starts after this long.
-const SDK_RETRY_BUDGET: Duration = Duration::from_secs(15);
+/// No new SDK retry starts once this long has passed since the first try
+/// failed (the SDK starts its clock there). Quick failures such as a refused
+/// connection get both retries; a try that timed out gets one more at most.
+const SDK_RETRY_BUDGET: Duration = Duration::from_secs(5);
 
 /// Most messages one receive or peek can return (a service limit).
 pub const MAX_BATCH: u8 = 32;
@@ -340,7 +343,7 @@ fn client_options() -> Result<ClientOptions, QueueError> {
             initial_delay: time::Duration::milliseconds(200),
             max_retries: SDK_RETRIES,
             max_total_elapsed: time::Duration::try_from(SDK_RETRY_BUDGET)
-                .unwrap_or(time::Duration::seconds(15)),
+                .unwrap_or(time::Duration::seconds(5)),
             max_delay: time::Duration::seconds(2),
         }),
         ..Default::default()
@@ -692,9 +695,10 @@ fn classify_error(
         },
         ErrorKind::Credential => QueueError::Auth {
             detail: format!(
-                "{op} on `{queue}`: no token from the managed identity ({}): {}",
+                "{op} on `{queue}`: no token from the managed identity ({}); assign a managed \
+                 identity to this container or VM (for a user-assigned one set {CLIENT_ID_VAR} to \
+                 its client id), or set {CONNECTION_STRING_VAR} instead",
                 describe_azure_error(e),
-                auth.fix_hint()
             ),
         },
         ErrorKind::DataConversion | ErrorKind::Other => QueueError::Other {
@@ -707,11 +711,19 @@ fn classify_error(
     }
 }
 
+/// Wrappers the SDK puts around the actual cause; they add nothing for an operator.
+const SDK_BOILERPLATE: &[&str] = &[
+    "retry policy expired and the request will no longer be retried",
+    "non-transport error occurred which will not be retried",
+    "failed to execute `reqwest` request",
+    "client error (Connect)",
+];
+
 /// An error and its causes on one line, without request URLs (which would
 /// carry a SAS token) and without the `Debug` backtrace.
 pub fn describe_azure_error(e: &azure_core::Error) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut source = std::error::Error::source(e);
+    let mut parts: Vec<String> = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         let text = if let Some(r) = s.downcast_ref::<reqwest::Error>() {
             // reqwest's Display includes the URL; say what kind of failure it was instead.
@@ -727,10 +739,17 @@ pub fn describe_azure_error(e: &azure_core::Error) -> String {
         } else {
             s.to_string()
         };
-        if parts.last() != Some(&text) && !text.is_empty() {
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !text.is_empty()
+            && !SDK_BOILERPLATE.contains(&text.as_str())
+            && parts.last() != Some(&text)
+        {
             parts.push(text);
         }
         source = s.source();
+    }
+    if parts.is_empty() {
+        parts.push(e.kind().to_string());
     }
     redact_sas(&parts.join(": "))
 }
