@@ -1,0 +1,7 @@
+//! Shared test support. Each integration test file includes this with
+//! `mod common;` and uses what it needs, so unused items are expected.
+#![allow(dead_code)]
+// Test support panics with a message on failure, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod azurite;
