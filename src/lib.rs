@@ -20,6 +20,7 @@
 //! - [`app`]: the shared parts (registry + notifier) handed to every mode.
 //! - [`single`]: single-task mode (`TASK_DATA`, `worker run`).
 //! - [`queue`]: Azure Storage Queue access: settings, auth (Shared Key, SAS, managed identity), typed errors.
+//! - [`ops`]: operator commands on the queues: `enqueue`, `check`, `poison list|replay`.
 //! - [`telemetry`]: tracing setup, text or JSON lines.
 
 pub mod app;
@@ -28,6 +29,7 @@ pub mod egress;
 pub mod execute;
 pub mod handler;
 pub mod handlers;
+pub mod ops;
 pub mod queue;
 pub mod registry;
 pub mod single;

@@ -53,6 +53,18 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             }
             return Ok(ExitCode::SUCCESS);
         }
+        Some(cmd @ (Command::Enqueue(_) | Command::Check | Command::Poison(_))) => {
+            telemetry::init(opts.log_format);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let ok = rt.block_on(worker::ops::run(cmd, &opts, &mut std::io::stdout()))?;
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         _ => {}
     }
     telemetry::init(opts.log_format);
