@@ -1,6 +1,6 @@
 //! The queue access layer and the queue commands against a real Azurite.
 
-// Helpers outside #[test] functions panic on failure too.
+// Support functions outside #[test] ones panic on failure too.
 #![allow(clippy::unwrap_used)]
 
 mod common;
