@@ -317,6 +317,25 @@ impl Options {
     }
 }
 
+impl Options {
+    /// Inconsistent timings that would make the consumer misbehave quietly;
+    /// logged as warnings at start-up (svix-style invariant checks).
+    pub fn timing_warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let vis = f64::from(self.visibility_timeout);
+        if vis < 60.0 {
+            w.push(format!(
+                "WORKER_VISIBILITY_TIMEOUT={vis}s is short: the lease is renewed every {:.1}s, and a renewal delayed by a slow queue call (up to 30s) lets another worker take the message",
+                vis / 2.0
+            ));
+        }
+        if self.max_dequeue_count == 1 {
+            w.push("WORKER_MAX_DEQUEUE_COUNT=1: a failed task is never retried".into());
+        }
+        w
+    }
+}
+
 /// One environment variable the binary reads.
 #[derive(Debug, serde::Serialize)]
 pub struct EnvVar {
@@ -406,6 +425,28 @@ mod tests {
         assert!(vars
             .iter()
             .any(|v| v.name == "WORKER_CONCURRENCY" && v.default.as_deref() == Some("16")));
+    }
+
+    #[test]
+    fn timing_warnings_flag_inconsistencies() {
+        let cli = Cli::try_parse_from(["worker"]).unwrap();
+        assert!(
+            cli.opts.timing_warnings().is_empty(),
+            "defaults must be consistent"
+        );
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--visibility-timeout",
+            "4",
+            "--max-dequeue-count",
+            "1",
+        ])
+        .unwrap();
+        let w = cli.opts.timing_warnings().join("\n");
+        assert!(
+            w.contains("WORKER_VISIBILITY_TIMEOUT=4s is short") && w.contains("never retried"),
+            "{w}"
+        );
     }
 
     #[test]

@@ -21,15 +21,21 @@
 //! - [`single`]: single-task mode (`TASK_DATA`, `worker run`).
 //! - [`queue`]: Azure Storage Queue access: settings, auth (Shared Key, SAS, managed identity), typed errors.
 //! - [`ops`]: operator commands on the queues: `enqueue`, `check`, `poison list|replay`.
+//! - [`consumer`]: one received message from lease to settlement (renewal, retry, poison); shared by poller and job mode.
+//! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown) and job mode.
+//! - [`exporter`]: Prometheus `/metrics` and `/healthz` for polling mode.
 //! - [`telemetry`]: tracing setup, text or JSON lines.
 
 pub mod app;
 pub mod config;
+pub mod consumer;
 pub mod egress;
 pub mod execute;
+pub mod exporter;
 pub mod handler;
 pub mod handlers;
 pub mod ops;
+pub mod poller;
 pub mod queue;
 pub mod registry;
 pub mod single;

@@ -4,20 +4,26 @@
 use std::io::Read;
 use std::os::unix::ffi::OsStringExt;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use tokio_util::sync::CancellationToken;
 
 use worker::app::App;
-use worker::config::{Cli, Command, Options, RunArgs};
+use worker::config::{Cli, Command, Mode, Options, PollArgs, RunArgs};
+use worker::consumer::{Settings, Settlement, Stats, Target};
+use worker::execute::Status;
+use worker::exporter::{self, Health};
+use worker::queue::{self, QueueService, StorageSettings};
 use worker::registry::Registry;
 use worker::task::MAX_TASK_BYTES;
 use worker::webhook::Notifier;
-use worker::{single, telemetry};
+use worker::{poller, single, telemetry};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_with_env_hint(e));
     // Validated here rather than by clap so no error message echoes the value.
     let secret = match cli.opts.signing_secret() {
         Ok(s) => s,
@@ -28,7 +34,6 @@ fn main() -> ExitCode {
     match run(cli, secret) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -79,7 +84,10 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
     let notifier = Notifier::new(opts.egress(), opts.webhook_retry(), secret);
     let app = App::new(registry, notifier, opts.task_timeout());
 
-    if let Some(raw) = single_input {
+    let app = Arc::new(app);
+    if let Some(raw) = single_input.filter(|_| {
+        !matches!(opts.mode, Mode::Job | Mode::Poll) || matches!(cli.command, Some(Command::Run(_)))
+    }) {
         // One task needs no thread pool; a current-thread runtime starts faster
         // and keeps the container's memory small.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -97,10 +105,146 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             })
         });
     }
-    anyhow::bail!(
-        "no TASK_DATA: polling mode needs a queue. Set AZURE_STORAGE_CONNECTION_STRING and WORKER_CLIENT \
-         (or pass a task with TASK_DATA / `worker run --task-file F`)"
-    )
+    let job = matches!(cli.command, Some(Command::Job))
+        || (cli.command.is_none() && opts.mode == Mode::Job);
+    let poll_args = match cli.command {
+        Some(Command::Poll(args)) => args,
+        _ => PollArgs::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        let targets = connect(&opts).await?;
+        let settings = Settings {
+            visibility_timeout: Duration::from_secs(u64::from(opts.visibility_timeout)),
+            max_dequeue_count: opts.max_dequeue_count,
+            retry_delay: Duration::from_secs(u64::from(opts.retry_delay)),
+        };
+        let stats = Arc::new(Stats::default());
+        if job {
+            let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
+                anyhow::anyhow!("job mode consumes exactly one queue, but {} are configured (WORKER_CLIENT)", t.len())
+            })?;
+            let queue = target.queue.name().to_owned();
+            return match poller::job(app, target, settings, shutdown, stats).await {
+                Ok(None) => {
+                    tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(Some(p)) if p.status == Some(Status::Succeeded) && p.settlement == Settlement::Succeeded => Ok(ExitCode::SUCCESS),
+                Ok(Some(p)) => {
+                    tracing::info!(settlement = ?p.settlement, status = ?p.status, "job finished without success (exit 1)");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(anyhow::Error::new(e).context(format!("cannot receive from {queue}"))),
+            };
+        }
+        for w in opts.timing_warnings() {
+            tracing::warn!("{w}");
+        }
+        let health = Arc::new(Health::new(Duration::from_secs_f64(opts.max_poll_interval.max(20.0) * 3.0)));
+        if let Some(addr) = opts.metrics_addr {
+            exporter::serve(addr, health.clone(), shutdown.clone()).await?;
+        }
+        let cfg = poller::Config {
+            settings,
+            batch_size: opts.batch_size,
+            concurrency: opts.concurrency as usize,
+            max_poll_interval: Duration::from_secs_f64(opts.max_poll_interval),
+            shutdown_grace: Duration::from_secs_f64(opts.shutdown_grace),
+            max_tasks: poll_args.max_tasks,
+            exit_when_empty: poll_args.exit_when_empty,
+            summary_every: Duration::from_secs(60),
+        };
+        tracing::info!(queues = ?cfg_queues(&targets), config = ?opts, "polling");
+        poller::run(app, targets, cfg, shutdown, stats, health).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn cfg_queues(targets: &[Target]) -> Vec<&str> {
+    targets.iter().map(|t| t.queue.name()).collect()
+}
+
+/// Builds the queue targets from `WORKER_CLIENT` / `WORKER_QUEUE_NAME` and
+/// creates missing queues. Configuration mistakes exit 2 naming the setting.
+async fn connect(opts: &Options) -> anyhow::Result<Vec<Target>> {
+    let service = match QueueService::new(&StorageSettings::from_options(opts)) {
+        Ok(s) => s,
+        Err(e) => usage_error(e.to_string()),
+    };
+    let names = match worker::ops::targets(opts) {
+        Ok(t) => t,
+        Err(e) => usage_error(e),
+    };
+    tracing::info!(storage = %service.describe(), "queue service");
+    let mut targets = Vec::new();
+    for worker::ops::Target {
+        client,
+        queue: name,
+    } in names
+    {
+        let queue = service.queue(&name)?;
+        let poison = service.queue(&queue::names::poison_queue(&name))?;
+        for q in [&queue, &poison] {
+            match q.create_if_missing().await {
+                Ok(()) => {}
+                // The receive loop retries; a worker must start even while the service is down.
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(queue = %q.name(), error = %e, "cannot reach the queue yet; will keep trying")
+                }
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("cannot prepare queue {}", q.name()))
+                    )
+                }
+            }
+        }
+        targets.push(Target {
+            client,
+            queue,
+            poison,
+        });
+    }
+    Ok(targets)
+}
+
+/// Prints a clap error, naming the environment variable behind the flag: in a
+/// container the operator set the env var and has never seen the flag.
+fn exit_with_env_hint(e: clap::Error) -> ! {
+    use clap::error::ContextKind;
+    let flag = e
+        .get(ContextKind::InvalidArg)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let long = flag
+        .trim_start_matches("--")
+        .split([' ', '='])
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let env = Cli::command()
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))
+        .and_then(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()));
+    match env {
+        Some(env) if e.use_stderr() => {
+            let _ = e.print();
+            eprintln!("note: `--{long}` is also set by the environment variable {env}");
+            std::process::exit(e.exit_code())
+        }
+        _ => e.exit(),
+    }
+}
+
+/// Exits 2 with clap's usage-error format.
+fn usage_error(msg: String) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, msg)
+        .exit()
 }
 
 fn build_registry(opts: &Options) -> anyhow::Result<Registry> {

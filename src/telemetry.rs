@@ -11,7 +11,10 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RUST_LOG` sets the filter (default info).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The Azure SDK logs every failed try at info; our own error lines carry
+    // the cause once, so its per-try lines only show up at debug.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,typespec_client_core=warn,azure_core=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

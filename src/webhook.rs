@@ -224,6 +224,12 @@ impl Notifier {
     pub async fn notify(&self, url: &Url, event: &Event) -> Result<Delivery, WebhookError> {
         let result = self.deliver(url, event).await;
         let target = redact_url(url);
+        let label = match &result {
+            Ok(_) => "delivered",
+            Err(WebhookError::Refused(_)) => "refused",
+            Err(_) => "failed",
+        };
+        ::metrics::counter!(crate::exporter::names::WEBHOOKS, "result" => label).increment(1);
         match &result {
             Ok(d) => {
                 tracing::info!(webhook = %target, webhook_id = %d.webhook_id, event = event.kind,

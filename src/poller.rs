@@ -1,0 +1,347 @@
+//! Polling mode (and, with a different stop condition, job mode).
+//!
+//! The loop receives batches from each client queue in turn and hands every
+//! message to [`consumer::process_message`] in its own task. It never holds a
+//! message it cannot start at once: a receive asks for at most as many
+//! messages as there are free slots, and waits until half the slots are free
+//! before asking again (as the Azure Functions queue trigger does), so no
+//! message sits leased but idle while others could take it.
+//!
+//! Empty queues back off exponentially from 100 ms to `WORKER_MAX_POLL_INTERVAL`
+//! (randomized, per queue) and snap back on the first message; failing queue
+//! calls back off up to 10 s and never stop the loop.
+//!
+//! Shutdown: the `shutdown` token stops receiving; running tasks get
+//! `WORKER_SHUTDOWN_GRACE`, then are cancelled and their messages released
+//! (visibility 0) for another worker.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngExt;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::App;
+use crate::consumer::{self, Processed, Settings, Stats, Target};
+use crate::exporter::{names, Health};
+use crate::queue::QueueError;
+
+/// The first pause after an empty receive.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Cap on the pause after failing queue calls: the service should be picked
+/// up again promptly once it is back.
+pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub settings: Settings,
+    pub batch_size: u8,
+    pub concurrency: usize,
+    pub max_poll_interval: Duration,
+    pub shutdown_grace: Duration,
+    /// Stop receiving after this many messages (then drain and return).
+    pub max_tasks: Option<u64>,
+    /// Return once every queue answered empty and nothing is running.
+    pub exit_when_empty: bool,
+    /// Interval of the summary log line.
+    pub summary_every: Duration,
+}
+
+/// What a run of the loop did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub received: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    pub retried: u64,
+    pub poisoned: u64,
+    pub released: u64,
+}
+
+impl Summary {
+    fn of(stats: &Stats) -> Self {
+        Summary {
+            received: Stats::get(&stats.received),
+            succeeded: Stats::get(&stats.succeeded),
+            failed: Stats::get(&stats.failed),
+            timed_out: Stats::get(&stats.timed_out),
+            retried: Stats::get(&stats.retried),
+            poisoned: Stats::get(&stats.poisoned),
+            released: Stats::get(&stats.released),
+        }
+    }
+}
+
+/// Per-queue polling state.
+struct Slot {
+    target: Target,
+    next_poll: Instant,
+    /// Current empty-queue pause (0 = poll again at once).
+    idle_backoff: Duration,
+    error_backoff: Duration,
+    /// When the last receive came back empty (`None`: it did not).
+    empty_at: Option<Instant>,
+}
+
+/// The randomized exponential step: double (×1–2 randomized), capped.
+fn grow(current: Duration, min: Duration, max: Duration) -> Duration {
+    if current.is_zero() {
+        return min.min(max);
+    }
+    let factor = rand::rng().random_range(1.0..2.0);
+    current.mul_f64(2.0 * factor / 1.5).max(min).min(max)
+}
+
+/// Runs until `shutdown` fires (or the stop conditions in `cfg` hold).
+pub async fn run(
+    app: Arc<App>,
+    targets: Vec<Target>,
+    cfg: Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    health: Arc<Health>,
+) -> Summary {
+    let semaphore = Arc::new(Semaphore::new(cfg.concurrency));
+    let finished = Arc::new(Notify::new());
+    let tracker = TaskTracker::new();
+    // When the last task was settled: "empty" only counts for receives after
+    // it, since a settled task may have made its message visible again.
+    let last_settled = Arc::new(std::sync::Mutex::new(Instant::now()));
+    // Cancelled only when the grace period is over: tasks keep running through
+    // the first phase of shutdown.
+    let tasks_cancel = CancellationToken::new();
+    let now = Instant::now();
+    let mut slots: Vec<Slot> = targets
+        .into_iter()
+        .map(|target| Slot {
+            target,
+            next_poll: now,
+            idle_backoff: Duration::ZERO,
+            error_backoff: Duration::ZERO,
+            empty_at: None,
+        })
+        .collect();
+    let mut cursor = 0usize;
+    let mut started: u64 = 0;
+    let refill_at = cfg.concurrency.div_ceil(2).max(1);
+    let summary_task = tokio::spawn(summary_loop(
+        stats.clone(),
+        cfg.summary_every,
+        shutdown.clone(),
+    ));
+
+    'receive: loop {
+        if shutdown.is_cancelled() || cfg.max_tasks.is_some_and(|m| started >= m) {
+            break;
+        }
+        let settled = last_settled.lock().map_or_else(|p| *p.into_inner(), |g| *g);
+        if cfg.exit_when_empty
+            && tracker.is_empty()
+            && slots
+                .iter()
+                .all(|s| s.empty_at.is_some_and(|t| t > settled))
+        {
+            tracing::info!("all queues are empty and nothing is running; exiting");
+            break;
+        }
+        // Wait for half the slots (or all, when concurrency is 1) to be free.
+        while semaphore.available_permits() < refill_at {
+            tokio::select! {
+                () = finished.notified() => {}
+                () = shutdown.cancelled() => break 'receive,
+            }
+        }
+        // The queue due first; ties go round-robin from `cursor` for fairness.
+        let n = slots.len();
+        let Some(i) = (0..n)
+            .map(|k| (cursor + k) % n)
+            .min_by_key(|&i| slots[i].next_poll)
+        else {
+            break;
+        };
+        let due = slots[i].next_poll;
+        if due > Instant::now() {
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = shutdown.cancelled() => break,
+                // A task finished: with exit_when_empty, poll again to see
+                // whether the queue is really drained.
+                () = finished.notified(), if cfg.exit_when_empty => {
+                    for s in &mut slots {
+                        s.next_poll = s.next_poll.min(Instant::now() + MIN_POLL_INTERVAL);
+                    }
+                }
+            }
+            continue;
+        }
+        cursor = (i + 1) % n;
+        let free = semaphore.available_permits() as u64;
+        let remaining = cfg.max_tasks.map_or(u64::MAX, |m| m - started);
+        let want = u64::from(cfg.batch_size).min(free).min(remaining).max(1) as u8;
+        let slot = &mut slots[i];
+        let received = tokio::select! {
+            r = slot.target.queue.receive(want, cfg.settings.visibility_timeout) => r,
+            () = shutdown.cancelled() => break,
+        };
+        if received.is_ok() {
+            health.progress();
+        }
+        match received {
+            Ok(messages) if messages.is_empty() => {
+                slot.empty_at = Some(Instant::now());
+                slot.error_backoff = Duration::ZERO;
+                slot.idle_backoff =
+                    grow(slot.idle_backoff, MIN_POLL_INTERVAL, cfg.max_poll_interval);
+                slot.next_poll = Instant::now() + slot.idle_backoff;
+                tracing::trace!(queue = %slot.target.queue.name(), backoff_ms = slot.idle_backoff.as_millis() as u64, "queue empty");
+            }
+            Ok(messages) => {
+                slot.empty_at = None;
+                slot.error_backoff = Duration::ZERO;
+                slot.idle_backoff = Duration::ZERO;
+                slot.next_poll = Instant::now();
+                for msg in messages {
+                    let Ok(permit) = semaphore.clone().try_acquire_owned() else {
+                        // Cannot happen (we asked for at most `free`); if it
+                        // did, the message reappears after its lease.
+                        tracing::error!(message_id = %msg.id, "no free slot for a received message; leaving it to its lease");
+                        continue;
+                    };
+                    started += 1;
+                    let (app, target, settings) =
+                        (app.clone(), slot.target.clone(), cfg.settings.clone());
+                    let (cancel, stats, finished) =
+                        (tasks_cancel.clone(), stats.clone(), finished.clone());
+                    let last_settled = last_settled.clone();
+                    tracker.spawn(async move {
+                        let _ =
+                            consumer::process_message(app, target, settings, msg, cancel, stats)
+                                .await;
+                        if let Ok(mut t) = last_settled.lock() {
+                            *t = Instant::now();
+                        }
+                        drop(permit);
+                        finished.notify_one();
+                    });
+                }
+            }
+            Err(e) => {
+                Stats::inc(&stats.queue_errors);
+                ::metrics::counter!(names::QUEUE_ERRORS, "queue" => slot.target.queue.name().to_owned()).increment(1);
+                slot.empty_at = None;
+                slot.error_backoff = grow(slot.error_backoff, MIN_POLL_INTERVAL, MAX_ERROR_BACKOFF);
+                slot.next_poll = Instant::now() + slot.error_backoff;
+                let queue = slot.target.queue.name().to_owned();
+                if let QueueError::QueueNotFound { .. } = e {
+                    tracing::warn!(%queue, "queue disappeared; creating it again");
+                    if let Err(e) = slot.target.queue.create_if_missing().await {
+                        tracing::warn!(%queue, error = %e, "cannot create queue");
+                    }
+                    let _ = slot.target.poison.create_if_missing().await;
+                } else if e.is_transient() {
+                    tracing::warn!(%queue, error = %e, retry_in_ms = slot.error_backoff.as_millis() as u64, "receive failed; retrying");
+                } else {
+                    tracing::error!(%queue, error = %e, retry_in_ms = slot.error_backoff.as_millis() as u64, "receive failed; retrying");
+                }
+            }
+        }
+    }
+
+    tracker.close();
+    if !tracker.is_empty() {
+        let grace = if shutdown.is_cancelled() {
+            cfg.shutdown_grace
+        } else {
+            Duration::MAX
+        };
+        tracing::info!(
+            in_flight = tracker.len(),
+            grace_s = grace.as_secs_f64().min(1e9),
+            "waiting for running tasks"
+        );
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                in_flight = tracker.len(),
+                "grace period over; cancelling running tasks and releasing their messages"
+            );
+            tasks_cancel.cancel();
+            tracker.wait().await;
+        }
+    }
+    summary_task.abort();
+    let summary = Summary::of(&stats);
+    tracing::info!(?summary, "worker stopped");
+    summary
+}
+
+/// Logs one line with the counters every `every`.
+async fn summary_loop(stats: Arc<Stats>, every: Duration, stop: CancellationToken) {
+    let mut last = (
+        Stats::get(&stats.succeeded) + Stats::get(&stats.failed) + Stats::get(&stats.timed_out),
+        Instant::now(),
+    );
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        let done =
+            Stats::get(&stats.succeeded) + Stats::get(&stats.failed) + Stats::get(&stats.timed_out);
+        let elapsed = last.1.elapsed().as_secs_f64().max(1e-3);
+        tracing::info!(
+            received = Stats::get(&stats.received),
+            succeeded = Stats::get(&stats.succeeded),
+            failed = Stats::get(&stats.failed),
+            timed_out = Stats::get(&stats.timed_out),
+            retried = Stats::get(&stats.retried),
+            poisoned = Stats::get(&stats.poisoned),
+            in_flight = stats.in_flight.load(Ordering::Relaxed),
+            queue_errors = Stats::get(&stats.queue_errors),
+            rate_per_s = format!("{:.2}", (done - last.0) as f64 / elapsed),
+            "summary"
+        );
+        last = (done, Instant::now());
+    }
+}
+
+/// Job mode: lease at most one message, settle it, report. `Ok(None)` means
+/// the queue was empty.
+pub async fn job(
+    app: Arc<App>,
+    target: Target,
+    settings: Settings,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<Option<Processed>, QueueError> {
+    let mut messages = target.queue.receive(1, settings.visibility_timeout).await?;
+    let Some(msg) = messages.pop() else {
+        return Ok(None);
+    };
+    Ok(Some(
+        consumer::process_message(app, target, settings, msg, shutdown, stats).await,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_small_and_caps() {
+        let max = Duration::from_secs(30);
+        let mut d = Duration::ZERO;
+        d = grow(d, MIN_POLL_INTERVAL, max);
+        assert_eq!(d, MIN_POLL_INTERVAL);
+        for _ in 0..30 {
+            let next = grow(d, MIN_POLL_INTERVAL, max);
+            assert!(next >= d.min(max), "{next:?} < {d:?}");
+            d = next;
+        }
+        assert_eq!(d, max);
+    }
+}
