@@ -75,7 +75,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             .build()?;
         return rt.block_on(async {
             let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone());
+            spawn_signal_handler(shutdown.clone())?;
             let report = single::run(&app, &raw, shutdown).await;
             println!("{}", serde_json::to_string(&report.event)?);
             Ok(if report.succeeded {
@@ -122,18 +122,21 @@ fn read_run_input(args: &RunArgs, task_data: Option<Vec<u8>>) -> anyhow::Result<
 }
 
 /// First SIGTERM/SIGINT cancels `token`; a second one exits at once.
-fn spawn_signal_handler(token: CancellationToken) {
+///
+/// The handlers are installed here, before the task starts, not inside the
+/// spawned task: on a current-thread runtime that task is first polled only
+/// when the task itself yields, and a SIGTERM arriving before then would kill
+/// the process with the default action, without a webhook.
+fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
         let mut first = true;
         loop {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
             }
             if !first {
                 tracing::warn!("second signal: exiting immediately");
@@ -144,4 +147,5 @@ fn spawn_signal_handler(token: CancellationToken) {
             token.cancel();
         }
     });
+    Ok(())
 }
