@@ -17,7 +17,7 @@ use worker::webhook::Notifier;
 use worker::{single, telemetry};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| with_env_tip(e).exit());
     // Validated here rather than by clap so no error message echoes the value.
     let secret = match cli.opts.signing_secret() {
         Ok(s) => s,
@@ -33,6 +33,41 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's "invalid value" error names the flag, but in a container the value
+/// came from an environment variable: add which one, so the operator knows
+/// what to fix.
+fn with_env_tip(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let Some(long) = arg
+        .strip_prefix("--")
+        .and_then(|a| a.split([' ', '=']).next())
+    else {
+        return e;
+    };
+    let cmd = Cli::command();
+    let Some(env) = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+    else {
+        return e;
+    };
+    let tip = format!(
+        "the value comes from --{long} or the environment variable {}",
+        env.to_string_lossy()
+    );
+    let mut tips = match e.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    tips.push(tip.into());
+    e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    e
 }
 
 fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Result<ExitCode> {
