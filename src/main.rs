@@ -23,7 +23,7 @@ use worker::webhook::Notifier;
 use worker::{poller, single, telemetry};
 
 fn main() -> ExitCode {
-    let cli = Cli::try_parse().unwrap_or_else(|e| exit_with_env_hint(e));
+    let cli = Cli::try_parse().unwrap_or_else(|e| with_env_tip(e).exit());
     // Validated here rather than by clap so no error message echoes the value.
     let secret = match cli.opts.signing_secret() {
         Ok(s) => s,
@@ -38,6 +38,41 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's "invalid value" error names the flag, but in a container the value
+/// came from an environment variable: add which one, so the operator knows
+/// what to fix.
+fn with_env_tip(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let Some(long) = arg
+        .strip_prefix("--")
+        .and_then(|a| a.split([' ', '=']).next())
+    else {
+        return e;
+    };
+    let cmd = Cli::command();
+    let Some(env) = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+    else {
+        return e;
+    };
+    let tip = format!(
+        "the value comes from --{long} or the environment variable {}",
+        env.to_string_lossy()
+    );
+    let mut tips = match e.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    tips.push(tip.into());
+    e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    e
 }
 
 fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Result<ExitCode> {
@@ -95,7 +130,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             .build()?;
         return rt.block_on(async {
             let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone());
+            spawn_signal_handler(shutdown.clone())?;
             let report = single::run(&app, &raw, shutdown).await;
             println!("{}", serde_json::to_string(&report.event)?);
             Ok(if report.succeeded {
@@ -116,7 +151,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         .build()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone());
+        spawn_signal_handler(shutdown.clone())?;
         let targets = connect(&opts).await?;
         let settings = Settings {
             visibility_timeout: Duration::from_secs(u64::from(opts.visibility_timeout)),
@@ -212,34 +247,6 @@ async fn connect(opts: &Options) -> anyhow::Result<Vec<Target>> {
     Ok(targets)
 }
 
-/// Prints a clap error, naming the environment variable behind the flag: in a
-/// container the operator set the env var and has never seen the flag.
-fn exit_with_env_hint(e: clap::Error) -> ! {
-    use clap::error::ContextKind;
-    let flag = e
-        .get(ContextKind::InvalidArg)
-        .map(|v| v.to_string())
-        .unwrap_or_default();
-    let long = flag
-        .trim_start_matches("--")
-        .split([' ', '='])
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let env = Cli::command()
-        .get_arguments()
-        .find(|a| a.get_long() == Some(long.as_str()))
-        .and_then(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()));
-    match env {
-        Some(env) if e.use_stderr() => {
-            let _ = e.print();
-            eprintln!("note: `--{long}` is also set by the environment variable {env}");
-            std::process::exit(e.exit_code())
-        }
-        _ => e.exit(),
-    }
-}
-
 /// Exits 2 with clap's usage-error format.
 fn usage_error(msg: String) -> ! {
     Cli::command()
@@ -278,18 +285,21 @@ fn read_run_input(args: &RunArgs, task_data: Option<Vec<u8>>) -> anyhow::Result<
 }
 
 /// First SIGTERM/SIGINT cancels `token`; a second one exits at once.
-fn spawn_signal_handler(token: CancellationToken) {
+///
+/// The handlers are installed here, before the task starts, not inside the
+/// spawned task: on a current-thread runtime that task is first polled only
+/// when the task itself yields, and a SIGTERM arriving before then would kill
+/// the process with the default action, without a webhook.
+fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
         let mut first = true;
         loop {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
             }
             if !first {
                 tracing::warn!("second signal: exiting immediately");
@@ -300,4 +310,5 @@ fn spawn_signal_handler(token: CancellationToken) {
             token.cancel();
         }
     });
+    Ok(())
 }

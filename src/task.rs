@@ -59,10 +59,12 @@ pub enum DecodeError {
     NotUtf8 { offset: usize },
     #[error("task data is neither JSON nor base64-encoded JSON: {0}")]
     Base64(String),
-    #[error("task data is base64, but the decoded bytes are not valid UTF-8 (first invalid byte at offset {offset})")]
+    #[error("task data is neither JSON nor base64-encoded JSON: as base64 it decodes to bytes that are not valid UTF-8 (first invalid byte at offset {offset})")]
     Base64NotUtf8 { offset: usize },
     #[error("task data is not valid JSON: {0}")]
     Json(String),
+    #[error("task data starts with a byte-order mark (U+FEFF); write it as UTF-8 without a BOM")]
+    ByteOrderMark,
     #[error("task data must be a JSON object, found {0}")]
     NotAnObject(&'static str),
     #[error("field `{0}` is required")]
@@ -132,6 +134,13 @@ fn decode_value(raw: &[u8]) -> Result<(Value, Encoding), DecodeError> {
     if trimmed.starts_with('{') || !looks_like_base64(trimmed) {
         return parse_json(trimmed).map(|v| (v, Encoding::Json));
     }
+    // `null`, `true` or `42` are made of base64 characters too; report them as
+    // the wrong kind of JSON, not as broken base64. Base64 of an object starts
+    // with `e` (or `I`, `C`, `D`, `G` for leading blanks), which no JSON
+    // scalar does, so this never shadows a real base64 envelope.
+    if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
+        return Ok((v, Encoding::Json));
+    }
     let compact: String = trimmed.split_ascii_whitespace().collect();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(compact.as_bytes())
@@ -149,6 +158,10 @@ fn looks_like_base64(s: &str) -> bool {
 }
 
 fn parse_json(s: &str) -> Result<Value, DecodeError> {
+    // Editors on Windows add one; serde_json would only say "expected value".
+    if s.starts_with('\u{feff}') {
+        return Err(DecodeError::ByteOrderMark);
+    }
     serde_json::from_str(s).map_err(|e| DecodeError::Json(e.to_string()))
 }
 
@@ -313,6 +326,34 @@ mod tests {
             panic!()
         };
         assert!(msg.contains("line 1 column"), "{msg}");
+    }
+
+    #[test]
+    fn json_scalars_are_not_mistaken_for_base64() {
+        assert_eq!(err(b"null"), DecodeError::NotAnObject("null"));
+        assert_eq!(err(b" true "), DecodeError::NotAnObject("a boolean"));
+        assert_eq!(err(b"42"), DecodeError::NotAnObject("a number"));
+        assert!(matches!(err(b"abcde"), DecodeError::Base64(_)));
+    }
+
+    #[test]
+    fn byte_order_mark_is_named() {
+        let raw = "\u{feff}{\"task_id\":\"a\",\"task_type\":\"b\"}";
+        assert_eq!(err(raw.as_bytes()), DecodeError::ByteOrderMark);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+        assert_eq!(err(b64.as_bytes()), DecodeError::ByteOrderMark);
+    }
+
+    #[test]
+    fn payload_numbers_survive_the_round_trip_to_handlers() {
+        // A long decimal that a fast, not correctly rounded float parser
+        // reads one bit off; exec handlers get the task as `to_json`.
+        let raw = format!(
+            r#"{{"task_id":"a","task_type":"b","payload":[18446755{}44073709551615,-0.0,1e308]}}"#,
+            "5".repeat(120)
+        );
+        let task = ok(&raw);
+        assert_eq!(ok(&task.to_json()), task);
     }
 
     #[test]

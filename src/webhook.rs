@@ -289,7 +289,9 @@ impl Notifier {
                     if let Some(refused) = egress_error_in(&e) {
                         return Err(WebhookError::Refused(refused));
                     }
-                    last = error_chain(&e);
+                    // Without the URL: its query may hold a token (the
+                    // redacted form is already in the log line).
+                    last = error_chain(&e.without_url());
                 }
             }
             if attempt < attempts {

@@ -223,22 +223,34 @@ impl Exec {
             tail
         };
 
+        // The task deadline is enforced by `execute`, which reports it as
+        // timed_out and drops this future (the group guard then kills the
+        // children). A timer here for the same instant would race it and turn
+        // some task timeouts into failures, so only a handler timeout stricter
+        // than the deadline gets one.
         let remaining = ctx
             .deadline
             .saturating_duration_since(std::time::Instant::now());
         let limit = spec
             .timeout_seconds
             .map(Duration::from_secs_f64)
-            .map_or(remaining, |t| t.min(remaining));
+            .filter(|t| *t < remaining);
+        let expired = async move {
+            match limit {
+                Some(l) => tokio::time::sleep(l).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let work = async {
             let ((), out, tail, status) = tokio::join!(writer, reader, logger, child.wait());
             (out, tail, status)
         };
         let (out, tail, status) = tokio::select! {
             r = work => r,
-            () = tokio::time::sleep(limit) => {
+            () = expired => {
+                let secs = limit.map_or(0.0, |l| l.as_secs_f64());
                 return Err(HandlerError::transient(format!(
-                    "handler `{}` timed out after {:.1}s; its process group was killed", self.name, limit.as_secs_f64()
+                    "handler `{}` timed out after {secs:.1}s; its process group was killed", self.name
                 )));
             }
             () = ctx.cancel.cancelled() => return Err(HandlerError::transient("cancelled")),

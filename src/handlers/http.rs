@@ -93,6 +93,9 @@ impl Handler for Http {
                 .get_or_try_init(|| async { self.policy.client(DEFAULT_TIMEOUT, true) })
                 .await
                 .map_err(|e| HandlerError::transient(format!("cannot build HTTP client: {e}")))?;
+            // reqwest quotes the full URL in its errors; the query may hold a
+            // SAS signature or token, so errors carry this form instead.
+            let shown = crate::webhook::redact_url(&url);
             let mut req = client.request(method, url).timeout(timeout);
             for (k, v) in &input.headers {
                 req = req.header(k, v);
@@ -104,7 +107,10 @@ impl Handler for Http {
             }
             let mut resp = req.send().await.map_err(|e| match egress_error_in(&e) {
                 Some(refused) => HandlerError::permanent(format!("request refused: {refused}")),
-                None => HandlerError::transient(format!("request failed: {}", error_chain(&e))),
+                None => HandlerError::transient(format!(
+                    "request to {shown} failed: {}",
+                    error_chain(&e.without_url())
+                )),
             })?;
             let status = resp.status();
             let mut headers = serde_json::Map::new();
@@ -115,7 +121,10 @@ impl Handler for Http {
             }
             let mut body = Vec::new();
             while let Some(chunk) = resp.chunk().await.map_err(|e| {
-                HandlerError::transient(format!("reading response failed: {}", error_chain(&e)))
+                HandlerError::transient(format!(
+                    "reading the response from {shown} failed: {}",
+                    error_chain(&e.without_url())
+                ))
             })? {
                 if body.len() + chunk.len() > MAX_BODY_BYTES {
                     return Err(HandlerError::permanent(format!(
