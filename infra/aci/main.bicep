@@ -51,6 +51,10 @@ param triggerState string = 'Disabled'
 @maxValue(3600)
 param visibilityTimeoutSeconds int = 900
 
+@description('Seconds between trigger polls; each poll is billed, idle or not.')
+@minValue(10)
+param triggerIntervalSeconds int = 30
+
 @description('Finished container groups older than this many hours are deleted.')
 @minValue(1)
 param finishedRetentionHours int = 2
@@ -165,6 +169,7 @@ module trigger 'logic-app-trigger.bicep' = {
     workspaceName: monitoring.outputs.workspaceName
     actionGroupId: monitoring.outputs.actionGroupId
     triggerState: triggerState
+    triggerIntervalSeconds: triggerIntervalSeconds
     visibilityTimeoutSeconds: visibilityTimeoutSeconds
     finishedRetentionHours: finishedRetentionHours
   }
