@@ -56,6 +56,8 @@ def checkov_report(path):
         for failed_file in results.get("parsing_errors", []) or []:
             print(f"{kind}: PARSING ERROR {failed_file}")
             status = 1
+        if summary.get("parsing_errors"):
+            status = 1
         print(
             f"checkov {kind}: passed {summary.get('passed')}, failed {summary.get('failed')}, "
             f"skipped {summary.get('skipped')}, parsing errors {summary.get('parsing_errors')}"

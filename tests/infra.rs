@@ -14,6 +14,10 @@
 //! - the Key Vault entry names map one-to-one onto environment variable names,
 //!   in the vault, in the Logic App and in the manual test template.
 
+// A panic with a message is how every helper here reports a template that
+// does not match; helpers outside #[test] fns are test code all the same.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -236,13 +240,6 @@ impl Bicep {
             .iter()
             .filter(|r| r.ty.split('@').next() == Some(ty) && !r.existing)
             .collect()
-    }
-
-    fn resource(&self, symbol: &str) -> &Resource {
-        self.resources
-            .iter()
-            .find(|r| r.symbol == symbol)
-            .unwrap_or_else(|| panic!("{}: no resource `{symbol}`", self.file.display()))
     }
 
     fn module(&self, path: &str) -> &Module {
