@@ -1,4 +1,4 @@
-"""Helpers for .ci/lint-infra: the checks no off-the-shelf linter does.
+"""Checks for .ci/lint-infra that no off-the-shelf linter does.
 
     bicep-syntax FILE...          fail on any ERROR or MISSING node (tree-sitter-bicep)
     checkov-report JSON           fail on failed checks or Bicep parsing errors

@@ -14,8 +14,8 @@
 //! - the Key Vault entry names map one-to-one onto environment variable names,
 //!   in the vault, in the Logic App and in the manual test template.
 
-// A panic with a message is how every helper here reports a template that
-// does not match; helpers outside #[test] fns are test code all the same.
+// A panic with a message is how every function here reports a template that
+// does not match; functions outside #[test] fns are test code all the same.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
