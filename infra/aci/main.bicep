@@ -1,0 +1,188 @@
+// Everything the ACI path needs for one client, in one resource group:
+// queues, registry, runtime identity, Key Vault, monitoring and budget
+// (shared modules under infra/modules, reused by the Container Apps path),
+// plus the Logic App that turns each queue message into a container group.
+//
+// Deploy (see README.md next to this file):
+//   az deployment group create -g <rg> -f infra/aci/main.bicep -p @main.parameters.json
+
+@description('Client name: lowercase letters, digits and single hyphens. Queues are <client>-tasks and <client>-tasks-poison.')
+@minLength(2)
+@maxLength(20)
+param client string
+
+param location string = resourceGroup().location
+
+@description('Image tag the Logic App starts (a git sha pushed by CI; latest only for a first test).')
+param imageTag string
+
+@description('vCPU cores per task container (decimal string).')
+param cpuCores string = '1'
+
+@description('Memory in GB per task container (decimal string).')
+param memoryInGb string = '2'
+
+@description('WORKER_TASK_TIMEOUT in seconds: ACI stops containers without a grace period, so this is the only timeout guard.')
+@minValue(1)
+param taskTimeoutSeconds int = 1800
+
+@description('E-mail addresses for alerts and budget notifications.')
+@minLength(1)
+param alertEmails array
+
+@description('Optional HTTPS endpoint that also receives alerts. Empty: none.')
+param alertWebhookUrl string = ''
+
+@description('Monthly budget for the resource group, in the billing currency.')
+param monthlyBudget int = 50
+
+@description('First day of the budget period (yyyy-MM-01); pass the original value on redeployments.')
+param budgetStartDate string = utcNow('yyyy-MM-01')
+
+@allowed([
+  'Enabled'
+  'Disabled'
+])
+@description('Queue trigger state. Disabled until the first image has been pushed and the manual test passed.')
+param triggerState string = 'Disabled'
+
+@description('Trigger visibility timeout in seconds (covers lookup, create retries and delete).')
+@minValue(300)
+@maxValue(3600)
+param visibilityTimeoutSeconds int = 900
+
+@description('Seconds between trigger polls; each poll is billed, idle or not.')
+@minValue(10)
+param triggerIntervalSeconds int = 30
+
+@description('Finished container groups older than this many hours are deleted.')
+@minValue(1)
+param finishedRetentionHours int = 2
+
+@secure()
+@description('SUPABASE_KEY for exec handlers (any non-empty placeholder when unused).')
+param supabaseKey string
+
+@secure()
+@description('OPENAI_API_KEY for exec handlers (any non-empty placeholder when unused).')
+param openaiApiKey string
+
+@secure()
+@description('WORKER_WEBHOOK_SECRET: whsec_ + base64 of 24-64 random bytes.')
+param webhookSecret string
+
+param tags object = {}
+
+var suffix = uniqueString(resourceGroup().id, client)
+var compactClient = replace(client, '-', '')
+var storageAccountName = take('st${compactClient}${suffix}', 24)
+var registryName = take('cr${compactClient}${suffix}', 50)
+var keyVaultName = take('kv${compactClient}${suffix}', 24)
+var workspaceName = 'log-${client}-worker'
+var allTags = union(tags, {
+  workload: 'worker'
+  client: client
+})
+
+module storage '../modules/storage.bicep' = {
+  name: 'storage-${client}'
+  params: {
+    client: client
+    accountName: storageAccountName
+    location: location
+    tags: allTags
+  }
+}
+
+module identity '../modules/identity.bicep' = {
+  name: 'identity-${client}'
+  params: {
+    name: 'id-${client}-worker'
+    location: location
+    tags: allTags
+  }
+}
+
+module registry '../modules/registry.bicep' = {
+  name: 'registry-${client}'
+  params: {
+    registryName: registryName
+    location: location
+    tags: allTags
+    pullPrincipalIds: [
+      identity.outputs.principalId
+    ]
+  }
+}
+
+module monitoring '../modules/monitoring.bicep' = {
+  name: 'monitoring-${client}'
+  params: {
+    client: client
+    workspaceName: workspaceName
+    location: location
+    tags: allTags
+    alertEmails: alertEmails
+    alertWebhookUrl: alertWebhookUrl
+    monthlyBudget: monthlyBudget
+    budgetStartDate: budgetStartDate
+  }
+}
+
+// Read back here (not output by the module) so the key only ever travels into
+// a secure parameter.
+resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+module keyVault '../modules/keyvault.bicep' = {
+  name: 'keyvault-${client}'
+  dependsOn: [
+    storage
+  ]
+  params: {
+    vaultName: keyVaultName
+    location: location
+    tags: allTags
+    storageConnectionString: 'DefaultEndpointsProtocol=https;AccountName=${storageAccountName};AccountKey=${storageAccount.listKeys().keys[0].value};EndpointSuffix=${environment().suffixes.storage}'
+    supabaseKey: supabaseKey
+    openaiApiKey: openaiApiKey
+    webhookSecret: webhookSecret
+  }
+}
+
+module trigger 'logic-app-trigger.bicep' = {
+  name: 'logic-app-${client}'
+  params: {
+    client: client
+    location: location
+    tags: allTags
+    storageAccountName: storage.outputs.accountName
+    keyVaultName: keyVault.outputs.vaultName
+    vaultEntryNames: keyVault.outputs.entryNames
+    registryLoginServer: registry.outputs.loginServer
+    identityId: identity.outputs.id
+    image: '${registry.outputs.loginServer}/worker:${imageTag}'
+    cpuCores: cpuCores
+    memoryInGb: memoryInGb
+    taskTimeoutSeconds: taskTimeoutSeconds
+    workspaceName: monitoring.outputs.workspaceName
+    actionGroupId: monitoring.outputs.actionGroupId
+    triggerState: triggerState
+    triggerIntervalSeconds: triggerIntervalSeconds
+    visibilityTimeoutSeconds: visibilityTimeoutSeconds
+    finishedRetentionHours: finishedRetentionHours
+  }
+}
+
+output storageAccountName string = storage.outputs.accountName
+output tasksQueueName string = storage.outputs.tasksQueueName
+output poisonQueueName string = storage.outputs.poisonQueueName
+output registryName string = registry.outputs.registryName
+output registryLoginServer string = registry.outputs.loginServer
+output identityName string = identity.outputs.name
+output identityClientId string = identity.outputs.clientId
+output keyVaultName string = keyVault.outputs.vaultName
+output workspaceName string = monitoring.outputs.workspaceName
+output triggerWorkflowName string = trigger.outputs.triggerWorkflowName
+output cleanupWorkflowName string = trigger.outputs.cleanupWorkflowName

@@ -1,0 +1,78 @@
+// One worker container group, deployed by hand: the manual test of the ACI
+// path (an `echo` task) and the reference for the group the Logic App
+// creates for each queue message. Secrets are read from the Key Vault at
+// deployment time and reach the container only as secure values.
+//
+//   az deployment group create -g <rg> -f infra/aci/worker-container.bicep \
+//     -p client=<client> imageTag=<sha> registryName=... identityName=... \
+//        keyVaultName=... workspaceName=...   (all four are outputs of main.bicep)
+
+@minLength(2)
+@maxLength(20)
+param client string
+
+param location string = resourceGroup().location
+
+param imageTag string
+param registryName string
+param identityName string
+param keyVaultName string
+param workspaceName string
+
+@description('The task envelope, as a queue message would hold it (JSON or base64 JSON).')
+param taskData string = '{"task_id":"manual-echo-1","task_type":"echo","payload":{"hello":"from aci"}}'
+
+@description('Group name: at most 63 lowercase letters, digits and single hyphens.')
+@maxLength(63)
+param groupName string = '${client}-manual-${uniqueString(taskData)}'
+
+@description('vCPU cores (decimal string).')
+param cpuCores string = '1'
+
+@description('Memory in GB (decimal string).')
+param memoryInGb string = '2'
+
+@description('WORKER_TASK_TIMEOUT in seconds.')
+param taskTimeoutSeconds int = 1800
+
+@description('Creation time, recorded in a tag for the cleanup workflow.')
+param createdAt string = utcNow()
+
+resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = {
+  name: registryName
+}
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' existing = {
+  name: identityName
+}
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+  name: keyVaultName
+}
+
+module group '../modules/container-group.bicep' = {
+  name: 'worker-${groupName}'
+  params: {
+    name: groupName
+    location: location
+    tags: {
+      'managed-by': 'worker-task'
+      'worker-client': client
+      'worker-task-id': 'manual'
+      'worker-created': createdAt
+    }
+    image: '${registry.properties.loginServer}/worker:${imageTag}'
+    registryLoginServer: registry.properties.loginServer
+    identityId: identity.id
+    cpuCores: cpuCores
+    memoryInGb: memoryInGb
+    taskData: taskData
+    taskTimeoutSeconds: taskTimeoutSeconds
+    workspaceName: workspaceName
+    webhookSecret: vault.getSecret('WORKER-WEBHOOK-SECRET')
+    supabaseKey: vault.getSecret('SUPABASE-KEY')
+    openaiApiKey: vault.getSecret('OPENAI-API-KEY')
+  }
+}
+
+output groupName string = group.outputs.name

@@ -1,0 +1,96 @@
+// Storage account holding the task queues.
+//
+// The worker's naming convention lives here and nowhere else in the templates:
+// tasks arrive on `<client>-tasks`, and messages that can never succeed are
+// moved verbatim to `<client>-tasks-poison` (the same names the binary derives
+// from WORKER_CLIENT). tests/infra.rs checks both names against that rule.
+
+@description('Client name; queues are <client>-tasks and <client>-tasks-poison.')
+@minLength(2)
+@maxLength(20)
+param client string
+
+@description('Storage account name (3-24 lowercase letters and digits).')
+@minLength(3)
+@maxLength(24)
+param accountName string
+
+param location string = resourceGroup().location
+param tags object = {}
+
+@description('Principal ids granted Storage Queue Data Contributor on the account (Logic App, job identity).')
+param queueDataContributorPrincipalIds array = []
+
+var tasksQueueName = '${client}-tasks'
+var poisonQueueName = '${client}-tasks-poison'
+var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+
+resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  name: accountName
+  location: location
+  tags: tags
+  // checkov:skip=CKV_AZURE_43: The name is a parameter; main.bicep builds it from letters and digits only and cuts it to 24 characters.
+  kind: 'StorageV2'
+  sku: {
+    name: 'Standard_GRS'
+  }
+  properties: {
+    supportsHttpsTrafficOnly: true
+    minimumTlsVersion: 'TLS1_2'
+    allowBlobPublicAccess: false
+    allowCrossTenantReplication: false
+    // Shared keys stay enabled: AZURE_STORAGE_CONNECTION_STRING (VPS, local tools)
+    // is built from one. Managed identities use Entra roles instead.
+    allowSharedKeyAccess: true
+    // checkov:skip=CKV_AZURE_59: A Consumption Logic App has no fixed outbound address and is no trusted service for queues (README, trade-offs); every request still needs a key or an Entra role.
+    publicNetworkAccess: 'Enabled'
+    // checkov:skip=CKV_AZURE_35: Same trade-off as CKV_AZURE_59: the firewall cannot name the Logic App connector's addresses.
+    networkAcls: {
+      defaultAction: 'Allow'
+      bypass: 'AzureServices'
+    }
+    encryption: {
+      keySource: 'Microsoft.Storage'
+      services: {
+        queue: {
+          enabled: true
+          keyType: 'Account'
+        }
+        blob: {
+          enabled: true
+        }
+      }
+    }
+  }
+}
+
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
+  parent: account
+  name: 'default'
+}
+
+resource tasksQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: tasksQueueName
+}
+
+resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: poisonQueueName
+}
+
+resource queueContributors 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in queueDataContributorPrincipalIds: {
+  name: guid(account.id, principalId, queueDataContributorRoleId)
+  scope: account
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', queueDataContributorRoleId)
+    principalId: principalId
+    principalType: 'ServicePrincipal'
+  }
+}]
+
+output accountName string = account.name
+output accountId string = account.id
+output queueEndpoint string = account.properties.primaryEndpoints.queue
+output tasksQueueName string = tasksQueue.name
+output poisonQueueName string = poisonQueue.name

@@ -1,0 +1,859 @@
+//! The deployment templates and the binary must agree.
+//!
+//! The Bicep files under `infra/` are parsed (tree-sitter-bicep, not grepped)
+//! and compared with what the binary itself reports (`worker env-vars`,
+//! `worker --help`), so that renaming a variable, a queue or a Key Vault entry
+//! on one side without the other fails here instead of in Azure:
+//!
+//! - every environment variable a template sets on a container is one the
+//!   binary reads, or a documented handler pass-through variable;
+//! - secrets travel as `secureValue`, never as a plain `value`;
+//! - the Logic App hands the queue message text to the container as `TASK_DATA`;
+//! - queue names follow the binary's `<client>-tasks` / `<client>-tasks-poison`;
+//! - restart policy, CPU, memory and task timeout defaults are the documented ones;
+//! - the Key Vault entry names map one-to-one onto environment variable names,
+//!   in the vault, in the Logic App and in the manual test template.
+
+// A panic with a message is how every function here reports a template that
+// does not match; functions outside #[test] fns are test code all the same.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tree_sitter::{Node, Parser};
+
+/// Variables the templates set that the binary does not read itself: exec
+/// handlers receive them. The binary gives a handler child process a scrubbed
+/// environment (PATH, HOME, LANG) plus the names listed under `env` in that
+/// handler's `[handlers.NAME]` table (WORKER_HANDLERS_FILE), so these reach
+/// only the handlers that ask for them.
+const HANDLER_PASS_THROUGH: &[&str] = &["SUPABASE_KEY", "OPENAI_API_KEY"];
+
+/// Task container size and timeout, as infra/aci/README.md documents them.
+const DOCUMENTED_CPU_CORES: &str = "1";
+const DOCUMENTED_MEMORY_GB: &str = "2";
+const DOCUMENTED_SIZE_TEXT: &str = "1 vCPU / 2 GB";
+
+/// What the Logic App puts into TASK_DATA: the raw queue message text.
+const MESSAGE_TEXT_EXPRESSION: &str = "@{triggerBody()?['MessageText']}";
+
+// ---------------------------------------------------------------------------
+// A small model of Bicep values, enough to read templates.
+
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    /// A string literal; interpolations appear as `${expr}` in the text.
+    Str {
+        text: String,
+        interpolated: bool,
+    },
+    Num(i64),
+    Bool(bool),
+    Null,
+    Array(Vec<Value>),
+    Object(Vec<(String, Value)>),
+    /// Any other expression, as source text (`json(cpuCores)`, `vault.id`).
+    Expr(String),
+}
+
+impl Value {
+    fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Object(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn at(&self, path: &[&str]) -> &Value {
+        let mut v = self;
+        for key in path {
+            v = v
+                .get(key)
+                .unwrap_or_else(|| panic!("no `{}` in {v:?}", path.join(".")));
+        }
+        v
+    }
+
+    /// The text of a string without interpolation.
+    fn literal(&self) -> Option<&str> {
+        match self {
+            Value::Str {
+                text,
+                interpolated: false,
+            } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// A string's text, interpolations included as `${expr}`.
+    fn template(&self) -> Option<&str> {
+        match self {
+            Value::Str { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    fn items(&self) -> &[Value] {
+        match self {
+            Value::Array(items) => items,
+            other => panic!("expected an array, found {other:?}"),
+        }
+    }
+
+    /// Every value under `key`, at any depth.
+    fn find_all<'a>(&'a self, key: &str, out: &mut Vec<&'a Value>) {
+        match self {
+            Value::Object(entries) => {
+                for (k, v) in entries {
+                    if k == key {
+                        out.push(v);
+                    }
+                    v.find_all(key, out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| v.find_all(key, out)),
+            _ => {}
+        }
+    }
+
+    /// The workflow action called `name`, at any depth (scopes, cases,
+    /// branches). `runAfter` maps use action names as keys too; an action is
+    /// the one that has a `type`.
+    fn action(&self, name: &str) -> &Value {
+        let mut found = Vec::new();
+        self.find_all(name, &mut found);
+        found.retain(|v| v.get("type").is_some());
+        assert_eq!(
+            found.len(),
+            1,
+            "expected exactly one action `{name}`, found {}",
+            found.len()
+        );
+        found[0]
+    }
+}
+
+struct Resource {
+    symbol: String,
+    /// `Microsoft.X/y@version`.
+    ty: String,
+    existing: bool,
+    body: Value,
+}
+
+struct Module {
+    path: String,
+    body: Value,
+}
+
+struct Bicep {
+    file: PathBuf,
+    params: BTreeMap<String, Option<Value>>,
+    vars: BTreeMap<String, Value>,
+    resources: Vec<Resource>,
+    modules: Vec<Module>,
+}
+
+impl Bicep {
+    fn load(relative: &str) -> Bicep {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+        let src = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        let mut parser = Parser::new();
+        parser
+            .set_language(&tree_sitter_bicep::LANGUAGE.into())
+            .expect("the bicep grammar loads");
+        let tree = parser
+            .parse(&src, None)
+            .expect("tree-sitter returns a tree");
+        let root = tree.root_node();
+        assert!(
+            !root.has_error(),
+            "{} does not parse as Bicep: {}",
+            file.display(),
+            first_error(root, &src)
+        );
+        let mut bicep = Bicep {
+            file,
+            params: BTreeMap::new(),
+            vars: BTreeMap::new(),
+            resources: Vec::new(),
+            modules: Vec::new(),
+        };
+        let mut cursor = root.walk();
+        for decl in root.named_children(&mut cursor) {
+            let name = || first_named(decl, "identifier", &src);
+            match decl.kind() {
+                "parameter_declaration" => {
+                    bicep
+                        .params
+                        .insert(name(), after_equals(decl).map(|v| value(v, &src)));
+                }
+                "variable_declaration" => {
+                    let v = after_equals(decl).expect("a var has a value");
+                    bicep.vars.insert(name(), value(v, &src));
+                }
+                "resource_declaration" => {
+                    let ty = first_named_node(decl, "string").expect("resource type");
+                    let mut c = decl.walk();
+                    let existing = decl.children(&mut c).any(|n| n.kind() == "existing");
+                    let body = unwrap_body(after_equals(decl).expect("resource body"));
+                    bicep.resources.push(Resource {
+                        symbol: name(),
+                        ty: value(ty, &src).literal().expect("literal type").into(),
+                        existing,
+                        body: value(body, &src),
+                    });
+                }
+                "module_declaration" => {
+                    let path = first_named_node(decl, "string").expect("module path");
+                    let body = unwrap_body(after_equals(decl).expect("module body"));
+                    bicep.modules.push(Module {
+                        path: value(path, &src).literal().expect("literal path").into(),
+                        body: value(body, &src),
+                    });
+                }
+                _ => {}
+            }
+        }
+        bicep
+    }
+
+    fn param_default(&self, name: &str) -> &Value {
+        self.params
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no param `{name}`", self.file.display()))
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: param `{name}` has no default", self.file.display()))
+    }
+
+    fn var(&self, name: &str) -> &Value {
+        self.vars
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no var `{name}`", self.file.display()))
+    }
+
+    fn resources_of(&self, ty: &str) -> Vec<&Resource> {
+        self.resources
+            .iter()
+            .filter(|r| r.ty.split('@').next() == Some(ty) && !r.existing)
+            .collect()
+    }
+
+    fn module(&self, path: &str) -> &Module {
+        self.modules
+            .iter()
+            .find(|m| m.path == path)
+            .unwrap_or_else(|| panic!("{}: no module `{path}`", self.file.display()))
+    }
+}
+
+fn first_error(node: Node, src: &str) -> String {
+    if node.is_error() || node.is_missing() {
+        let p = node.start_position();
+        let text: String = src[node.byte_range()].chars().take(60).collect();
+        return format!("line {} column {}: {text:?}", p.row + 1, p.column + 1);
+    }
+    let mut cursor = node.walk();
+    let children: Vec<Node> = node.children(&mut cursor).collect();
+    children
+        .into_iter()
+        .filter(|c| c.has_error())
+        .map(|c| first_error(c, src))
+        .next()
+        .unwrap_or_default()
+}
+
+fn first_named_node<'t>(node: Node<'t>, kind: &str) -> Option<Node<'t>> {
+    let mut cursor = node.walk();
+    let found = node.named_children(&mut cursor).find(|n| n.kind() == kind);
+    found
+}
+
+fn first_named(node: Node, kind: &str, src: &str) -> String {
+    let n = first_named_node(node, kind).unwrap_or_else(|| panic!("no {kind} in {}", node.kind()));
+    src[n.byte_range()].to_owned()
+}
+
+fn after_equals(node: Node) -> Option<Node> {
+    let mut cursor = node.walk();
+    let mut seen = false;
+    for child in node.children(&mut cursor) {
+        if seen && child.is_named() && child.kind() != "comment" {
+            return Some(child);
+        }
+        seen |= child.kind() == "=";
+    }
+    None
+}
+
+/// The object inside `[for ...: {...}]` or `if (...) {...}`.
+fn unwrap_body(node: Node) -> Node {
+    match node.kind() {
+        "for_statement" => unwrap_body(node.child_by_field_name("body").expect("for body")),
+        "if_statement" => {
+            let mut cursor = node.walk();
+            let last = node.named_children(&mut cursor).last().expect("if body");
+            unwrap_body(last)
+        }
+        _ => node,
+    }
+}
+
+fn value(node: Node, src: &str) -> Value {
+    let text = &src[node.byte_range()];
+    let mut cursor = node.walk();
+    match node.kind() {
+        "string" => {
+            let mut out = String::new();
+            let mut interpolated = false;
+            for part in node.children(&mut cursor) {
+                let t = &src[part.byte_range()];
+                match part.kind() {
+                    "string_content" => out.push_str(t),
+                    "escape_sequence" => out.push_str(match t {
+                        "\\n" => "\n",
+                        "\\r" => "\r",
+                        "\\t" => "\t",
+                        other => &other[1..],
+                    }),
+                    "interpolation" => {
+                        interpolated = true;
+                        out.push_str(t);
+                    }
+                    _ => {}
+                }
+            }
+            Value::Str {
+                text: out,
+                interpolated,
+            }
+        }
+        "number" => text
+            .parse()
+            .map(Value::Num)
+            .unwrap_or(Value::Expr(text.into())),
+        "boolean" => Value::Bool(text == "true"),
+        "null" => Value::Null,
+        "array" => Value::Array(
+            node.named_children(&mut cursor)
+                .filter(|n| n.kind() != "comment")
+                .map(|n| value(n, src))
+                .collect(),
+        ),
+        "object" => Value::Object(
+            node.named_children(&mut cursor)
+                .filter(|n| n.kind() == "object_property")
+                .map(|prop| {
+                    let mut c = prop.walk();
+                    let parts: Vec<Node> = prop
+                        .named_children(&mut c)
+                        .filter(|n| n.kind() != "comment")
+                        .collect();
+                    let key = match parts[0].kind() {
+                        "string" => value(parts[0], src)
+                            .template()
+                            .expect("string key")
+                            .to_owned(),
+                        _ => src[parts[0].byte_range()].to_owned(),
+                    };
+                    let v = parts.last().expect("property value");
+                    (key, value(*v, src))
+                })
+                .collect(),
+        ),
+        _ => Value::Expr(text.to_owned()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What the binary says about itself.
+
+struct EnvVar {
+    secret: bool,
+    default: Option<String>,
+}
+
+fn binary_env_vars() -> BTreeMap<String, EnvVar> {
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("env-vars")
+        .output()
+        .expect("run `worker env-vars`");
+    assert!(
+        out.status.success(),
+        "`worker env-vars` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8 output");
+    let vars: BTreeMap<String, EnvVar> = text
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("`worker env-vars` line is not JSON ({e}): {line}"));
+            let name = v["name"].as_str().expect("name").to_owned();
+            let var = EnvVar {
+                secret: v["secret"].as_bool().expect("secret flag"),
+                default: v["default"].as_str().map(str::to_owned),
+            };
+            (name, var)
+        })
+        .collect();
+    assert!(
+        vars.contains_key("TASK_DATA") && vars.contains_key("WORKER_CLIENT"),
+        "`worker env-vars` lists too little to compare against: {:?}",
+        vars.keys()
+    );
+    vars
+}
+
+fn binary_help(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("run `worker --help`");
+    assert!(out.status.success(), "`worker {args:?} --help` failed");
+    String::from_utf8(out.stdout).expect("utf-8 help")
+}
+
+// ---------------------------------------------------------------------------
+// The templates.
+
+const FILES: &[&str] = &[
+    "infra/aci/main.bicep",
+    "infra/aci/worker-container.bicep",
+    "infra/aci/logic-app-trigger.bicep",
+    "infra/modules/storage.bicep",
+    "infra/modules/registry.bicep",
+    "infra/modules/identity.bicep",
+    "infra/modules/keyvault.bicep",
+    "infra/modules/monitoring.bicep",
+    "infra/modules/container-group.bicep",
+];
+
+/// One `{ name, value | secureValue }` entry of a container's environment.
+#[derive(Debug)]
+struct EnvEntry {
+    file: String,
+    name: String,
+    value: Option<Value>,
+    secure_value: Option<Value>,
+}
+
+fn container_env_entries() -> Vec<EnvEntry> {
+    let mut entries = Vec::new();
+    for file in FILES {
+        let bicep = Bicep::load(file);
+        let mut lists = Vec::new();
+        for r in &bicep.resources {
+            r.body.find_all("environmentVariables", &mut lists);
+        }
+        for v in bicep.vars.values() {
+            v.find_all("environmentVariables", &mut lists);
+        }
+        for list in lists {
+            for item in list.items() {
+                entries.push(EnvEntry {
+                    file: file.to_string(),
+                    name: item
+                        .get("name")
+                        .and_then(Value::literal)
+                        .unwrap_or_else(|| {
+                            panic!("{file}: env entry without literal name: {item:?}")
+                        })
+                        .to_owned(),
+                    value: item.get("value").cloned(),
+                    secure_value: item.get("secureValue").cloned(),
+                });
+            }
+        }
+    }
+    entries
+}
+
+/// The workflow definition of the queue-triggered Logic App.
+fn trigger_definition() -> Value {
+    let bicep = Bicep::load("infra/aci/logic-app-trigger.bicep");
+    let workflows = bicep.resources_of("Microsoft.Logic/workflows");
+    let trigger = workflows
+        .iter()
+        .find(|w| w.symbol == "trigger")
+        .expect("workflow `trigger` in logic-app-trigger.bicep");
+    trigger.body.at(&["properties", "definition"]).clone()
+}
+
+/// `entryNames` in keyvault.bicep: environment variable -> Key Vault entry name.
+fn vault_entry_names() -> BTreeMap<String, String> {
+    let bicep = Bicep::load("infra/modules/keyvault.bicep");
+    match bicep.var("entryNames") {
+        Value::Object(entries) => entries
+            .iter()
+            .map(|(k, v)| {
+                let name = v.literal().expect("literal entry name");
+                (k.clone(), name.to_owned())
+            })
+            .collect(),
+        other => panic!("entryNames is not an object: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The checks.
+
+#[test]
+fn every_container_variable_is_read_by_the_binary_or_passed_to_handlers() {
+    let binary = binary_env_vars();
+    let entries = container_env_entries();
+    let files: BTreeSet<&str> = entries.iter().map(|e| e.file.as_str()).collect();
+    assert!(
+        files.contains("infra/modules/container-group.bicep")
+            && files.contains("infra/aci/logic-app-trigger.bicep"),
+        "environment variables found only in {files:?}"
+    );
+    for pass in HANDLER_PASS_THROUGH {
+        assert!(
+            !binary.contains_key(*pass),
+            "{pass} is read by the binary now: take it off HANDLER_PASS_THROUGH"
+        );
+    }
+    for entry in &entries {
+        let known =
+            binary.contains_key(&entry.name) || HANDLER_PASS_THROUGH.contains(&entry.name.as_str());
+        assert!(
+            known,
+            "{}: sets {} on the container, but `worker env-vars` does not list it and it is no handler pass-through variable",
+            entry.file, entry.name
+        );
+        assert!(
+            entry.value.is_some() != entry.secure_value.is_some(),
+            "{}: {} needs exactly one of value / secureValue",
+            entry.file,
+            entry.name
+        );
+        let secret = binary.get(&entry.name).is_some_and(|v| v.secret)
+            || HANDLER_PASS_THROUGH.contains(&entry.name.as_str());
+        if secret {
+            assert!(
+                entry.secure_value.is_some(),
+                "{}: {} is a secret and must be a secureValue",
+                entry.file,
+                entry.name
+            );
+        }
+    }
+}
+
+#[test]
+fn logic_app_passes_the_message_text_as_task_data() {
+    let entries = container_env_entries();
+    let task_data: Vec<&EnvEntry> = entries
+        .iter()
+        .filter(|e| e.file == "infra/aci/logic-app-trigger.bicep" && e.name == "TASK_DATA")
+        .collect();
+    assert_eq!(
+        task_data.len(),
+        1,
+        "the Logic App sets TASK_DATA once: {task_data:?}"
+    );
+    assert_eq!(
+        task_data[0].value.as_ref().and_then(Value::literal),
+        Some(MESSAGE_TEXT_EXPRESSION),
+        "TASK_DATA must be the raw message text"
+    );
+
+    // The manual template passes its taskData parameter the same way.
+    let group = Bicep::load("infra/modules/container-group.bicep");
+    let direct: Vec<&EnvEntry> = entries
+        .iter()
+        .filter(|e| e.file == "infra/modules/container-group.bicep" && e.name == "TASK_DATA")
+        .collect();
+    assert_eq!(direct.len(), 1);
+    assert_eq!(direct[0].value, Some(Value::Expr("taskData".into())));
+    assert!(group.params.contains_key("taskData"));
+
+    // One run per message, and the message is what the trigger hands over.
+    let definition = trigger_definition();
+    let trigger = definition.at(&["triggers", "When_there_are_messages_in_a_queue"]);
+    assert_eq!(
+        trigger.get("splitOn").and_then(Value::literal),
+        Some("@triggerBody()?['QueueMessagesList']?['QueueMessage']")
+    );
+    assert_eq!(
+        trigger.at(&["recurrence", "frequency"]).literal(),
+        Some("Second")
+    );
+}
+
+#[test]
+fn queue_names_follow_the_worker_convention() {
+    // The binary documents its names with a <client> placeholder.
+    let help = format!("{}\n{}", binary_help(&[]), binary_help(&["poison"]));
+    assert!(
+        help.contains("<client>-tasks-poison"),
+        "`worker --help` no longer names <client>-tasks-poison:\n{help}"
+    );
+    assert!(
+        help.contains("<client>-tasks"),
+        "`worker --help` no longer names <client>-tasks"
+    );
+    let as_template = |s: &str| s.replace("<client>", "${client}");
+    let tasks = as_template("<client>-tasks");
+    let poison = as_template("<client>-tasks-poison");
+
+    let storage = Bicep::load("infra/modules/storage.bicep");
+    assert_eq!(
+        storage.var("tasksQueueName").template(),
+        Some(tasks.as_str())
+    );
+    assert_eq!(
+        storage.var("poisonQueueName").template(),
+        Some(poison.as_str())
+    );
+    let queues: BTreeSet<String> = storage
+        .resources_of("Microsoft.Storage/storageAccounts/queueServices/queues")
+        .iter()
+        .map(|q| match q.body.get("name") {
+            Some(Value::Expr(name)) => name.clone(),
+            other => panic!("queue name is not a var: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        queues,
+        BTreeSet::from(["tasksQueueName".to_owned(), "poisonQueueName".to_owned()])
+    );
+
+    let logic = Bicep::load("infra/aci/logic-app-trigger.bicep");
+    assert_eq!(logic.var("tasksQueueName").template(), Some(tasks.as_str()));
+    assert_eq!(
+        logic.var("poisonQueueName").template(),
+        Some(poison.as_str())
+    );
+    let definition = trigger_definition();
+    let trigger_path = definition
+        .at(&[
+            "triggers",
+            "When_there_are_messages_in_a_queue",
+            "inputs",
+            "path",
+        ])
+        .template()
+        .expect("trigger path");
+    assert!(
+        trigger_path.contains("${tasksQueueName}"),
+        "trigger reads {trigger_path}"
+    );
+    let poison_path = definition
+        .action("Move_to_poison")
+        .at(&["inputs", "path"])
+        .template()
+        .expect("poison path");
+    assert!(
+        poison_path.contains("${poisonQueueName}") && poison_path.ends_with("/messages"),
+        "poison goes to {poison_path}"
+    );
+    assert_eq!(
+        definition
+            .action("Move_to_poison")
+            .at(&["inputs", "body"])
+            .literal(),
+        Some("@triggerBody()?['MessageText']"),
+        "poisoned messages are moved verbatim"
+    );
+}
+
+#[test]
+fn restart_policy_sizes_and_timeout_are_the_documented_defaults() {
+    let binary = binary_env_vars();
+    let timeout: i64 = binary["WORKER_TASK_TIMEOUT"]
+        .default
+        .as_deref()
+        .and_then(|d| d.parse().ok())
+        .expect("WORKER_TASK_TIMEOUT default");
+
+    for file in [
+        "infra/aci/main.bicep",
+        "infra/aci/worker-container.bicep",
+        "infra/aci/logic-app-trigger.bicep",
+        "infra/modules/container-group.bicep",
+    ] {
+        let bicep = Bicep::load(file);
+        assert_eq!(
+            bicep.param_default("cpuCores").literal(),
+            Some(DOCUMENTED_CPU_CORES),
+            "{file}: cpuCores"
+        );
+        assert_eq!(
+            bicep.param_default("memoryInGb").literal(),
+            Some(DOCUMENTED_MEMORY_GB),
+            "{file}: memoryInGb"
+        );
+        assert_eq!(
+            bicep.param_default("taskTimeoutSeconds"),
+            &Value::Num(timeout),
+            "{file}: taskTimeoutSeconds vs the binary's default"
+        );
+    }
+
+    let group = Bicep::load("infra/modules/container-group.bicep");
+    let resources = group.resources_of("Microsoft.ContainerInstance/containerGroups");
+    assert_eq!(resources.len(), 1);
+    let created = [
+        resources[0].body.at(&["properties"]).clone(),
+        trigger_definition()
+            .action("Create_group")
+            .at(&["inputs", "body", "properties"])
+            .clone(),
+    ];
+    for properties in &created {
+        assert_eq!(
+            properties.get("restartPolicy").and_then(Value::literal),
+            Some("Never")
+        );
+        let containers = properties.at(&["containers"]).items();
+        assert_eq!(containers.len(), 1, "one container per task");
+        let requests = containers[0].at(&["properties", "resources", "requests"]);
+        assert_eq!(
+            requests.get("cpu"),
+            Some(&Value::Expr("json(cpuCores)".into()))
+        );
+        assert_eq!(
+            requests.get("memoryInGB"),
+            Some(&Value::Expr("json(memoryInGb)".into()))
+        );
+    }
+
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/aci/README.md"))
+            .expect("infra/aci/README.md");
+    assert!(
+        readme.contains(DOCUMENTED_SIZE_TEXT),
+        "README no longer documents {DOCUMENTED_SIZE_TEXT}"
+    );
+}
+
+#[test]
+fn key_vault_entry_names_map_environment_variables() {
+    let binary = binary_env_vars();
+    let names = vault_entry_names();
+    assert_eq!(
+        names
+            .get("AZURE_STORAGE_CONNECTION_STRING")
+            .map(String::as_str),
+        Some("AZURE-STORAGE-CONNECTION-STRING")
+    );
+    for (env, entry) in &names {
+        assert_eq!(*entry, env.replace('_', "-"), "entry name of {env}");
+        assert!(
+            !entry.is_empty()
+                && entry.len() <= 127
+                && entry.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{entry} is no valid Key Vault secret name"
+        );
+        let read = binary.get(env).is_some_and(|v| v.secret);
+        assert!(
+            read || HANDLER_PASS_THROUGH.contains(&env.as_str()),
+            "{env} is in the vault but is neither a secret the binary reads nor a handler pass-through variable"
+        );
+    }
+    // Every secret the binary reads has a vault entry.
+    for (env, var) in &binary {
+        if var.secret {
+            assert!(
+                names.contains_key(env),
+                "the binary reads secret {env}, but the vault has no entry for it"
+            );
+        }
+    }
+
+    // The vault stores each entry under exactly that name.
+    let vault = Bicep::load("infra/modules/keyvault.bicep");
+    let stored: BTreeSet<String> = vault
+        .resources_of("Microsoft.KeyVault/vaults/secrets")
+        .iter()
+        .map(|s| match s.body.get("name") {
+            Some(Value::Expr(e)) => e
+                .strip_prefix("entryNames.")
+                .expect("name from entryNames")
+                .to_owned(),
+            other => panic!("secret name is not taken from entryNames: {other:?}"),
+        })
+        .collect();
+    assert_eq!(stored, names.keys().cloned().collect());
+
+    // main.bicep hands the mapping to the Logic App.
+    let main = Bicep::load("infra/aci/main.bicep");
+    assert_eq!(
+        main.module("logic-app-trigger.bicep")
+            .body
+            .at(&["params", "vaultEntryNames"]),
+        &Value::Expr("keyVault.outputs.entryNames".into())
+    );
+
+    // The Logic App reads each secure variable from the entry of the same name.
+    let definition = trigger_definition();
+    let entries = container_env_entries();
+    let mut fetched = 0;
+    for entry in entries
+        .iter()
+        .filter(|e| e.file == "infra/aci/logic-app-trigger.bicep")
+    {
+        let Some(secure) = &entry.secure_value else {
+            continue;
+        };
+        let action = format!("Get_{}", entry.name);
+        assert_eq!(
+            secure.literal(),
+            Some(format!("@{{body('{action}')?['value']}}").as_str()),
+            "{} must come from action {action}",
+            entry.name
+        );
+        let uri = definition
+            .action(&action)
+            .at(&["inputs", "uri"])
+            .template()
+            .expect("uri")
+            .to_owned();
+        assert!(
+            uri.contains(&format!("secrets/${{vaultEntryNames.{}}}?", entry.name)),
+            "{action} reads {uri}"
+        );
+        assert!(
+            names.contains_key(&entry.name),
+            "{} has no vault entry",
+            entry.name
+        );
+        fetched += 1;
+    }
+    assert!(fetched >= 1, "the Logic App fetches no secret at all");
+
+    // The manual template reads the same entries for the same variables.
+    let manual = Bicep::load("infra/aci/worker-container.bicep");
+    let params = manual
+        .module("../modules/container-group.bicep")
+        .body
+        .at(&["params"]);
+    let mut checked = 0;
+    for entry in entries
+        .iter()
+        .filter(|e| e.file == "infra/modules/container-group.bicep")
+    {
+        let Some(Value::Expr(param)) = &entry.secure_value else {
+            continue;
+        };
+        let passed = params
+            .get(param)
+            .unwrap_or_else(|| panic!("worker-container.bicep passes no `{param}`"));
+        let Value::Expr(call) = passed else {
+            panic!("{param} is not read from the vault: {passed:?}")
+        };
+        let expected = format!("vault.getSecret('{}')", names[&entry.name]);
+        assert_eq!(*call, expected, "{} in worker-container.bicep", entry.name);
+        checked += 1;
+    }
+    assert!(
+        checked >= 1,
+        "worker-container.bicep reads no secret from the vault"
+    );
+}
