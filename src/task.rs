@@ -345,6 +345,18 @@ mod tests {
     }
 
     #[test]
+    fn payload_numbers_survive_the_round_trip_to_handlers() {
+        // A long decimal that a fast, not correctly rounded float parser
+        // reads one bit off; exec handlers get the task as `to_json`.
+        let raw = format!(
+            r#"{{"task_id":"a","task_type":"b","payload":[18446755{}44073709551615,-0.0,1e308]}}"#,
+            "5".repeat(120)
+        );
+        let task = ok(&raw);
+        assert_eq!(ok(&task.to_json()), task);
+    }
+
+    #[test]
     fn hostile_nesting_is_an_error_not_a_crash() {
         let deep = "[".repeat(100_000);
         assert!(matches!(err(deep.as_bytes()), DecodeError::Json(_)));
