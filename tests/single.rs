@@ -865,8 +865,8 @@ fn exec_timeouts_kill_the_whole_process_group() {
     // Once by the task timeout (task.timed_out), once by the handler's own
     // timeout_seconds (task.failed): either way no descendant survives.
     for (extra, timeout, kind) in [
-        ("", "1", "task.timed_out"),
-        ("timeout_seconds = 0.5", "60", "task.failed"),
+        ("", "2", "task.timed_out"),
+        ("timeout_seconds = 1.0", "60", "task.failed"),
     ] {
         let rx = Receiver::ok();
         let w = Worker::new();
@@ -1544,12 +1544,12 @@ fn url_query_tokens_stay_out_of_logs_when_requests_fail() {
     let sas_sig = "sig=SASsignature-5d1f0a";
     let out = Worker::new()
         .env("RUST_LOG", "trace")
-        .env("WORKER_WEBHOOK_TIMEOUT", "0.3")
+        .env("WORKER_WEBHOOK_TIMEOUT", "1")
         .env("WORKER_WEBHOOK_MAX_ATTEMPTS", "2")
         .task(&json!({
             "task_id": "t-tokens",
             "task_type": "http",
-            "payload": {"url": rx.url(&format!("/blob?sv=2024&{sas_sig}")), "timeout_seconds": 0.3},
+            "payload": {"url": rx.url(&format!("/blob?sv=2024&{sas_sig}")), "timeout_seconds": 1},
             "webhook_url": rx.url(&format!("/hook?token={hook_token}")),
         }))
         .run();
