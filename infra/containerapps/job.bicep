@@ -58,7 +58,7 @@ param memoryInGb string = '2'
 param taskTimeoutSeconds int = 1800
 
 @description('Seconds on top of the task timeout before the platform stops a replica: start-up, webhook delivery with retries, settlement.')
-@minValue(120)
+@minValue(240)
 param settleMarginSeconds int = 300
 
 @description('WORKER_VISIBILITY_TIMEOUT: the lease on the message, renewed at half-life while the task runs; also how long a crashed execution keeps its message hidden.')

@@ -33,7 +33,7 @@ param memoryInGb string = '2'
 param taskTimeoutSeconds int = 1800
 
 @description('Seconds the platform waits beyond the task timeout before it stops a replica.')
-@minValue(120)
+@minValue(240)
 param settleMarginSeconds int = 300
 
 @description('WORKER_VISIBILITY_TIMEOUT in seconds (the lease, renewed at half-life).')
