@@ -24,6 +24,12 @@
 @maxLength(20)
 param client string
 
+@description('Container Apps environment name.')
+param environmentName string = 'cae-${client}-worker'
+
+@description('Job name: lowercase letters, digits and hyphens.')
+param jobName string = 'job-${client}-worker'
+
 param location string = resourceGroup().location
 param tags object = {}
 
@@ -122,7 +128,7 @@ resource workspace 'Microsoft.OperationalInsights/workspaces@2022-10-01' existin
 }
 
 resource environment 'Microsoft.App/managedEnvironments@2025-01-01' = {
-  name: 'cae-${client}-worker'
+  name: environmentName
   location: location
   tags: tags
   properties: {
@@ -144,7 +150,7 @@ resource environment 'Microsoft.App/managedEnvironments@2025-01-01' = {
 }
 
 resource job 'Microsoft.App/jobs@2025-01-01' = {
-  name: 'job-${client}-worker'
+  name: jobName
   location: location
   tags: tags
   identity: {

@@ -22,6 +22,9 @@ param location string = resourceGroup().location
 @description('Image tag the job runs (a git sha pushed by CI; latest only for a first test).')
 param imageTag string
 
+@description('Create the environment and the job. false for the very first deployment, which only creates the registry the image is pushed to.')
+param deployJob bool = true
+
 @description('vCPU cores per execution (decimal string).')
 param cpuCores string = '1'
 
@@ -97,6 +100,8 @@ var storageAccountName = take('st${compactClient}${suffix}', 24)
 var registryName = take('cr${compactClient}${suffix}', 50)
 var keyVaultName = take('kv${compactClient}${suffix}', 24)
 var workspaceName = 'log-${client}-worker'
+var environmentName = 'cae-${client}-worker'
+var jobName = 'job-${client}-worker'
 var allTags = union(tags, {
   workload: 'worker'
   client: client
@@ -176,10 +181,12 @@ module keyVault '../modules/keyvault.bicep' = {
   }
 }
 
-module job 'job.bicep' = {
+module job 'job.bicep' = if (deployJob) {
   name: 'job-${client}'
   params: {
     client: client
+    environmentName: environmentName
+    jobName: jobName
     location: location
     tags: allTags
     storageAccountName: storage.outputs.accountName
@@ -212,5 +219,5 @@ output identityName string = identity.outputs.name
 output identityClientId string = identity.outputs.clientId
 output keyVaultName string = keyVault.outputs.vaultName
 output workspaceName string = monitoring.outputs.workspaceName
-output environmentName string = job.outputs.environmentName
-output jobName string = job.outputs.jobName
+output environmentName string = environmentName
+output jobName string = jobName
