@@ -12,7 +12,13 @@
 //! - queue names follow the binary's `<client>-tasks` / `<client>-tasks-poison`;
 //! - restart policy, CPU, memory and task timeout defaults are the documented ones;
 //! - the Key Vault entry names map one-to-one onto environment variable names,
-//!   in the vault, in the Logic App and in the manual test template.
+//!   in the vault, in the Logic App and in the manual test template;
+//! - the Container Apps job runs `WORKER_MODE=job` with managed-identity queue
+//!   auth, scales on `<client>-tasks`, takes secrets only as Key Vault
+//!   references named by the vault module, leaves retries to the queue
+//!   (`replicaRetryLimit` 0, `parallelism` 1), and stops a replica only after
+//!   the worker's own task timeout plus a margin that covers a webhook with
+//!   all its retries (checkov cannot compare the two expressions; this can).
 
 // A panic with a message is how every function here reports a template that
 // does not match; functions outside #[test] fns are test code all the same.
@@ -151,6 +157,9 @@ struct Module {
 struct Bicep {
     file: PathBuf,
     params: BTreeMap<String, Option<Value>>,
+    /// Decorators of each param: decorator name -> first argument
+    /// (`@minValue(60)` -> `minValue` -> `Num(60)`).
+    param_decorators: BTreeMap<String, BTreeMap<String, Value>>,
     vars: BTreeMap<String, Value>,
     resources: Vec<Resource>,
     modules: Vec<Module>,
@@ -178,18 +187,25 @@ impl Bicep {
         let mut bicep = Bicep {
             file,
             params: BTreeMap::new(),
+            param_decorators: BTreeMap::new(),
             vars: BTreeMap::new(),
             resources: Vec::new(),
             modules: Vec::new(),
         };
         let mut cursor = root.walk();
+        // Decorators are a sibling node just before the declaration they decorate.
+        let mut decorators = BTreeMap::new();
         for decl in root.named_children(&mut cursor) {
             let name = || first_named(decl, "identifier", &src);
             match decl.kind() {
+                "decorators" => decorators = decorator_arguments(decl, &src),
                 "parameter_declaration" => {
                     bicep
                         .params
                         .insert(name(), after_equals(decl).map(|v| value(v, &src)));
+                    bicep
+                        .param_decorators
+                        .insert(name(), std::mem::take(&mut decorators));
                 }
                 "variable_declaration" => {
                     let v = after_equals(decl).expect("a var has a value");
@@ -229,6 +245,31 @@ impl Bicep {
             .unwrap_or_else(|| panic!("{}: param `{name}` has no default", self.file.display()))
     }
 
+    fn param_int_default(&self, name: &str) -> i64 {
+        match self.param_default(name) {
+            Value::Num(n) => *n,
+            other => panic!(
+                "{}: param `{name}` defaults to {other:?}, not a number",
+                self.file.display()
+            ),
+        }
+    }
+
+    /// The `@minValue` of an int param.
+    fn param_min(&self, name: &str) -> i64 {
+        match self
+            .param_decorators
+            .get(name)
+            .and_then(|d| d.get("minValue"))
+        {
+            Some(Value::Num(n)) => *n,
+            other => panic!(
+                "{}: param `{name}` has no numeric @minValue ({other:?})",
+                self.file.display()
+            ),
+        }
+    }
+
     fn var(&self, name: &str) -> &Value {
         self.vars
             .get(name)
@@ -248,6 +289,27 @@ impl Bicep {
             .find(|m| m.path == path)
             .unwrap_or_else(|| panic!("{}: no module `{path}`", self.file.display()))
     }
+}
+
+/// `@name(arg, ...)` -> name -> first argument, for each decorator.
+fn decorator_arguments(decorators: Node, src: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    let mut cursor = decorators.walk();
+    for decorator in decorators.named_children(&mut cursor) {
+        let Some(call) = first_named_node(decorator, "call_expression") else {
+            continue;
+        };
+        let name = first_named(call, "identifier", src);
+        let argument = first_named_node(call, "arguments").and_then(|args| {
+            let mut c = args.walk();
+            let first = args.named_children(&mut c).find(|n| n.kind() != "comment");
+            first
+        });
+        if let Some(argument) = argument {
+            out.insert(name, value(argument, src));
+        }
+    }
+    out
 }
 
 fn first_error(node: Node, src: &str) -> String {
@@ -422,6 +484,8 @@ fn binary_help(args: &[&str]) -> String {
 // The templates.
 
 const FILES: &[&str] = &[
+    "infra/containerapps/main.bicep",
+    "infra/containerapps/job.bicep",
     "infra/aci/main.bicep",
     "infra/aci/worker-container.bicep",
     "infra/aci/logic-app-trigger.bicep",
@@ -855,5 +919,576 @@ fn key_vault_entry_names_map_environment_variables() {
     assert!(
         checked >= 1,
         "worker-container.bicep reads no secret from the vault"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The Container Apps job (infra/containerapps).
+
+const JOB_TEMPLATE: &str = "infra/containerapps/job.bicep";
+const JOB_MAIN: &str = "infra/containerapps/main.bicep";
+
+/// Longest single pause between webhook attempts, whatever `Retry-After`
+/// says (src/config.rs `webhook_retry`; the README's configuration table
+/// says "capped at 30 s").
+const WEBHOOK_MAX_BACKOFF_SECS: i64 = 30;
+const WEBHOOK_MAX_BACKOFF_TEXT: &str = "capped at 30 s";
+
+/// Time the replica needs beyond the task itself for receiving the message
+/// and settling it when the queue answers normally (a few calls of at most
+/// 10 s each).
+const RECEIVE_AND_SETTLE_ALLOWANCE_SECS: i64 = 60;
+
+/// The worker warns about a lease shorter than this (config::timing_warnings).
+const SHORTEST_QUIET_VISIBILITY_SECS: i64 = 60;
+
+/// One `{ name, value | secretRef }` entry of the job container's `env`.
+#[derive(Debug)]
+struct JobEnv {
+    name: String,
+    value: Option<Value>,
+    secret_ref: Option<String>,
+}
+
+struct Job {
+    bicep: Bicep,
+    body: Value,
+}
+
+impl Job {
+    fn load() -> Job {
+        let bicep = Bicep::load(JOB_TEMPLATE);
+        let jobs = bicep.resources_of("Microsoft.App/jobs");
+        assert_eq!(jobs.len(), 1, "{JOB_TEMPLATE} declares one job");
+        let body = jobs[0].body.clone();
+        Job { bicep, body }
+    }
+
+    fn configuration(&self) -> &Value {
+        self.body.at(&["properties", "configuration"])
+    }
+
+    fn env(&self) -> Vec<JobEnv> {
+        let containers = self
+            .body
+            .at(&["properties", "template", "containers"])
+            .items();
+        assert_eq!(containers.len(), 1, "one container per execution");
+        containers[0]
+            .at(&["env"])
+            .items()
+            .iter()
+            .map(|item| JobEnv {
+                name: item
+                    .get("name")
+                    .and_then(Value::literal)
+                    .unwrap_or_else(|| panic!("env entry without a literal name: {item:?}"))
+                    .to_owned(),
+                value: item.get("value").cloned(),
+                secret_ref: item.get("secretRef").map(|r| {
+                    r.literal()
+                        .unwrap_or_else(|| panic!("secretRef is not a literal: {r:?}"))
+                        .to_owned()
+                }),
+            })
+            .collect()
+    }
+
+    fn env_value(&self, name: &str) -> Value {
+        let env = self.env();
+        let found: Vec<&JobEnv> = env.iter().filter(|e| e.name == name).collect();
+        assert_eq!(found.len(), 1, "the job sets {name} once: {found:?}");
+        found[0]
+            .value
+            .clone()
+            .unwrap_or_else(|| panic!("{name} has no plain value"))
+    }
+
+    /// A string literal, or a var holding one.
+    fn resolve_literal(&self, v: &Value) -> String {
+        match v {
+            Value::Expr(name) => self
+                .bicep
+                .var(name)
+                .literal()
+                .unwrap_or_else(|| panic!("var `{name}` is no literal"))
+                .to_owned(),
+            other => other
+                .literal()
+                .unwrap_or_else(|| panic!("{other:?} is no literal"))
+                .to_owned(),
+        }
+    }
+
+    /// Secret name -> its entry in `configuration.secrets`.
+    fn secrets(&self) -> BTreeMap<String, Value> {
+        self.configuration()
+            .at(&["secrets"])
+            .items()
+            .iter()
+            .map(|s| (self.resolve_literal(s.at(&["name"])), s.clone()))
+            .collect()
+    }
+}
+
+/// The env var whose vault entry a `keyVaultUrl` names.
+fn vault_entry_of(key_vault_url: &Value) -> String {
+    let url = key_vault_url
+        .template()
+        .unwrap_or_else(|| panic!("keyVaultUrl is not a string: {key_vault_url:?}"));
+    url.strip_prefix("${vaultUri}secrets/${vaultEntryNames.")
+        .and_then(|rest| rest.strip_suffix('}'))
+        .unwrap_or_else(|| {
+            panic!("keyVaultUrl {url} is not ${{vaultUri}}secrets/${{vaultEntryNames.<VAR>}}")
+        })
+        .to_owned()
+}
+
+fn job_module_params() -> Value {
+    let main = Bicep::load(JOB_MAIN);
+    main.module("job.bicep").body.at(&["params"]).clone()
+}
+
+#[test]
+fn container_apps_job_variables_are_read_by_the_binary_or_passed_to_handlers() {
+    let binary = binary_env_vars();
+    let job = Job::load();
+    let env = job.env();
+    assert!(env.len() >= 5, "the job container sets too little: {env:?}");
+    let mut seen = BTreeSet::new();
+    for entry in &env {
+        assert!(seen.insert(&entry.name), "{} is set twice", entry.name);
+        let known =
+            binary.contains_key(&entry.name) || HANDLER_PASS_THROUGH.contains(&entry.name.as_str());
+        assert!(
+            known,
+            "{JOB_TEMPLATE}: sets {}, but `worker env-vars` does not list it and it is no handler pass-through variable",
+            entry.name
+        );
+        assert!(
+            entry.value.is_some() != entry.secret_ref.is_some(),
+            "{JOB_TEMPLATE}: {} needs exactly one of value / secretRef",
+            entry.name
+        );
+        let secret = binary.get(&entry.name).is_some_and(|v| v.secret)
+            || HANDLER_PASS_THROUGH.contains(&entry.name.as_str());
+        if secret {
+            assert!(
+                entry.secret_ref.is_some(),
+                "{JOB_TEMPLATE}: {} is a secret and must come from a secretRef",
+                entry.name
+            );
+        }
+    }
+
+    // Job mode, for one client, with JSON logs for Log Analytics.
+    assert_eq!(job.env_value("WORKER_MODE").literal(), Some("job"));
+    assert_eq!(job.env_value("WORKER_CLIENT"), Value::Expr("client".into()));
+    assert_eq!(job.env_value("WORKER_LOG_FORMAT").literal(), Some("json"));
+    for absent in ["TASK_DATA", "WORKER_QUEUE_NAME", "WORKER_HANDLERS_FILE"] {
+        assert!(
+            !seen.contains(&absent.to_owned()),
+            "{absent} does not belong in the job: the queue name and the task come from WORKER_CLIENT and the message"
+        );
+    }
+
+    // Managed identity, no key: a connection string would win over the
+    // account name in the binary, so it must not be there at all.
+    assert_eq!(
+        job.env_value("AZURE_STORAGE_ACCOUNT"),
+        Value::Expr("storageAccountName".into())
+    );
+    assert_eq!(
+        job.env_value("AZURE_CLIENT_ID"),
+        Value::Expr("identityClientId".into())
+    );
+    for absent in [
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "AZURE_STORAGE_QUEUE_ENDPOINT",
+    ] {
+        assert!(
+            !seen.contains(&absent.to_owned()),
+            "the job authenticates with its identity; {absent} must not be set"
+        );
+    }
+    let params = job_module_params();
+    assert_eq!(
+        params.get("identityClientId"),
+        Some(&Value::Expr("identity.outputs.clientId".into()))
+    );
+    assert_eq!(
+        params.get("storageAccountName"),
+        Some(&Value::Expr("storage.outputs.accountName".into()))
+    );
+    assert_eq!(
+        params.get("identityId"),
+        Some(&Value::Expr("identity.outputs.id".into()))
+    );
+}
+
+#[test]
+fn container_apps_job_scales_on_the_client_tasks_queue() {
+    let help = binary_help(&[]);
+    assert!(
+        help.contains("<client>-tasks"),
+        "`worker --help` no longer names <client>-tasks"
+    );
+    let job = Job::load();
+    assert_eq!(
+        job.bicep.var("tasksQueueName").template(),
+        Some("${client}-tasks"),
+        "the scaler must watch the queue the worker consumes"
+    );
+
+    let scale = job
+        .configuration()
+        .at(&["eventTriggerConfig", "scale"])
+        .clone();
+    let rules = scale.at(&["rules"]).items();
+    assert_eq!(rules.len(), 1, "one scale rule");
+    assert_eq!(
+        rules[0],
+        Value::Expr(
+            "scalerAuth == 'identity' ? scaleRuleWithIdentity : scaleRuleWithConnectionString"
+                .into()
+        )
+    );
+    assert_eq!(
+        job.bicep.param_default("scalerAuth").literal(),
+        Some("identity")
+    );
+
+    let metadata = job.bicep.var("scaleRuleMetadata");
+    assert_eq!(
+        metadata.get("queueName"),
+        Some(&Value::Expr("tasksQueueName".into()))
+    );
+    assert_eq!(
+        metadata.get("queueLength").and_then(Value::literal),
+        Some("1"),
+        "one execution per message"
+    );
+    // The scaler counts the queue of the account the worker reads.
+    assert_eq!(
+        metadata.get("accountName"),
+        Some(&job.env_value("AZURE_STORAGE_ACCOUNT"))
+    );
+
+    for rule in ["scaleRuleWithIdentity", "scaleRuleWithConnectionString"] {
+        let rule_body = job.bicep.var(rule);
+        assert_eq!(
+            rule_body.get("type").and_then(Value::literal),
+            Some("azure-queue"),
+            "{rule}"
+        );
+        assert_eq!(
+            rule_body.get("metadata"),
+            Some(&Value::Expr("scaleRuleMetadata".into())),
+            "{rule}"
+        );
+    }
+    let with_identity = job.bicep.var("scaleRuleWithIdentity");
+    assert_eq!(
+        with_identity.get("identity"),
+        Some(&Value::Expr("identityId".into()))
+    );
+    assert!(with_identity.get("auth").is_none());
+
+    // The fallback reads the connection string from the vault entry of
+    // AZURE_STORAGE_CONNECTION_STRING, through a job secret.
+    let with_secret = job.bicep.var("scaleRuleWithConnectionString");
+    assert!(with_secret.get("identity").is_none());
+    let auth = with_secret.at(&["auth"]).items();
+    assert_eq!(auth.len(), 1);
+    assert_eq!(
+        auth[0].get("triggerParameter").and_then(Value::literal),
+        Some("connection")
+    );
+    let secret_name = job.resolve_literal(auth[0].at(&["secretRef"]));
+    let secrets = job.secrets();
+    let secret = secrets
+        .get(&secret_name)
+        .unwrap_or_else(|| panic!("the scaler refers to a missing secret {secret_name}"));
+    assert_eq!(
+        vault_entry_of(secret.at(&["keyVaultUrl"])),
+        "AZURE_STORAGE_CONNECTION_STRING"
+    );
+}
+
+#[test]
+fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
+    let binary = binary_env_vars();
+    let default_of = |name: &str| -> f64 {
+        binary[name]
+            .default
+            .as_deref()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("{name} has no numeric default"))
+    };
+    let job = Job::load();
+    let config = job.configuration();
+    assert_eq!(config.at(&["triggerType"]).literal(), Some("Event"));
+    assert_eq!(
+        config.at(&["replicaRetryLimit"]),
+        &Value::Num(0),
+        "retries come from the queue's dequeue count, not from the platform"
+    );
+    let trigger = config.at(&["eventTriggerConfig"]);
+    assert_eq!(trigger.at(&["parallelism"]), &Value::Num(1));
+    assert_eq!(trigger.at(&["replicaCompletionCount"]), &Value::Num(1));
+    assert_eq!(trigger.at(&["scale", "minExecutions"]), &Value::Num(0));
+    assert_eq!(
+        trigger.at(&["scale", "maxExecutions"]),
+        &Value::Expr("maxExecutions".into())
+    );
+    assert!(job.bicep.param_int_default("maxExecutions") >= 1);
+
+    // replicaTimeout = taskTimeoutSeconds + settleMarginSeconds, with the
+    // margin's lower bound covering a webhook delivered with every retry
+    // (binary defaults, which the job does not override) plus the queue calls.
+    assert_eq!(
+        config.at(&["replicaTimeout"]),
+        &Value::Expr("replicaTimeoutSeconds".into())
+    );
+    let Value::Expr(sum) = job.bicep.var("replicaTimeoutSeconds") else {
+        panic!("replicaTimeoutSeconds is not an expression");
+    };
+    let terms: Vec<&str> = sum.split('+').map(str::trim).collect();
+    assert_eq!(
+        terms,
+        ["taskTimeoutSeconds", "settleMarginSeconds"],
+        "replicaTimeoutSeconds must be the task timeout plus the margin, found `{sum}`"
+    );
+    assert_eq!(
+        job.env_value("WORKER_TASK_TIMEOUT"),
+        Value::Expr("string(taskTimeoutSeconds)".into()),
+        "the worker's timeout is the one the replica timeout is derived from"
+    );
+    let env_names: BTreeSet<String> = job.env().into_iter().map(|e| e.name).collect();
+    for webhook_var in [
+        "WORKER_WEBHOOK_MAX_ATTEMPTS",
+        "WORKER_WEBHOOK_TIMEOUT",
+        "WORKER_WEBHOOK_INITIAL_BACKOFF",
+    ] {
+        assert!(
+            !env_names.contains(webhook_var),
+            "{webhook_var} changes the webhook time budget: update settleMarginSeconds and this test"
+        );
+    }
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    assert!(
+        readme.contains(WEBHOOK_MAX_BACKOFF_TEXT),
+        "README no longer says the webhook backoff is {WEBHOOK_MAX_BACKOFF_TEXT}"
+    );
+    let attempts = default_of("WORKER_WEBHOOK_MAX_ATTEMPTS");
+    let webhook_worst = attempts * default_of("WORKER_WEBHOOK_TIMEOUT")
+        + (attempts - 1.0) * WEBHOOK_MAX_BACKOFF_SECS as f64;
+    let needed = webhook_worst + RECEIVE_AND_SETTLE_ALLOWANCE_SECS as f64;
+    for file in [JOB_TEMPLATE, JOB_MAIN] {
+        let bicep = Bicep::load(file);
+        let min_margin = bicep.param_min("settleMarginSeconds");
+        assert!(
+            min_margin as f64 >= needed,
+            "{file}: settleMarginSeconds may be {min_margin} s, but a webhook with every retry plus settlement needs {needed} s"
+        );
+        assert!(bicep.param_int_default("settleMarginSeconds") >= min_margin);
+        assert!(bicep.param_min("taskTimeoutSeconds") >= 1);
+        assert_eq!(
+            bicep.param_int_default("taskTimeoutSeconds") as f64,
+            default_of("WORKER_TASK_TIMEOUT"),
+            "{file}: taskTimeoutSeconds vs the binary's default"
+        );
+        assert_eq!(
+            bicep.param_default("cpuCores").literal(),
+            Some(DOCUMENTED_CPU_CORES),
+            "{file}: cpuCores"
+        );
+        assert_eq!(
+            bicep.param_default("memoryInGb").literal(),
+            Some(DOCUMENTED_MEMORY_GB),
+            "{file}: memoryInGb"
+        );
+
+        // A lease the worker renews without warnings.
+        assert!(bicep.param_min("visibilityTimeoutSeconds") >= SHORTEST_QUIET_VISIBILITY_SECS);
+    }
+    let params = job_module_params();
+    for passed in [
+        "taskTimeoutSeconds",
+        "settleMarginSeconds",
+        "visibilityTimeoutSeconds",
+        "maxDequeueCount",
+        "retryDelaySeconds",
+        "maxExecutions",
+        "scalerAuth",
+        "cpuCores",
+        "memoryInGb",
+    ] {
+        assert_eq!(
+            params.get(passed),
+            Some(&Value::Expr(passed.into())),
+            "{JOB_MAIN} passes its own {passed} to job.bicep"
+        );
+    }
+    for (var, param) in [
+        ("WORKER_VISIBILITY_TIMEOUT", "visibilityTimeoutSeconds"),
+        ("WORKER_MAX_DEQUEUE_COUNT", "maxDequeueCount"),
+        ("WORKER_RETRY_DELAY", "retryDelaySeconds"),
+    ] {
+        assert_eq!(
+            job.env_value(var),
+            Value::Expr(format!("string({param})")),
+            "{var}"
+        );
+    }
+
+    let requests = job
+        .body
+        .at(&["properties", "template", "containers"])
+        .items()[0]
+        .at(&["resources"])
+        .clone();
+    assert_eq!(
+        requests.get("cpu"),
+        Some(&Value::Expr("json(cpuCores)".into()))
+    );
+    assert_eq!(
+        requests.get("memory").and_then(Value::template),
+        Some("${memoryInGb}Gi")
+    );
+}
+
+#[test]
+fn container_apps_secrets_are_key_vault_references_named_by_the_vault_module() {
+    let names = vault_entry_names();
+    let job = Job::load();
+    let secrets = job.secrets();
+    assert!(!secrets.is_empty());
+
+    // Each job secret is a reference to the vault entry of one variable,
+    // resolved with the job identity, named after that entry in lowercase.
+    let mut secret_var = BTreeMap::new();
+    for (name, secret) in &secrets {
+        assert!(
+            secret.get("value").is_none(),
+            "job secret {name} carries a value; it must be a Key Vault reference"
+        );
+        assert_eq!(
+            secret.get("identity"),
+            Some(&Value::Expr("identityId".into())),
+            "job secret {name} is resolved with the job identity"
+        );
+        let var = vault_entry_of(secret.at(&["keyVaultUrl"]));
+        let entry = names.get(&var).unwrap_or_else(|| {
+            panic!("job secret {name} refers to {var}, which has no vault entry")
+        });
+        assert_eq!(
+            *name,
+            entry.to_lowercase(),
+            "job secret names follow the vault entry names"
+        );
+        secret_var.insert(name.clone(), var);
+    }
+
+    // Each secret variable comes from the secret of its own vault entry.
+    let mut referenced = 0;
+    for entry in job.env() {
+        let Some(secret_ref) = &entry.secret_ref else {
+            continue;
+        };
+        let var = secret_var
+            .get(secret_ref)
+            .unwrap_or_else(|| panic!("{} refers to a missing secret {secret_ref}", entry.name));
+        assert_eq!(
+            *var, entry.name,
+            "{} reads the vault entry of {var}",
+            entry.name
+        );
+        referenced += 1;
+    }
+    assert!(referenced >= 1, "the job container reads no secret at all");
+    assert!(
+        job.env()
+            .iter()
+            .any(|e| e.name == "WORKER_WEBHOOK_SECRET" && e.secret_ref.is_some()),
+        "webhooks are signed: the job needs WORKER_WEBHOOK_SECRET"
+    );
+
+    // The image is pulled with the same identity; no registry password.
+    let registries = job.configuration().at(&["registries"]).items();
+    assert_eq!(registries.len(), 1);
+    assert_eq!(
+        registries[0].get("identity"),
+        Some(&Value::Expr("identityId".into()))
+    );
+    assert!(registries[0].get("passwordSecretRef").is_none());
+    let identity = job.body.at(&["identity"]);
+    assert_eq!(identity.at(&["type"]).literal(), Some("UserAssigned"));
+    assert!(identity
+        .at(&["userAssignedIdentities"])
+        .get("${identityId}")
+        .is_some());
+
+    // main.bicep wires the vault module's names and URI into the job and
+    // grants the one identity every role the job needs, through the shared
+    // modules (not copies of them).
+    let params = job_module_params();
+    assert_eq!(
+        params.get("vaultEntryNames"),
+        Some(&Value::Expr("keyVault.outputs.entryNames".into()))
+    );
+    assert_eq!(
+        params.get("vaultUri"),
+        Some(&Value::Expr("keyVault.outputs.vaultUri".into()))
+    );
+    let main = Bicep::load(JOB_MAIN);
+    let principal = Value::Expr("identity.outputs.principalId".into());
+    for (module, grant) in [
+        ("../modules/registry.bicep", "pullPrincipalIds"),
+        ("../modules/keyvault.bicep", "secretsUserPrincipalIds"),
+        (
+            "../modules/storage.bicep",
+            "queueDataContributorPrincipalIds",
+        ),
+    ] {
+        let granted = main.module(module).body.at(&["params", grant]).items();
+        assert!(
+            granted.contains(&principal),
+            "{JOB_MAIN}: {module} must grant the job identity via {grant}"
+        );
+    }
+    main.module("../modules/identity.bicep");
+    main.module("../modules/monitoring.bicep");
+    let declared: Vec<&str> = main
+        .resources
+        .iter()
+        .filter(|r| !r.existing)
+        .map(|r| r.ty.as_str())
+        .collect();
+    assert!(
+        declared.is_empty(),
+        "{JOB_MAIN} declares {declared:?} itself instead of using infra/modules"
+    );
+}
+
+#[test]
+fn container_apps_readme_documents_every_parameter() {
+    let main = Bicep::load(JOB_MAIN);
+    let readme = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/containerapps/README.md"),
+    )
+    .expect("infra/containerapps/README.md");
+    for param in main.params.keys() {
+        assert!(
+            readme.contains(&format!("`{param}`")),
+            "infra/containerapps/README.md does not document parameter `{param}`"
+        );
+    }
+    let top = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    assert!(
+        top.contains("infra/containerapps/README.md"),
+        "the top-level README no longer links the Container Apps path"
     );
 }
