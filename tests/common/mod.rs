@@ -6,3 +6,4 @@
 
 pub mod azurite;
 pub mod receiver;
+pub mod worker;
