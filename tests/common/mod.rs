@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod azurite;
+pub mod consume;
 pub mod receiver;
 pub mod worker;
