@@ -718,3 +718,40 @@ async fn max_tasks_stops_after_n_and_exit_when_empty_exits_when_drained() {
     );
     assert!(rx.recv(QUIET).is_none());
 }
+
+#[tokio::test]
+async fn sigterm_during_a_receive_hands_its_messages_back() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "term-receive").await;
+    let proxy = common::proxy::Proxy::start(az.port());
+    let mut w = c
+        .worker()
+        .arg("poll")
+        .env("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string())
+        .env("WORKER_VISIBILITY_TIMEOUT", "300")
+        .env("WORKER_MAX_POLL_INTERVAL", "0.2")
+        .env("WORKER_SHUTDOWN_GRACE", "10")
+        .spawn();
+    w.wait_for_log("polling");
+    proxy.hold_next_messages(Duration::from_secs(2));
+    let text = c
+        .send_task(&task("in-flight", "sleep", json!({"seconds": 60}), None))
+        .await;
+    // The service has leased the message to the worker; its answer is on the way.
+    assert!(proxy.wait_held(Duration::from_secs(30)), "{}", w.logs());
+    w.signal(Signal::SIGTERM);
+    let out = w.finish();
+    out.assert_code(0);
+    assert_eq!(out.count_logs("task started"), 0, "{}", out.describe());
+    assert!(
+        out.stderr.contains("released without running it"),
+        "{}",
+        out.describe()
+    );
+
+    // Leased for 300 s by that receive, yet visible again right away.
+    let again = c.receive(Duration::from_secs(30)).await;
+    assert_eq!(again.len(), 1, "the message is hidden:\n{}", out.describe());
+    assert_eq!(again[0].text, text);
+    assert_eq!(again[0].dequeue_count, 2);
+}

@@ -6,5 +6,6 @@
 
 pub mod azurite;
 pub mod consume;
+pub mod proxy;
 pub mod receiver;
 pub mod worker;
