@@ -143,8 +143,11 @@ pub async fn run(
             break;
         }
         let settled = last_settled.lock().map_or_else(|p| *p.into_inner(), |g| *g);
+        // Nothing is running once every permit is back. (The tracker counts a
+        // task until it has also signalled `finished`, a moment later.)
+        let idle = semaphore.available_permits() == cfg.concurrency;
         if cfg.exit_when_empty
-            && tracker.is_empty()
+            && idle
             && slots
                 .iter()
                 .all(|s| s.empty_at.is_some_and(|t| t > settled))
@@ -173,10 +176,16 @@ pub async fn run(
                 () = tokio::time::sleep_until(due) => {}
                 () = shutdown.cancelled() => break,
                 // A task finished: with exit_when_empty, poll again to see
-                // whether the queue is really drained.
+                // whether the queue is really drained; at once when it was
+                // the last one running, since only that receive can end the run.
                 () = finished.notified(), if cfg.exit_when_empty => {
+                    let soon = if semaphore.available_permits() == cfg.concurrency {
+                        Instant::now()
+                    } else {
+                        Instant::now() + MIN_POLL_INTERVAL
+                    };
                     for s in &mut slots {
-                        s.next_poll = s.next_poll.min(Instant::now() + MIN_POLL_INTERVAL);
+                        s.next_poll = s.next_poll.min(soon);
                     }
                 }
             }
