@@ -11,6 +11,7 @@
 //! | failed / timed out, at the dequeue limit  | copy verbatim to poison, delete      | failed / timed_out |
 //! | permanent error, undecodable, unknown type| copy verbatim to poison, delete      | `task.failed`      |
 //! | cancelled by shutdown                     | visible again at once                | none               |
+//! | received after shutdown began (not run)   | visible again at once                | none               |
 //! | lease lost                                | nothing (another worker owns it)     | none               |
 //!
 //! The pop receipt changes on every visibility update. The renewal task owns
@@ -446,6 +447,29 @@ async fn release(target: &Target, id: &str, receipt: &str) -> Settlement {
         }
         Err(e) => unsettled(&e, "release the message"),
     }
+}
+
+/// Hands back a message that was received but will not be started (it
+/// arrived after shutdown began): visible again at once, counted as released.
+pub async fn release_unstarted(target: &Target, msg: &Message, stats: &Stats) -> Settlement {
+    let settlement = match settle_call(|| {
+        target
+            .queue
+            .update_visibility(&msg.id, &msg.pop_receipt, Duration::ZERO)
+    })
+    .await
+    {
+        Ok(_) => {
+            tracing::info!(queue = %target.queue.name(), message_id = %msg.id,
+                "received while stopping; released without running it");
+            Settlement::Released
+        }
+        Err(e) => unsettled(&e, "release the message"),
+    };
+    if settlement == Settlement::Released {
+        Stats::inc(&stats.released);
+    }
+    settlement
 }
 
 /// Copies the original text verbatim to the poison queue, then deletes the

@@ -13,7 +13,8 @@
 //!
 //! Shutdown: the `shutdown` token stops receiving; running tasks get
 //! `WORKER_SHUTDOWN_GRACE`, then are cancelled and their messages released
-//! (visibility 0) for another worker.
+//! (visibility 0) for another worker. Messages brought by a receive that was
+//! in flight when the signal came are released without being started.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Cap on the pause after failing queue calls: the service should be picked
 /// up again promptly once it is back.
 pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(10);
+/// Least time a receive in flight at shutdown gets to bring its answer.
+const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -140,8 +143,11 @@ pub async fn run(
             break;
         }
         let settled = last_settled.lock().map_or_else(|p| *p.into_inner(), |g| *g);
+        // Nothing is running once every permit is back. (The tracker counts a
+        // task until it has also signalled `finished`, a moment later.)
+        let idle = semaphore.available_permits() == cfg.concurrency;
         if cfg.exit_when_empty
-            && tracker.is_empty()
+            && idle
             && slots
                 .iter()
                 .all(|s| s.empty_at.is_some_and(|t| t > settled))
@@ -170,10 +176,16 @@ pub async fn run(
                 () = tokio::time::sleep_until(due) => {}
                 () = shutdown.cancelled() => break,
                 // A task finished: with exit_when_empty, poll again to see
-                // whether the queue is really drained.
+                // whether the queue is really drained; at once when it was
+                // the last one running, since only that receive can end the run.
                 () = finished.notified(), if cfg.exit_when_empty => {
+                    let soon = if semaphore.available_permits() == cfg.concurrency {
+                        Instant::now()
+                    } else {
+                        Instant::now() + MIN_POLL_INTERVAL
+                    };
                     for s in &mut slots {
-                        s.next_poll = s.next_poll.min(Instant::now() + MIN_POLL_INTERVAL);
+                        s.next_poll = s.next_poll.min(soon);
                     }
                 }
             }
@@ -184,14 +196,34 @@ pub async fn run(
         let remaining = cfg.max_tasks.map_or(u64::MAX, |m| m - started);
         let want = u64::from(cfg.batch_size).min(free).min(remaining).max(1) as u8;
         let slot = &mut slots[i];
+        // A receive in flight is not abandoned on shutdown: the service may
+        // already have leased messages to it, and dropping the answer would
+        // hide them for the whole visibility timeout. Its answer is awaited
+        // (for at most the grace) and what it brings is handed back below.
+        let receive = slot
+            .target
+            .queue
+            .receive(want, cfg.settings.visibility_timeout);
+        tokio::pin!(receive);
         let received = tokio::select! {
-            r = slot.target.queue.receive(want, cfg.settings.visibility_timeout) => r,
-            () = shutdown.cancelled() => break,
+            r = &mut receive => r,
+            () = shutdown.cancelled() => {
+                match tokio::time::timeout(cfg.shutdown_grace.max(RECEIVE_ON_SHUTDOWN), &mut receive).await {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            }
         };
         if received.is_ok() {
             health.progress();
         }
         match received {
+            Ok(messages) if !messages.is_empty() && shutdown.is_cancelled() => {
+                for msg in &messages {
+                    consumer::release_unstarted(&slot.target, msg, &stats).await;
+                }
+                break;
+            }
             Ok(messages) if messages.is_empty() => {
                 slot.empty_at = Some(Instant::now());
                 slot.error_backoff = Duration::ZERO;

@@ -21,7 +21,7 @@ fn settings(connection_string: &str) -> StorageSettings {
 }
 
 fn service(az: &Azurite) -> QueueService {
-    QueueService::new(&settings(&az.connection_string())).unwrap()
+    az.service()
 }
 
 async fn fresh_queue(az: &Azurite, prefix: &str) -> worker::queue::Queue {

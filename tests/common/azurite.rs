@@ -263,6 +263,15 @@ impl Azurite {
         )
     }
 
+    /// The library's queue client for this instance, with Shared Key auth.
+    pub fn service(&self) -> worker::queue::QueueService {
+        worker::queue::QueueService::new(&worker::queue::StorageSettings {
+            connection_string: Some(worker::config::Secret::new(self.connection_string())),
+            ..Default::default()
+        })
+        .expect("a queue client for Azurite")
+    }
+
     /// Everything Azurite printed so far (for assertion messages).
     pub fn output(&self) -> String {
         self.output.lock().map(|o| o.clone()).unwrap_or_default()

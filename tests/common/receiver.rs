@@ -180,6 +180,21 @@ impl Receiver {
         self.requests.recv_timeout(timeout).ok()
     }
 
+    /// The next `n` requests, waiting up to `timeout` for all of them; fewer
+    /// when they do not arrive in time (the caller asserts the count).
+    pub fn collect(&self, n: usize, timeout: Duration) -> Vec<Request> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.requests.recv_timeout(left) {
+                Ok(r) => got.push(r),
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
     /// Every request received so far and not yet taken.
     pub fn drain(&self) -> Vec<Request> {
         self.requests.try_iter().collect()
