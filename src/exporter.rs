@@ -68,6 +68,13 @@ impl Health {
     }
 }
 
+/// How long the receive loop may go without a successful call before
+/// `/healthz` turns 503: three idle polls at the longest interval, plus room
+/// for the 10 s error backoff, so one slow or failed call never flips it.
+pub fn health_threshold(max_poll_interval: Duration) -> Duration {
+    max_poll_interval * 3 + Duration::from_secs(10)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExporterError {
     #[error("cannot install the metrics recorder: {0}")]
@@ -183,4 +190,23 @@ fn respond(
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_turns_bad_only_after_the_threshold() {
+        assert_eq!(
+            health_threshold(Duration::from_secs(30)),
+            Duration::from_secs(100)
+        );
+        let h = Health::new(Duration::from_secs(60));
+        assert!(h.healthy());
+        h.last_ok_ms.store(now_ms() - 61_000, Ordering::Relaxed);
+        assert!(!h.healthy());
+        h.progress();
+        assert!(h.healthy());
+    }
 }

@@ -180,7 +180,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         for w in opts.timing_warnings() {
             tracing::warn!("{w}");
         }
-        let health = Arc::new(Health::new(Duration::from_secs_f64(opts.max_poll_interval.max(20.0) * 3.0)));
+        let health = Arc::new(Health::new(exporter::health_threshold(Duration::from_secs_f64(opts.max_poll_interval))));
         if let Some(addr) = opts.metrics_addr {
             exporter::serve(addr, health.clone(), shutdown.clone()).await?;
         }

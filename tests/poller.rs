@@ -442,8 +442,20 @@ async fn worker_rides_out_an_azurite_restart() {
     let rx = Receiver::ok();
     c.send_task(&task("before", "echo", json!(1), Some(&hook(&rx))))
         .await;
-    let mut w = c.worker().arg("poll").spawn();
+    let mut w = c
+        .worker()
+        .arg("poll")
+        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .spawn();
+    w.wait_for_log("serving /metrics and /healthz");
+    let healthz = format!("http://{}/healthz", metrics_addr(&w.logs()));
     assert_succeeded(&events(&rx, 1, ARRIVAL)[0], 1);
+    let http = reqwest::Client::new();
+    let status = |http: &reqwest::Client| {
+        let (http, url) = (http.clone(), healthz.clone());
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(&http).await, 200);
 
     az.stop();
     w.wait_for_log("receive failed; retrying");
@@ -453,7 +465,26 @@ async fn worker_rides_out_an_azurite_restart() {
         "exited while storage was down:\n{}",
         w.logs()
     );
+    // The threshold is 3 × WORKER_MAX_POLL_INTERVAL (0.5 s) + 10 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&http).await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz stayed 200 while storage was down:\n{}",
+            w.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     az.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&http).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz did not recover:\n{}",
+            w.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     c.send_task(&task("after", "echo", json!(2), Some(&hook(&rx))))
         .await;
@@ -754,4 +785,47 @@ async fn sigterm_during_a_receive_hands_its_messages_back() {
     assert_eq!(again.len(), 1, "the message is hidden:\n{}", out.describe());
     assert_eq!(again[0].text, text);
     assert_eq!(again[0].dequeue_count, 2);
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_trace_logs_in_polling_mode() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "secrets").await;
+    let rx = Receiver::ok();
+    c.send_task(&task("s-1", "echo", json!({"x": 1}), Some(&hook(&rx))))
+        .await;
+    let secret = format!("whsec_{}", b64([42u8; 32]));
+    let out = c
+        .worker()
+        .args(["poll", "--exit-when-empty"])
+        .env("RUST_LOG", "trace")
+        .env("WORKER_LOG_FORMAT", "json")
+        .env("WORKER_WEBHOOK_SECRET", &secret)
+        .spawn()
+        .finish_within(Duration::from_secs(60));
+    out.assert_code(0);
+    assert_succeeded(&events(&rx, 1, ARRIVAL)[0], 1);
+    let all = out.output();
+    let account_key = az
+        .connection_string()
+        .split(';')
+        .find_map(|kv| kv.strip_prefix("AccountKey="))
+        .unwrap()
+        .to_owned();
+    for (what, needle) in [
+        ("account key", account_key.as_str()),
+        ("webhook secret", secret.as_str()),
+        ("webhook secret body", &secret["whsec_".len()..]),
+    ] {
+        assert!(
+            !all.contains(needle),
+            "the {what} reached the output:\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        all.lines().count() > 20,
+        "expected trace output:\n{}",
+        out.describe()
+    );
 }
