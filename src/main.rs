@@ -146,13 +146,23 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         Some(Command::Poll(args)) => args,
         _ => PollArgs::default(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // Job mode runs one task, like single-task mode: no thread pool needed.
+    let rt = if job {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
-        let targets = connect(&opts).await?;
+        // A job execution was started because its queue holds messages: it
+        // skips creating queues (a round trip per task); a missing poison
+        // queue is still created on first use.
+        let targets = connect(&opts, !job).await?;
         let settings = Settings {
             visibility_timeout: Duration::from_secs(u64::from(opts.visibility_timeout)),
             max_dequeue_count: opts.max_dequeue_count,
@@ -174,7 +184,9 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
                     tracing::info!(settlement = ?p.settlement, status = ?p.status, "job finished without success (exit 1)");
                     Ok(ExitCode::FAILURE)
                 }
-                Err(e) => Err(anyhow::Error::new(e).context(format!("cannot receive from {queue}"))),
+                Err(e) => Err(anyhow::Error::new(e).context(format!(
+                    "cannot receive from {queue} (check WORKER_CLIENT / WORKER_QUEUE_NAME and the storage settings)"
+                ))),
             };
         }
         for w in opts.timing_warnings() {
@@ -206,7 +218,7 @@ fn cfg_queues(targets: &[Target]) -> Vec<&str> {
 
 /// Builds the queue targets from `WORKER_CLIENT` / `WORKER_QUEUE_NAME` and
 /// creates missing queues. Configuration mistakes exit 2 naming the setting.
-async fn connect(opts: &Options) -> anyhow::Result<Vec<Target>> {
+async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
     let service = match QueueService::new(&StorageSettings::from_options(opts)) {
         Ok(s) => s,
         Err(e) => usage_error(e.to_string()),
@@ -224,8 +236,17 @@ async fn connect(opts: &Options) -> anyhow::Result<Vec<Target>> {
     {
         let queue = service.queue(&name)?;
         let poison = service.queue(&queue::names::poison_queue(&name))?;
-        for q in [&queue, &poison] {
-            match q.create_if_missing().await {
+        if !create {
+            targets.push(Target {
+                client,
+                queue,
+                poison,
+            });
+            continue;
+        }
+        let (q_made, p_made) = tokio::join!(queue.create_if_missing(), poison.create_if_missing());
+        for (q, made) in [(&queue, q_made), (&poison, p_made)] {
+            match made {
                 Ok(()) => {}
                 // The receive loop retries; a worker must start even while the service is down.
                 Err(e) if e.is_transient() => {
