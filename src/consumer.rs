@@ -116,12 +116,76 @@ pub struct Stats {
     pub in_flight: AtomicU64,
 }
 
+/// Each event is counted here once: into the counters above (the summary
+/// line, job mode) and into the Prometheus metrics (no-ops unless
+/// `WORKER_METRICS_ADDR` installed a recorder).
 impl Stats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
-    pub fn inc(c: &AtomicU64) {
+
+    fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message from `queue` starts being processed.
+    fn started(&self, queue: &str) {
+        Self::inc(&self.received);
+        ::metrics::counter!(names::RECEIVED, "queue" => queue.to_owned()).increment(1);
+        let running = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        ::metrics::gauge!(names::IN_FLIGHT).set(running as f64);
+    }
+
+    /// A message from `queue` is done with, however it ended.
+    fn finished(&self, p: &Processed, queue: &str) {
+        let running = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        ::metrics::gauge!(names::IN_FLIGHT).set(running as f64);
+        match p.settlement {
+            Settlement::Succeeded => Self::inc(&self.succeeded),
+            Settlement::Retried => Self::inc(&self.retried),
+            Settlement::Poisoned => {
+                Self::inc(&self.poisoned);
+                ::metrics::counter!(names::POISONED, "queue" => queue.to_owned()).increment(1);
+            }
+            Settlement::Released => Self::inc(&self.released),
+            Settlement::LeaseLost => {
+                Self::inc(&self.lease_lost);
+                ::metrics::counter!(names::LEASES_LOST).increment(1);
+            }
+            Settlement::Unsettled => {}
+        }
+        match p.status {
+            Some(Status::Failed) => Self::inc(&self.failed),
+            Some(Status::TimedOut) => Self::inc(&self.timed_out),
+            _ => {}
+        }
+        let outcome = match (p.settlement, p.status) {
+            (Settlement::Poisoned, _) => Some("poisoned"),
+            (Settlement::Retried, _) => Some("retried"),
+            (_, Some(Status::Succeeded)) => Some("succeeded"),
+            (_, Some(Status::Failed)) => Some("failed"),
+            (_, Some(Status::TimedOut)) => Some("timed_out"),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            ::metrics::counter!(names::TASKS, "task_type" => p.task_type.clone(), "outcome" => outcome)
+                .increment(1);
+        }
+        if let Some(d) = p.duration {
+            ::metrics::histogram!(names::TASK_DURATION, "task_type" => p.task_type.clone())
+                .record(d.as_secs_f64());
+        }
+    }
+
+    fn renewed(&self, times: u64) {
+        self.renewals.fetch_add(times, Ordering::Relaxed);
+        ::metrics::counter!(names::RENEWALS).increment(times);
+    }
+
+    /// A call to `queue` failed (receive, or a settlement that gave up).
+    pub fn queue_error(&self, queue: &str) {
+        Self::inc(&self.queue_errors);
+        ::metrics::counter!(names::QUEUE_ERRORS, "queue" => queue.to_owned()).increment(1);
     }
 }
 
@@ -145,57 +209,12 @@ pub async fn process_message(
         message_id = %msg.id,
         dequeue_count = msg.dequeue_count,
     );
-    Stats::inc(&stats.received);
-    let queue_label = target.queue.name().to_owned();
-    ::metrics::counter!(names::RECEIVED, "queue" => queue_label.clone()).increment(1);
-    let in_flight = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-    ::metrics::gauge!(names::IN_FLIGHT).set(in_flight as f64);
+    stats.started(target.queue.name());
     let result = process(app, &target, &settings, msg, cancel, &stats)
         .instrument(span)
         .await;
-    let in_flight = stats.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
-    ::metrics::gauge!(names::IN_FLIGHT).set(in_flight as f64);
-    record_metrics(&result, &queue_label);
-    match result.settlement {
-        Settlement::Succeeded => Stats::inc(&stats.succeeded),
-        Settlement::Retried => Stats::inc(&stats.retried),
-        Settlement::Poisoned => Stats::inc(&stats.poisoned),
-        Settlement::Released => Stats::inc(&stats.released),
-        Settlement::LeaseLost => Stats::inc(&stats.lease_lost),
-        Settlement::Unsettled => {}
-    }
-    match result.status {
-        Some(Status::Failed) => Stats::inc(&stats.failed),
-        Some(Status::TimedOut) => Stats::inc(&stats.timed_out),
-        _ => {}
-    }
+    stats.finished(&result, target.queue.name());
     result
-}
-
-fn record_metrics(p: &Processed, queue: &str) {
-    let outcome = match (p.settlement, p.status) {
-        (Settlement::Poisoned, _) => Some("poisoned"),
-        (Settlement::Retried, _) => Some("retried"),
-        (_, Some(Status::Succeeded)) => Some("succeeded"),
-        (_, Some(Status::Failed)) => Some("failed"),
-        (_, Some(Status::TimedOut)) => Some("timed_out"),
-        _ => None,
-    };
-    if let Some(outcome) = outcome {
-        ::metrics::counter!(names::TASKS, "task_type" => p.task_type.clone(), "outcome" => outcome)
-            .increment(1);
-    }
-    if let Some(d) = p.duration {
-        ::metrics::histogram!(names::TASK_DURATION, "task_type" => p.task_type.clone())
-            .record(d.as_secs_f64());
-    }
-    match p.settlement {
-        Settlement::Poisoned => {
-            ::metrics::counter!(names::POISONED, "queue" => queue.to_owned()).increment(1)
-        }
-        Settlement::LeaseLost => ::metrics::counter!(names::LEASES_LOST).increment(1),
-        _ => {}
-    }
 }
 
 async fn process(
@@ -219,17 +238,23 @@ async fn process(
                 Retry::Permanent,
                 Duration::ZERO,
             );
-            let settlement = poison(target, &msg, &msg.pop_receipt, stats).await;
-            if settlement == Settlement::Poisoned {
-                let event = Event::from_outcome(
-                    salvage.task_id.as_deref().unwrap_or("unknown"),
-                    salvage.task_type.as_deref().unwrap_or("unknown"),
-                    salvage.client.as_deref().or(client),
-                    msg.dequeue_count,
-                    &outcome,
-                );
-                app.notify(salvage.webhook_url.as_ref(), &event).await;
-            }
+            let event = Event::from_outcome(
+                salvage.task_id.as_deref().unwrap_or("unknown"),
+                salvage.task_type.as_deref().unwrap_or("unknown"),
+                salvage.client.as_deref().or(client),
+                msg.dequeue_count,
+                &outcome,
+            );
+            let settlement = poison_and_report(
+                &app,
+                target,
+                &msg,
+                &msg.pop_receipt,
+                stats,
+                salvage.webhook_url.as_ref(),
+                &event,
+            )
+            .await;
             return Processed::new(settlement, Status::Failed, "unknown", None);
         }
     };
@@ -253,12 +278,17 @@ async fn process(
             msg.dequeue_count, settings.max_dequeue_count
         );
         tracing::error!(%error, "moving message to the poison queue before running it");
-        let settlement = poison(target, &msg, &msg.pop_receipt, stats).await;
-        if settlement == Settlement::Poisoned {
-            let outcome = Outcome::failed(error, Retry::Permanent, Duration::ZERO);
-            app.notify(task.webhook_url.as_ref(), &event_for(&outcome))
-                .await;
-        }
+        let outcome = Outcome::failed(error, Retry::Permanent, Duration::ZERO);
+        let settlement = poison_and_report(
+            &app,
+            target,
+            &msg,
+            &msg.pop_receipt,
+            stats,
+            task.webhook_url.as_ref(),
+            &event_for(&outcome),
+        )
+        .await;
         return Processed::new(settlement, Status::Failed, &task.task_type, None);
     }
 
@@ -283,8 +313,7 @@ async fn process(
     let outcome = app.run(task.clone(), msg.dequeue_count, &task_cancel).await;
     stop_renewal.cancel();
     let renewals = renewal.await.unwrap_or(0);
-    stats.renewals.fetch_add(renewals, Ordering::Relaxed);
-    ::metrics::counter!(names::RENEWALS).increment(renewals);
+    stats.renewed(renewals);
     let receipt = receipt.lock().await.clone();
 
     if lease_lost.is_cancelled() {
@@ -308,46 +337,49 @@ async fn process(
                 .await;
             s
         }
-        Status::Cancelled => release(target, &msg.id, &receipt).await,
-        Status::Failed if outcome.retry == Retry::Permanent => {
-            tracing::error!(
-                error = outcome.error.as_deref().unwrap_or_default(),
-                "permanent failure; moving message to the poison queue"
-            );
-            let s = poison(target, &msg, &receipt, stats).await;
-            if s == Settlement::Poisoned {
-                app.notify(task.webhook_url.as_ref(), &event_for(&outcome))
-                    .await;
-            }
-            s
+        Status::Cancelled => {
+            let why = "task cancelled by shutdown; message released for another worker";
+            release(target, &msg.id, &receipt, why).await
         }
-        Status::Failed | Status::TimedOut => {
-            if msg.dequeue_count >= settings.max_dequeue_count {
+        Status::Failed | Status::TimedOut
+            if outcome.retry == Retry::Permanent
+                || msg.dequeue_count >= settings.max_dequeue_count =>
+        {
+            if outcome.retry == Retry::Permanent {
+                tracing::error!(
+                    error = outcome.error.as_deref().unwrap_or_default(),
+                    "permanent failure; moving message to the poison queue"
+                );
+            } else {
                 tracing::error!(
                     attempts = msg.dequeue_count,
                     "last attempt failed; moving message to the poison queue"
                 );
-                let s = poison(target, &msg, &receipt, stats).await;
-                if s == Settlement::Poisoned {
-                    app.notify(task.webhook_url.as_ref(), &event_for(&outcome))
-                        .await;
+            }
+            poison_and_report(
+                &app,
+                target,
+                &msg,
+                &receipt,
+                stats,
+                task.webhook_url.as_ref(),
+                &event_for(&outcome),
+            )
+            .await
+        }
+        Status::Failed | Status::TimedOut => {
+            let delay = retry_delay(settings.retry_delay, msg.dequeue_count);
+            match settle_call(|| target.queue.update_visibility(&msg.id, &receipt, delay)).await {
+                Ok(_) => {
+                    tracing::info!(
+                        retry_in_s = delay.as_secs(),
+                        attempt = msg.dequeue_count,
+                        max = settings.max_dequeue_count,
+                        "task will be retried"
+                    );
+                    Settlement::Retried
                 }
-                s
-            } else {
-                let delay = retry_delay(settings.retry_delay, msg.dequeue_count);
-                match settle_call(|| target.queue.update_visibility(&msg.id, &receipt, delay)).await
-                {
-                    Ok(_) => {
-                        tracing::info!(
-                            retry_in_s = delay.as_secs(),
-                            attempt = msg.dequeue_count,
-                            max = settings.max_dequeue_count,
-                            "task will be retried"
-                        );
-                        Settlement::Retried
-                    }
-                    Err(e) => unsettled(&e, "schedule the retry"),
-                }
+                Err(e) => unsettled(&e, "schedule the retry"),
             }
         }
     };
@@ -439,10 +471,12 @@ async fn delete(target: &Target, id: &str, receipt: &str) -> Settlement {
     }
 }
 
-async fn release(target: &Target, id: &str, receipt: &str) -> Settlement {
+/// Makes a leased message visible again at once, for another worker; `why`
+/// is logged when that worked.
+async fn release(target: &Target, id: &str, receipt: &str, why: &str) -> Settlement {
     match settle_call(|| target.queue.update_visibility(id, receipt, Duration::ZERO)).await {
         Ok(_) => {
-            tracing::info!("task cancelled by shutdown; message released for another worker");
+            tracing::info!(queue = %target.queue.name(), message_id = %id, "{why}");
             Settlement::Released
         }
         Err(e) => unsettled(&e, "release the message"),
@@ -452,22 +486,29 @@ async fn release(target: &Target, id: &str, receipt: &str) -> Settlement {
 /// Hands back a message that was received but will not be started (it
 /// arrived after shutdown began): visible again at once, counted as released.
 pub async fn release_unstarted(target: &Target, msg: &Message, stats: &Stats) -> Settlement {
-    let settlement = match settle_call(|| {
-        target
-            .queue
-            .update_visibility(&msg.id, &msg.pop_receipt, Duration::ZERO)
-    })
-    .await
-    {
-        Ok(_) => {
-            tracing::info!(queue = %target.queue.name(), message_id = %msg.id,
-                "received while stopping; released without running it");
-            Settlement::Released
-        }
-        Err(e) => unsettled(&e, "release the message"),
-    };
+    let why = "received while stopping; released without running it";
+    let settlement = release(target, &msg.id, &msg.pop_receipt, why).await;
     if settlement == Settlement::Released {
         Stats::inc(&stats.released);
+    }
+    settlement
+}
+
+/// Poisons the message and, once it is in the poison queue, tells the
+/// backend (a message that could not be moved will be delivered again, and
+/// reported then).
+async fn poison_and_report(
+    app: &App,
+    target: &Target,
+    msg: &Message,
+    receipt: &str,
+    stats: &Stats,
+    webhook_url: Option<&url::Url>,
+    event: &Event,
+) -> Settlement {
+    let settlement = poison(target, msg, receipt, stats).await;
+    if settlement == Settlement::Poisoned {
+        app.notify(webhook_url, event).await;
     }
     settlement
 }
@@ -495,9 +536,7 @@ async fn poison(target: &Target, msg: &Message, receipt: &str, stats: &Stats) ->
             }
         }
         Err(e) => {
-            Stats::inc(&stats.queue_errors);
-            ::metrics::counter!(names::QUEUE_ERRORS, "queue" => target.poison.name().to_owned())
-                .increment(1);
+            stats.queue_error(target.poison.name());
             unsettled(&e, "copy the message to the poison queue")
         }
     }

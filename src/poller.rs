@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::consumer::{self, Processed, Settings, Stats, Target};
-use crate::exporter::{names, Health};
+use crate::exporter::Health;
 use crate::queue::QueueError;
 
 /// The first pause after an empty receive.
@@ -77,6 +77,11 @@ impl Summary {
             poisoned: Stats::get(&stats.poisoned),
             released: Stats::get(&stats.released),
         }
+    }
+
+    /// Attempts that ran to an outcome.
+    fn ran(&self) -> u64 {
+        self.succeeded + self.failed + self.timed_out
     }
 }
 
@@ -263,8 +268,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                Stats::inc(&stats.queue_errors);
-                ::metrics::counter!(names::QUEUE_ERRORS, "queue" => slot.target.queue.name().to_owned()).increment(1);
+                stats.queue_error(slot.target.queue.name());
                 slot.empty_at = None;
                 slot.error_backoff = grow(slot.error_backoff, MIN_POLL_INTERVAL, MAX_ERROR_BACKOFF);
                 slot.next_poll = Instant::now() + slot.error_backoff;
@@ -313,31 +317,27 @@ pub async fn run(
 
 /// Logs one line with the counters every `every`.
 async fn summary_loop(stats: Arc<Stats>, every: Duration, stop: CancellationToken) {
-    let mut last = (
-        Stats::get(&stats.succeeded) + Stats::get(&stats.failed) + Stats::get(&stats.timed_out),
-        Instant::now(),
-    );
+    let mut last = (Summary::of(&stats).ran(), Instant::now());
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        let done =
-            Stats::get(&stats.succeeded) + Stats::get(&stats.failed) + Stats::get(&stats.timed_out);
+        let now = Summary::of(&stats);
         let elapsed = last.1.elapsed().as_secs_f64().max(1e-3);
         tracing::info!(
-            received = Stats::get(&stats.received),
-            succeeded = Stats::get(&stats.succeeded),
-            failed = Stats::get(&stats.failed),
-            timed_out = Stats::get(&stats.timed_out),
-            retried = Stats::get(&stats.retried),
-            poisoned = Stats::get(&stats.poisoned),
+            received = now.received,
+            succeeded = now.succeeded,
+            failed = now.failed,
+            timed_out = now.timed_out,
+            retried = now.retried,
+            poisoned = now.poisoned,
             in_flight = stats.in_flight.load(Ordering::Relaxed),
             queue_errors = Stats::get(&stats.queue_errors),
-            rate_per_s = format!("{:.2}", (done - last.0) as f64 / elapsed),
+            rate_per_s = format!("{:.2}", (now.ran() - last.0) as f64 / elapsed),
             "summary"
         );
-        last = (done, Instant::now());
+        last = (now.ran(), Instant::now());
     }
 }
 
