@@ -315,9 +315,7 @@ impl Options {
             }
         }
     }
-}
 
-impl Options {
     /// Inconsistent timings that would make the consumer misbehave quietly;
     /// logged as warnings at start-up (svix-style invariant checks).
     pub fn timing_warnings(&self) -> Vec<String> {

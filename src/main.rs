@@ -93,36 +93,33 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Some(cmd @ (Command::Enqueue(_) | Command::Check | Command::Poison(_))) => {
-            telemetry::init(opts.log_format);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let ok = rt.block_on(worker::ops::run(cmd, &opts, &mut std::io::stdout()))?;
-            return Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
-        }
         _ => {}
     }
     telemetry::init(opts.log_format);
+    if let Some(cmd @ (Command::Enqueue(_) | Command::Check | Command::Poison(_))) = &cli.command {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let ok = rt.block_on(worker::ops::run(cmd, &opts, &mut std::io::stdout()))?;
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
 
     let task_data = std::env::var_os("TASK_DATA").map(OsStringExt::into_vec);
+    // `worker run` always runs one task; bare `worker` only in auto mode
+    // (WORKER_MODE=poll or job ignores a stray TASK_DATA).
     let single_input = match &cli.command {
         Some(Command::Run(args)) => Some(read_run_input(args, task_data)?),
-        None if task_data.is_some() => task_data,
+        None if opts.mode == Mode::Auto => task_data,
         _ => None,
     };
     let registry = build_registry(&opts)?;
     let notifier = Notifier::new(opts.egress(), opts.webhook_retry(), secret);
-    let app = App::new(registry, notifier, opts.task_timeout());
-
-    let app = Arc::new(app);
-    if let Some(raw) = single_input.filter(|_| {
-        !matches!(opts.mode, Mode::Job | Mode::Poll) || matches!(cli.command, Some(Command::Run(_)))
-    }) {
+    let app = Arc::new(App::new(registry, notifier, opts.task_timeout()));
+    if let Some(raw) = single_input {
         // One task needs no thread pool; a current-thread runtime starts faster
         // and keeps the container's memory small.
         let rt = tokio::runtime::Builder::new_current_thread()
