@@ -7,9 +7,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 
 use base64::Engine;
@@ -65,21 +65,46 @@ fn install_venv() -> PathBuf {
     python
 }
 
+/// A Standard Webhooks secret of 32 `byte`s.
+fn signing_secret(byte: u8) -> String {
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode([byte; 32])
+    )
+}
+
+/// `receiver.py` running, with the port it printed.
+struct PythonReceiver {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    port: u16,
+}
+
+impl PythonReceiver {
+    fn start(secret: &str) -> Self {
+        let mut child = Command::new(venv_python())
+            .arg(Path::new(FIXTURES).join("receiver.py"))
+            .arg(secret)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = lines.next().unwrap().unwrap().trim().parse().unwrap();
+        Self { child, lines, port }
+    }
+
+    /// The `VERIFIED …` or `REJECTED …` line for the one request it handles.
+    fn verdict(&mut self) -> String {
+        let line = self.lines.next().unwrap().unwrap();
+        let _ = self.child.wait();
+        line
+    }
+}
+
 #[test]
 fn official_python_library_verifies_the_signature() {
-    let python = venv_python();
-    let secret = format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode([7u8; 32])
-    );
-    let mut receiver = Command::new(python)
-        .arg(Path::new(FIXTURES).join("receiver.py"))
-        .arg(&secret)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
-    let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let secret = signing_secret(7);
+    let mut receiver = PythonReceiver::start(&secret);
 
     let out = Worker::new()
         .env("WORKER_WEBHOOK_SECRET", &secret)
@@ -88,12 +113,11 @@ fn official_python_library_verifies_the_signature() {
             "task_type": "echo",
             // Non-ASCII and escapes: the signed bytes must be exactly the body sent.
             "payload": {"text": "héllo \"wörld\" ✓", "n": 1.5},
-            "webhook_url": format!("http://127.0.0.1:{port}/hooks?x=1"),
+            "webhook_url": format!("http://127.0.0.1:{}/hooks?x=1", receiver.port),
         }))
         .run();
     out.assert_code(0);
-    let verdict = lines.next().unwrap().unwrap();
-    let _ = receiver.wait();
+    let verdict = receiver.verdict();
     let event: serde_json::Value = serde_json::from_str(
         verdict
             .strip_prefix("VERIFIED ")
@@ -106,32 +130,17 @@ fn official_python_library_verifies_the_signature() {
 
 #[test]
 fn official_python_library_rejects_a_different_secret() {
-    let python = venv_python();
-    let secret = format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode([7u8; 32])
-    );
-    let other = format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode([8u8; 32])
-    );
-    let mut receiver = Command::new(python)
-        .arg(Path::new(FIXTURES).join("receiver.py"))
-        .arg(&other)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
-    let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let secret = signing_secret(7);
+    let other = signing_secret(8);
+    let mut receiver = PythonReceiver::start(&other);
     let out = Worker::new()
         .env("WORKER_WEBHOOK_SECRET", &secret)
         .env("WORKER_WEBHOOK_MAX_ATTEMPTS", "1")
         .task(&json!({"task_id": "py-2", "task_type": "echo",
-                      "webhook_url": format!("http://127.0.0.1:{port}/")}))
+                      "webhook_url": format!("http://127.0.0.1:{}/", receiver.port)}))
         .run();
     // A rejected webhook never changes the task's outcome.
     out.assert_code(0);
-    let verdict = lines.next().unwrap().unwrap();
-    let _ = receiver.wait();
+    let verdict = receiver.verdict();
     assert!(verdict.starts_with("REJECTED"), "{verdict}");
 }
