@@ -267,3 +267,39 @@ async fn job_mode_refuses_several_clients() {
         out.describe()
     );
 }
+
+#[tokio::test]
+async fn a_missing_poison_queue_is_created_when_first_needed() {
+    // Job executions do not create queues up front (a round trip per task).
+    let az = Azurite::shared();
+    let c = Client::without_queues(az, "job-nopoison");
+    c.tasks.create_if_missing().await.unwrap();
+    let rx = Receiver::ok();
+    let text = c
+        .send_task(&task(
+            "j-nopoison",
+            "fail",
+            json!({"message": "never", "permanent": true}),
+            Some(&hook(&rx)),
+        ))
+        .await;
+    let out = c.worker().arg("job").run();
+    out.assert_code(1);
+    let e = rx.recv(ARRIVAL).expect("webhook").json();
+    assert_eq!(e["type"], "task.failed", "{e:#}");
+    assert_eq!(c.poisoned().await, [text], "{}", out.describe());
+    assert_eq!(c.count().await, 0);
+}
+
+#[tokio::test]
+async fn a_missing_tasks_queue_fails_and_names_the_setting() {
+    let az = Azurite::shared();
+    let c = Client::without_queues(az, "job-noqueue");
+    let out = c.worker().arg("job").run();
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains("does not exist") && out.stderr.contains("WORKER_CLIENT"),
+        "{}",
+        out.describe()
+    );
+}

@@ -21,12 +21,18 @@ pub struct Client {
 
 impl Client {
     pub async fn new(az: &Azurite, prefix: &str) -> Self {
+        let c = Self::without_queues(az, prefix);
+        c.tasks.create_if_missing().await.unwrap();
+        c.poison.create_if_missing().await.unwrap();
+        c
+    }
+
+    /// A client whose queues do not exist yet (create them as the test needs).
+    pub fn without_queues(az: &Azurite, prefix: &str) -> Self {
         let name = unique_name(prefix);
         let svc = az.service();
         let tasks = svc.queue(&format!("{name}-tasks")).unwrap();
         let poison = svc.queue(&format!("{name}-tasks-poison")).unwrap();
-        tasks.create_if_missing().await.unwrap();
-        poison.create_if_missing().await.unwrap();
         Self {
             name,
             tasks,
