@@ -79,9 +79,11 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Validate the configuration and reach every configured queue.
     Check,
-    /// Inspect or replay messages in <client>-tasks-poison.
+    /// Inspect or replay messages in <client>-tasks-poison (or, with --webhooks, <client>-webhooks-poison).
     #[command(subcommand)]
     Poison(PoisonCommand),
+    /// Deliver the webhooks waiting in <client>-webhooks (the outbox) until stopped.
+    Deliver(DeliverArgs),
     /// Print every environment variable the binary reads, as JSON lines.
     EnvVars,
 }
@@ -102,6 +104,13 @@ pub struct PollArgs {
     #[arg(long)]
     pub max_tasks: Option<u64>,
     /// Exit 0 once every queue is empty and nothing is in flight.
+    #[arg(long)]
+    pub exit_when_empty: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct DeliverArgs {
+    /// Exit 0 once no outbox entry is due and nothing is in flight.
     #[arg(long)]
     pub exit_when_empty: bool,
 }
@@ -132,13 +141,21 @@ pub struct EnqueueArgs {
 #[derive(Subcommand, Debug)]
 pub enum PoisonCommand {
     /// One line per poisoned message (peeks at most 32).
-    List,
-    /// Send poisoned messages back to <client>-tasks, then delete them from poison.
+    List(PoisonListArgs),
+    /// Send poisoned messages back to <client>-tasks (or the outbox), then delete them from poison.
     Replay(ReplayArgs),
 }
 
+#[derive(Args, Debug, Default)]
+pub struct PoisonListArgs {
+    /// Work on <client>-webhooks-poison (undeliverable webhooks) instead of <client>-tasks-poison.
+    #[arg(long)]
+    pub webhooks: bool,
+}
+
 #[derive(Args, Debug)]
-#[group(required = true, multiple = false)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["task_id", "message_id", "all"])))]
 pub struct ReplayArgs {
     #[arg(long)]
     pub task_id: Option<String>,
@@ -146,6 +163,9 @@ pub struct ReplayArgs {
     pub message_id: Option<String>,
     #[arg(long)]
     pub all: bool,
+    /// Replay undeliverable webhooks from <client>-webhooks-poison into the outbox, due at once.
+    #[arg(long)]
+    pub webhooks: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -202,6 +222,12 @@ pub struct Options {
     /// Seconds before the second webhook attempt; doubles each time (with jitter).
     #[arg(long, env = "WORKER_WEBHOOK_INITIAL_BACKOFF", default_value_t = 1.0, value_parser = positive_secs, global = true)]
     pub webhook_initial_backoff: f64,
+    /// Webhook requests in flight at once (one destination host gets at most half); tasks never wait for them.
+    #[arg(long, env = "WORKER_WEBHOOK_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..=4096), global = true)]
+    pub webhook_concurrency: u32,
+    /// Delays between the outbox's delivery attempts once the in-process attempts failed (s, m, h or d; each at most 7d).
+    #[arg(long, env = "WORKER_WEBHOOK_OUTBOX_SCHEDULE", default_value = DEFAULT_OUTBOX_SCHEDULE, value_parser = parse_schedule, global = true)]
+    pub webhook_outbox_schedule: Schedule,
 
     /// Which way in (see Modes below).
     #[arg(long, env = "WORKER_MODE", value_enum, default_value_t = Mode::Auto, global = true)]
@@ -260,6 +286,49 @@ pub struct Options {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// The outbox's retry delays, modelled on Standard Webhooks / svix: after
+/// the in-process attempts, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (about 28 h).
+pub const DEFAULT_OUTBOX_SCHEDULE: &str = "5m,30m,2h,5h,10h,10h";
+
+/// A list of delays, one per outbox attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+impl Schedule {
+    pub fn total(&self) -> Duration {
+        self.0.iter().sum()
+    }
+}
+
+/// `5m,30m,2h` (units s, m, h, d; a bare number is seconds), each 1 s to 7 days.
+pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let (num, unit) = match part.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => part.split_at(i),
+            None => (part, "s"),
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{part}` is not a delay like 30s, 5m, 2h or 1d"))?;
+        let unit_secs = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(format!("`{part}`: the unit must be s, m, h or d")),
+        };
+        let d = Duration::from_secs(n.saturating_mul(unit_secs));
+        if d.is_zero() || d > crate::queue::MAX_VISIBILITY {
+            return Err(format!(
+                "`{part}`: each delay must be between 1s and 7d (the longest a queue message can stay invisible)"
+            ));
+        }
+        out.push(d);
+    }
+    Ok(Schedule(out))
+}
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
@@ -300,6 +369,7 @@ impl Options {
             initial_backoff: Duration::from_secs_f64(self.webhook_initial_backoff),
             max_backoff: Duration::from_secs(30),
             timeout: Duration::from_secs_f64(self.webhook_timeout),
+            concurrency: self.webhook_concurrency as usize,
         }
     }
 
@@ -329,6 +399,13 @@ impl Options {
         }
         if self.max_dequeue_count == 1 {
             w.push("WORKER_MAX_DEQUEUE_COUNT=1: a failed task is never retried".into());
+        }
+        let outbox = self.webhook_outbox_schedule.total();
+        if outbox < Duration::from_secs(86_400) {
+            w.push(format!(
+                "WORKER_WEBHOOK_OUTBOX_SCHEDULE spans {}s in all, under a day: a backend that is away longer loses outcomes to <client>-webhooks-poison (replay them with `worker poison replay --webhooks`)",
+                outbox.as_secs()
+            ));
         }
         w
     }
@@ -445,6 +522,20 @@ mod tests {
             w.contains("WORKER_VISIBILITY_TIMEOUT=4s is short") && w.contains("never retried"),
             "{w}"
         );
+    }
+
+    #[test]
+    fn outbox_schedule_parses_and_is_bounded() {
+        let s = parse_schedule(DEFAULT_OUTBOX_SCHEDULE).unwrap();
+        assert_eq!(s.0.len(), 6);
+        assert!(s.total() >= Duration::from_secs(86_400), "{s:?}");
+        assert_eq!(
+            parse_schedule("1, 2s,1m").unwrap().0,
+            [1, 2, 60].map(Duration::from_secs)
+        );
+        for bad in ["", "0s", "8d", "5x", "m", "1,,2"] {
+            assert!(parse_schedule(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

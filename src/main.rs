@@ -137,6 +137,9 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             })
         });
     }
+    if let Some(Command::Deliver(_)) = &cli.command {
+        anyhow::bail!("`worker deliver` is not wired up yet");
+    }
     let job = matches!(cli.command, Some(Command::Job))
         || (cli.command.is_none() && opts.mode == Mode::Job);
     let poll_args = match cli.command {

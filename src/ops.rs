@@ -121,7 +121,7 @@ pub async fn run(command: &Command, opts: &Options, out: &mut dyn Write) -> Resu
     match command {
         Command::Enqueue(args) => enqueue(opts, args, out).await.map(|()| true),
         Command::Check => check(opts, out).await,
-        Command::Poison(PoisonCommand::List) => poison_list(opts, out).await.map(|()| true),
+        Command::Poison(PoisonCommand::List(_)) => poison_list(opts, out).await.map(|()| true),
         Command::Poison(PoisonCommand::Replay(args)) => poison_replay(opts, args, out).await,
         _ => Err(OpsError::Usage(
             "not a queue command (expected enqueue, check or poison)".into(),

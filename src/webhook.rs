@@ -69,6 +69,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Requests in flight at once, over all destinations.
+    pub concurrency: usize,
 }
 
 impl Default for RetryPolicy {
@@ -78,6 +80,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
+            concurrency: 256,
         }
     }
 }

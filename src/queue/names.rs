@@ -9,6 +9,8 @@
 pub const TASKS_SUFFIX: &str = "-tasks";
 /// Suffix of the queue that holds messages which failed too often.
 pub const POISON_SUFFIX: &str = "-poison";
+/// Suffix of a client's webhook outbox: outcomes whose delivery is pending.
+pub const WEBHOOKS_SUFFIX: &str = "-webhooks";
 
 const MIN_LEN: usize = 3;
 const MAX_LEN: usize = 63;
@@ -49,19 +51,19 @@ pub fn validate_queue_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The tasks queue of `client`: `<client>-tasks`. The poison queue
-/// `<client>-tasks-poison` must be valid too, so a client name is at most
-/// 50 characters long.
+/// The tasks queue of `client`: `<client>-tasks`. The outbox's poison queue
+/// `<client>-webhooks-poison` must be valid too, so a client name is at most
+/// 47 characters long.
 pub fn tasks_queue(client: &str) -> Result<String, String> {
     if client.is_empty() {
         return Err("client name is empty (set WORKER_CLIENT or --client)".into());
     }
     let queue = format!("{client}{TASKS_SUFFIX}");
-    let max_client = MAX_LEN - TASKS_SUFFIX.len() - POISON_SUFFIX.len();
+    let max_client = MAX_LEN - WEBHOOKS_SUFFIX.len() - POISON_SUFFIX.len();
     if client.chars().count() > max_client {
         return Err(format!(
             "client name `{client}` is too long: at most {max_client} characters, so that \
-             `<client>{TASKS_SUFFIX}{POISON_SUFFIX}` stays within Azure's {MAX_LEN}-character limit"
+             `<client>{WEBHOOKS_SUFFIX}{POISON_SUFFIX}` stays within Azure's {MAX_LEN}-character limit"
         ));
     }
     validate_queue_name(&queue)
@@ -69,6 +71,16 @@ pub fn tasks_queue(client: &str) -> Result<String, String> {
     validate_queue_name(&poison_queue(&queue))
         .map_err(|e| format!("client name `{client}` is not usable: {e}"))?;
     Ok(queue)
+}
+
+/// The webhook outbox of a client (or, with `WORKER_QUEUE_NAME` and no
+/// client, of that queue): `<owner>-webhooks`, checked with its poison queue.
+pub fn webhooks_queue(owner: &str) -> Result<String, String> {
+    let outbox = format!("{owner}{WEBHOOKS_SUFFIX}");
+    validate_queue_name(&poison_queue(&outbox)).map_err(|e| {
+        format!("the webhook outbox `{outbox}` (and its poison queue) is not a usable name: {e}")
+    })?;
+    Ok(outbox)
 }
 
 /// The poison queue that goes with `queue`: `<queue>-poison`.
@@ -113,15 +125,18 @@ mod tests {
         assert_eq!(poison_queue("acme-tasks"), "acme-tasks-poison");
         // A one-letter client still makes a valid (>= 3 characters) queue name.
         assert_eq!(tasks_queue("a").unwrap(), "a-tasks");
+        assert_eq!(webhooks_queue("acme").unwrap(), "acme-webhooks");
+        let e = webhooks_queue(&"q".repeat(50)).unwrap_err();
+        assert!(e.contains("outbox"), "{e}");
     }
 
     #[test]
     fn client_name_limits() {
-        let longest = "c".repeat(50);
-        let q = tasks_queue(&longest).unwrap();
-        assert_eq!(poison_queue(&q).len(), 63);
-        let e = tasks_queue(&"c".repeat(51)).unwrap_err();
-        assert!(e.contains("at most 50"), "{e}");
+        let longest = "c".repeat(47);
+        tasks_queue(&longest).unwrap();
+        assert_eq!(poison_queue(&webhooks_queue(&longest).unwrap()).len(), 63);
+        let e = tasks_queue(&"c".repeat(48)).unwrap_err();
+        assert!(e.contains("at most 47"), "{e}");
         let e = tasks_queue("Acme").unwrap_err();
         assert!(e.contains("lowercase"), "{e}");
         let e = tasks_queue("acme-").unwrap_err();
