@@ -5,18 +5,26 @@
 //! the operator the outcome. Invalid input still produces a `task.failed`
 //! webhook when a webhook URL can be read from it, so a backend never waits
 //! forever on a task it sent with a typo.
+//!
+//! A webhook the in-process attempts cannot deliver goes to the client's
+//! outbox (`<client>-webhooks`) when storage settings and `WORKER_CLIENT` are
+//! given, where `worker deliver` (or any polling worker) retries it for about
+//! a day under the same `webhook-id`. Without them the outcome is only in the
+//! log and on stdout. Either way the exit code is the task's own outcome.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use url::Url;
 
 use crate::app::App;
 use crate::execute::{Outcome, Status};
 use crate::handler::Retry;
+use crate::outbox::Outbox;
 use crate::task;
-use crate::webhook::Event;
+use crate::webhook::{count, results, Event};
 
 /// What single-task mode ended with.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,9 +33,15 @@ pub struct Report {
     pub succeeded: bool,
 }
 
-/// Decodes `raw`, runs it, notifies, and returns the report (also printed to
-/// stdout by `main`). `shutdown` cancels the running handler.
-pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
+/// Decodes `raw`, runs it, notifies (or hands the event to `outbox`), and
+/// returns the report (also printed to stdout by `main`). `shutdown` cancels
+/// the running handler and stops further webhook attempts.
+pub async fn run(
+    app: &App,
+    raw: &[u8],
+    outbox: Result<&Outbox, &str>,
+    shutdown: CancellationToken,
+) -> Report {
     let (task, encoding) = match task::decode(raw) {
         Ok(ok) => ok,
         Err(e) => {
@@ -42,7 +56,7 @@ pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
             );
             let event =
                 Event::from_outcome(&task_id, &task_type, salvage.client.as_deref(), 1, &outcome);
-            app.notify(salvage.webhook_url.as_ref(), &event).await;
+            report(app, salvage.webhook_url.as_ref(), &event, outbox, &shutdown).await;
             return Report {
                 event,
                 succeeded: false,
@@ -62,7 +76,7 @@ pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
             1,
             &outcome,
         );
-        app.notify(task.webhook_url.as_ref(), &event).await;
+        report(app, task.webhook_url.as_ref(), &event, outbox, &shutdown).await;
         Report {
             succeeded: outcome.status == Status::Succeeded,
             event,
@@ -70,4 +84,32 @@ pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
     }
     .instrument(span)
     .await
+}
+
+/// Delivers `event` to `url`, or keeps it in the outbox; logs what happened.
+async fn report(
+    app: &App,
+    url: Option<&Url>,
+    event: &Event,
+    outbox: Result<&Outbox, &str>,
+    shutdown: &CancellationToken,
+) {
+    let Some(url) = url else { return };
+    let Err(e) = app.notifier.notify(url, event, shutdown).await else {
+        return;
+    };
+    let outbox = match outbox {
+        Ok(o) => o,
+        Err(why) => {
+            count(results::DROPPED);
+            tracing::error!(webhook_id = %event.webhook_id(), error = %e, no_outbox = why,
+                "webhook not delivered and there is no outbox to keep it: the outcome is only in this log");
+            return;
+        }
+    };
+    if let Err(qe) = outbox.hand_over(url, event, &e).await {
+        count(results::DROPPED);
+        tracing::error!(webhook_id = %event.webhook_id(), outbox = %outbox.queue.name(), error = %qe,
+            "webhook not delivered and the outbox cannot be written: the outcome is only in this log");
+    }
 }
