@@ -653,15 +653,23 @@ fn logic_app_passes_the_message_text_as_task_data() {
 #[test]
 fn queue_names_follow_the_worker_convention() {
     // The binary documents its names with a <client> placeholder.
-    let help = format!("{}\n{}", binary_help(&[]), binary_help(&["poison"]));
-    assert!(
-        help.contains("<client>-tasks-poison"),
-        "`worker --help` no longer names <client>-tasks-poison:\n{help}"
+    let help = format!(
+        "{}\n{}\n{}",
+        binary_help(&[]),
+        binary_help(&["poison"]),
+        binary_help(&["poison", "list"])
     );
-    assert!(
-        help.contains("<client>-tasks"),
-        "`worker --help` no longer names <client>-tasks"
-    );
+    for name in [
+        "<client>-tasks",
+        "<client>-tasks-poison",
+        "<client>-webhooks",
+        "<client>-webhooks-poison",
+    ] {
+        assert!(
+            help.contains(name),
+            "`worker --help` no longer names {name}:\n{help}"
+        );
+    }
     let as_template = |s: &str| s.replace("<client>", "${client}");
     let tasks = as_template("<client>-tasks");
     let poison = as_template("<client>-tasks-poison");
@@ -675,6 +683,14 @@ fn queue_names_follow_the_worker_convention() {
         storage.var("poisonQueueName").template(),
         Some(poison.as_str())
     );
+    assert_eq!(
+        storage.var("webhooksQueueName").template(),
+        Some(as_template("<client>-webhooks").as_str())
+    );
+    assert_eq!(
+        storage.var("webhooksPoisonQueueName").template(),
+        Some(as_template("<client>-webhooks-poison").as_str())
+    );
     let queues: BTreeSet<String> = storage
         .resources_of("Microsoft.Storage/storageAccounts/queueServices/queues")
         .iter()
@@ -685,7 +701,16 @@ fn queue_names_follow_the_worker_convention() {
         .collect();
     assert_eq!(
         queues,
-        BTreeSet::from(["tasksQueueName".to_owned(), "poisonQueueName".to_owned()])
+        BTreeSet::from(
+            [
+                "tasksQueueName",
+                "poisonQueueName",
+                "webhooksQueueName",
+                "webhooksPoisonQueueName"
+            ]
+            .map(str::to_owned)
+        ),
+        "the deployment creates the task queues and the webhook outbox with its poison queue"
     );
 
     let logic = Bicep::load("infra/aci/logic-app-trigger.bicep");
