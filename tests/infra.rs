@@ -964,6 +964,15 @@ const WEBHOOK_MAX_BACKOFF_TEXT: &str = "capped at 30 s";
 /// 10 s each).
 const RECEIVE_AND_SETTLE_ALLOWANCE_SECS: i64 = 60;
 
+/// Most due outbox entries one job execution delivers after settling its
+/// task message (job mode); the outbox scale rule starts one execution per
+/// this many entries.
+const JOB_OUTBOX_BATCH: i64 = 32;
+
+/// Time for the outbox batch's queue calls beyond the deliveries themselves
+/// (one receive, then one delete or visibility update per entry).
+const OUTBOX_QUEUE_ALLOWANCE_SECS: i64 = 60;
+
 /// The worker warns about a lease shorter than this (config::timing_warnings).
 const SHORTEST_QUIET_VISIBILITY_SECS: i64 = 60;
 
@@ -1152,29 +1161,34 @@ fn container_apps_job_variables_are_read_by_the_binary_or_passed_to_handlers() {
 }
 
 #[test]
-fn container_apps_job_scales_on_the_client_tasks_queue() {
-    let help = binary_help(&[]);
-    assert!(
-        help.contains("<client>-tasks"),
-        "`worker --help` no longer names <client>-tasks"
-    );
+fn container_apps_job_scales_on_the_tasks_queue_and_the_webhook_outbox() {
+    let help = format!("{}\n{}", binary_help(&[]), binary_help(&["deliver"]));
+    for name in ["<client>-tasks", "<client>-webhooks"] {
+        assert!(
+            help.contains(name),
+            "`worker --help` no longer names {name}"
+        );
+    }
     let job = Job::load();
     assert_eq!(
         job.bicep.var("tasksQueueName").template(),
         Some("${client}-tasks"),
         "the scaler must watch the queue the worker consumes"
     );
+    assert_eq!(
+        job.bicep.var("webhooksQueueName").template(),
+        Some("${client}-webhooks"),
+        "the scaler must watch the outbox the worker drains"
+    );
 
     let scale = job
         .configuration()
         .at(&["eventTriggerConfig", "scale"])
         .clone();
-    let rules = scale.at(&["rules"]).items();
-    assert_eq!(rules.len(), 1, "one scale rule");
     assert_eq!(
-        rules[0],
-        Value::Expr(
-            "scalerAuth == 'identity' ? scaleRuleWithIdentity : scaleRuleWithConnectionString"
+        scale.at(&["rules"]),
+        &Value::Expr(
+            "scalerAuth == 'identity' ? scaleRulesWithIdentity : scaleRulesWithConnectionString"
                 .into()
         )
     );
@@ -1183,53 +1197,98 @@ fn container_apps_job_scales_on_the_client_tasks_queue() {
         Some("identity")
     );
 
-    let metadata = job.bicep.var("scaleRuleMetadata");
+    // Tasks: one execution per message; messages that running executions
+    // hold leased still count (the default strategy), because the scaler
+    // subtracts running executions.
+    let tasks = job.bicep.var("tasksRuleMetadata");
     assert_eq!(
-        metadata.get("queueName"),
+        tasks.get("queueName"),
         Some(&Value::Expr("tasksQueueName".into()))
     );
     assert_eq!(
-        metadata.get("queueLength").and_then(Value::literal),
+        tasks.get("queueLength").and_then(Value::literal),
         Some("1"),
         "one execution per message"
     );
-    // The scaler counts the queue of the account the worker reads.
-    assert_eq!(
-        metadata.get("accountName"),
-        Some(&job.env_value("AZURE_STORAGE_ACCOUNT"))
+    assert!(
+        tasks.get("queueLengthStrategy").is_none(),
+        "the tasks rule counts leased messages too"
     );
-
-    for rule in ["scaleRuleWithIdentity", "scaleRuleWithConnectionString"] {
-        let rule_body = job.bicep.var(rule);
+    // Outbox: one execution per batch an execution delivers, counting only
+    // entries that are due (an entry waits invisible for its next attempt).
+    let outbox = job.bicep.var("outboxRuleMetadata");
+    assert_eq!(
+        outbox.get("queueName"),
+        Some(&Value::Expr("webhooksQueueName".into()))
+    );
+    assert_eq!(
+        outbox.get("queueLength").and_then(Value::literal),
+        Some(JOB_OUTBOX_BATCH.to_string().as_str()),
+        "one execution per outbox batch"
+    );
+    assert_eq!(
+        outbox.get("queueLengthStrategy").and_then(Value::literal),
+        Some("visibleonly"),
+        "entries waiting for their next attempt must not start executions"
+    );
+    // Both count queues of the account the worker reads.
+    for metadata in [tasks, outbox] {
         assert_eq!(
-            rule_body.get("type").and_then(Value::literal),
-            Some("azure-queue"),
-            "{rule}"
-        );
-        assert_eq!(
-            rule_body.get("metadata"),
-            Some(&Value::Expr("scaleRuleMetadata".into())),
-            "{rule}"
+            metadata.get("accountName"),
+            Some(&job.env_value("AZURE_STORAGE_ACCOUNT"))
         );
     }
-    let with_identity = job.bicep.var("scaleRuleWithIdentity");
-    assert_eq!(
-        with_identity.get("identity"),
-        Some(&Value::Expr("identityId".into()))
-    );
-    assert!(with_identity.get("auth").is_none());
+
+    // The same two rules in both authentication variants.
+    let connection_auth = job.bicep.var("connectionStringAuth").items();
+    assert_eq!(connection_auth.len(), 1);
+    for variant in ["scaleRulesWithIdentity", "scaleRulesWithConnectionString"] {
+        let rules = job.bicep.var(variant).items();
+        let metadata: Vec<&Value> = rules.iter().map(|r| r.at(&["metadata"])).collect();
+        assert_eq!(
+            metadata,
+            [
+                &Value::Expr("tasksRuleMetadata".into()),
+                &Value::Expr("outboxRuleMetadata".into())
+            ],
+            "{variant}: one rule on the tasks queue, one on the outbox"
+        );
+        let names: BTreeSet<String> = rules
+            .iter()
+            .map(|r| job.resolve_literal(r.at(&["name"])))
+            .collect();
+        assert_eq!(names.len(), 2, "{variant}: rule names are distinct");
+        for rule in rules {
+            assert_eq!(
+                rule.get("type").and_then(Value::literal),
+                Some("azure-queue"),
+                "{variant}"
+            );
+            if variant == "scaleRulesWithIdentity" {
+                assert_eq!(
+                    rule.get("identity"),
+                    Some(&Value::Expr("identityId".into()))
+                );
+                assert!(rule.get("auth").is_none());
+            } else {
+                assert!(rule.get("identity").is_none());
+                assert_eq!(
+                    rule.get("auth"),
+                    Some(&Value::Expr("connectionStringAuth".into()))
+                );
+            }
+        }
+    }
 
     // The fallback reads the connection string from the vault entry of
     // AZURE_STORAGE_CONNECTION_STRING, through a job secret.
-    let with_secret = job.bicep.var("scaleRuleWithConnectionString");
-    assert!(with_secret.get("identity").is_none());
-    let auth = with_secret.at(&["auth"]).items();
-    assert_eq!(auth.len(), 1);
     assert_eq!(
-        auth[0].get("triggerParameter").and_then(Value::literal),
+        connection_auth[0]
+            .get("triggerParameter")
+            .and_then(Value::literal),
         Some("connection")
     );
-    let secret_name = job.resolve_literal(auth[0].at(&["secretRef"]));
+    let secret_name = job.resolve_literal(connection_auth[0].at(&["secretRef"]));
     let secrets = job.secrets();
     let secret = secrets
         .get(&secret_name)
@@ -1270,7 +1329,8 @@ fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
 
     // replicaTimeout = taskTimeoutSeconds + settleMarginSeconds, with the
     // margin's lower bound covering a webhook delivered with every retry
-    // (binary defaults, which the job does not override) plus the queue calls.
+    // (binary defaults, which the job does not override), the queue calls,
+    // and one batch of outbox deliveries.
     assert_eq!(
         config.at(&["replicaTimeout"]),
         &Value::Expr("replicaTimeoutSeconds".into())
@@ -1294,6 +1354,7 @@ fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
         "WORKER_WEBHOOK_MAX_ATTEMPTS",
         "WORKER_WEBHOOK_TIMEOUT",
         "WORKER_WEBHOOK_INITIAL_BACKOFF",
+        "WORKER_WEBHOOK_CONCURRENCY",
     ] {
         assert!(
             !env_names.contains(webhook_var),
@@ -1309,13 +1370,22 @@ fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
     let attempts = default_of("WORKER_WEBHOOK_MAX_ATTEMPTS");
     let webhook_worst = attempts * default_of("WORKER_WEBHOOK_TIMEOUT")
         + (attempts - 1.0) * WEBHOOK_MAX_BACKOFF_SECS as f64;
-    let needed = webhook_worst + RECEIVE_AND_SETTLE_ALLOWANCE_SECS as f64;
+    // Then one outbox batch: one attempt per entry, each bounded by the
+    // webhook timeout, run concurrently with at most half the concurrency
+    // on one host (all entries may share a host).
+    let per_host = (default_of("WORKER_WEBHOOK_CONCURRENCY") / 2.0)
+        .floor()
+        .max(1.0);
+    let outbox_rounds = (JOB_OUTBOX_BATCH as f64 / per_host).ceil();
+    let outbox_worst =
+        outbox_rounds * default_of("WORKER_WEBHOOK_TIMEOUT") + OUTBOX_QUEUE_ALLOWANCE_SECS as f64;
+    let needed = webhook_worst + RECEIVE_AND_SETTLE_ALLOWANCE_SECS as f64 + outbox_worst;
     for file in [JOB_TEMPLATE, JOB_MAIN] {
         let bicep = Bicep::load(file);
         let min_margin = bicep.param_min("settleMarginSeconds");
         assert!(
             min_margin as f64 >= needed,
-            "{file}: settleMarginSeconds may be {min_margin} s, but a webhook with every retry plus settlement needs {needed} s"
+            "{file}: settleMarginSeconds may be {min_margin} s, but a webhook with every retry plus settlement plus an outbox batch needs {needed} s"
         );
         assert!(bicep.param_int_default("settleMarginSeconds") >= min_margin);
         assert!(bicep.param_min("taskTimeoutSeconds") >= 1);
