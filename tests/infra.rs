@@ -537,15 +537,45 @@ fn container_env_entries() -> Vec<EnvEntry> {
     entries
 }
 
-/// The workflow definition of the queue-triggered Logic App.
-fn trigger_definition() -> Value {
+/// The definition of the workflow declared as `symbol` in logic-app-trigger.bicep.
+fn workflow_definition(symbol: &str) -> Value {
     let bicep = Bicep::load("infra/aci/logic-app-trigger.bicep");
     let workflows = bicep.resources_of("Microsoft.Logic/workflows");
-    let trigger = workflows
+    let workflow = workflows
         .iter()
-        .find(|w| w.symbol == "trigger")
-        .expect("workflow `trigger` in logic-app-trigger.bicep");
-    trigger.body.at(&["properties", "definition"]).clone()
+        .find(|w| w.symbol == symbol)
+        .unwrap_or_else(|| panic!("workflow `{symbol}` in logic-app-trigger.bicep"));
+    workflow.body.at(&["properties", "definition"]).clone()
+}
+
+/// The workflow definition of the queue-triggered Logic App.
+fn trigger_definition() -> Value {
+    workflow_definition("trigger")
+}
+
+/// Name -> `value` or `secureValue` of each environment variable in a list.
+fn env_map(list: &Value) -> BTreeMap<String, Value> {
+    list.items()
+        .iter()
+        .map(|item| {
+            let name = item
+                .get("name")
+                .and_then(Value::literal)
+                .unwrap_or_else(|| panic!("env entry without literal name: {item:?}"));
+            let value = item
+                .get("value")
+                .or_else(|| item.get("secureValue"))
+                .unwrap_or_else(|| panic!("{name} has no value"));
+            (name.to_owned(), value.clone())
+        })
+        .collect()
+}
+
+/// The one container of a group body's `properties`.
+fn only_container(properties: &Value) -> &Value {
+    let containers = properties.at(&["containers"]).items();
+    assert_eq!(containers.len(), 1, "one container per group");
+    &containers[0]
 }
 
 /// `entryNames` in keyvault.bicep: environment variable -> Key Vault entry name.
@@ -794,6 +824,10 @@ fn restart_policy_sizes_and_timeout_are_the_documented_defaults() {
             .action("Create_group")
             .at(&["inputs", "body", "properties"])
             .clone(),
+        workflow_definition("deliver")
+            .action("Create_deliver_group")
+            .at(&["inputs", "body", "properties"])
+            .clone(),
     ];
     for properties in &created {
         assert_eq!(
@@ -880,44 +914,43 @@ fn key_vault_entry_names_map_environment_variables() {
         &Value::Expr("keyVault.outputs.entryNames".into())
     );
 
-    // The Logic App reads each secure variable from the entry of the same name.
-    let definition = trigger_definition();
-    let entries = container_env_entries();
-    let mut fetched = 0;
-    for entry in entries
-        .iter()
-        .filter(|e| e.file == "infra/aci/logic-app-trigger.bicep")
-    {
-        let Some(secure) = &entry.secure_value else {
-            continue;
-        };
-        let action = format!("Get_{}", entry.name);
-        assert_eq!(
-            secure.literal(),
-            Some(format!("@{{body('{action}')?['value']}}").as_str()),
-            "{} must come from action {action}",
-            entry.name
-        );
-        let uri = definition
-            .action(&action)
-            .at(&["inputs", "uri"])
-            .template()
-            .expect("uri")
-            .to_owned();
-        assert!(
-            uri.contains(&format!("secrets/${{vaultEntryNames.{}}}?", entry.name)),
-            "{action} reads {uri}"
-        );
-        assert!(
-            names.contains_key(&entry.name),
-            "{} has no vault entry",
-            entry.name
-        );
-        fetched += 1;
+    // Each workflow that creates groups reads each secure variable from the
+    // entry of the same name, with an action of its own.
+    for workflow in ["trigger", "deliver"] {
+        let definition = workflow_definition(workflow);
+        let mut lists = Vec::new();
+        definition.find_all("environmentVariables", &mut lists);
+        assert!(!lists.is_empty(), "workflow {workflow} creates no group");
+        let mut fetched = 0;
+        for item in lists.iter().flat_map(|l| l.items()) {
+            let name = item.at(&["name"]).literal().expect("literal name");
+            let Some(secure) = item.get("secureValue") else {
+                continue;
+            };
+            let action = format!("Get_{name}");
+            assert_eq!(
+                secure.literal(),
+                Some(format!("@{{body('{action}')?['value']}}").as_str()),
+                "{workflow}: {name} must come from action {action}"
+            );
+            let uri = definition
+                .action(&action)
+                .at(&["inputs", "uri"])
+                .template()
+                .expect("uri")
+                .to_owned();
+            assert!(
+                uri.contains(&format!("secrets/${{vaultEntryNames.{name}}}?")),
+                "{workflow}: {action} reads {uri}"
+            );
+            assert!(names.contains_key(name), "{name} has no vault entry");
+            fetched += 1;
+        }
+        assert!(fetched >= 1, "workflow {workflow} fetches no secret at all");
     }
-    assert!(fetched >= 1, "the Logic App fetches no secret at all");
 
     // The manual template reads the same entries for the same variables.
+    let entries = container_env_entries();
     let manual = Bicep::load("infra/aci/worker-container.bicep");
     let params = manual
         .module("../modules/container-group.bicep")
@@ -944,6 +977,427 @@ fn key_vault_entry_names_map_environment_variables() {
     assert!(
         checked >= 1,
         "worker-container.bicep reads no secret from the vault"
+    );
+}
+
+/// What the task containers need to write an undelivered webhook to the
+/// outbox themselves: the client, the storage account and the client id of
+/// their user-assigned identity (Entra ID; no storage key in a task group).
+const OUTBOX_WRITER_ENV: &[(&str, &str)] = &[
+    ("WORKER_CLIENT", "client"),
+    ("AZURE_STORAGE_ACCOUNT", "storageAccountName"),
+    ("AZURE_CLIENT_ID", "identityClientId"),
+];
+
+/// The image's entrypoint (Dockerfile); ACI's `command` replaces it.
+const IMAGE_BINARY: &str = "/usr/local/bin/worker";
+
+#[test]
+fn task_containers_can_write_the_webhook_outbox() {
+    let binary = binary_env_vars();
+    for (var, _) in OUTBOX_WRITER_ENV {
+        assert!(
+            binary.get(*var).is_some_and(|v| !v.secret),
+            "`worker env-vars` lists no plain {var}"
+        );
+    }
+    let group = Bicep::load("infra/modules/container-group.bicep");
+    let groups = group.resources_of("Microsoft.ContainerInstance/containerGroups");
+    let bodies = [
+        (
+            "infra/modules/container-group.bicep",
+            groups[0].body.clone(),
+        ),
+        (
+            "infra/aci/logic-app-trigger.bicep Create_group",
+            trigger_definition()
+                .action("Create_group")
+                .at(&["inputs", "body"])
+                .clone(),
+        ),
+    ];
+    for (what, body) in &bodies {
+        let env = env_map(
+            only_container(body.at(&["properties"])).at(&["properties", "environmentVariables"]),
+        );
+        for (var, expr) in OUTBOX_WRITER_ENV {
+            assert_eq!(
+                env.get(*var),
+                Some(&Value::Expr((*expr).into())),
+                "{what}: {var} must be `{expr}`"
+            );
+        }
+        for absent in [
+            "AZURE_STORAGE_CONNECTION_STRING",
+            "AZURE_STORAGE_QUEUE_ENDPOINT",
+        ] {
+            assert!(
+                !env.contains_key(absent),
+                "{what}: the container reaches the outbox with its identity; {absent} must not be set"
+            );
+        }
+        // AZURE_CLIENT_ID selects the identity the group carries.
+        let identity = body.at(&["identity"]);
+        assert_eq!(identity.at(&["type"]).literal(), Some("UserAssigned"));
+        assert!(
+            identity
+                .at(&["userAssignedIdentities"])
+                .get("${identityId}")
+                .is_some(),
+            "{what}: the group carries the worker identity"
+        );
+    }
+    for param in ["identityClientId", "client", "storageAccountName"] {
+        assert!(
+            group.params.contains_key(param),
+            "container-group.bicep: no `{param}`"
+        );
+    }
+
+    // The manual template fills them from the same identity and account.
+    let manual = Bicep::load("infra/aci/worker-container.bicep");
+    let params = manual
+        .module("../modules/container-group.bicep")
+        .body
+        .at(&["params"]);
+    for (param, expr) in [
+        ("identityClientId", "identity.properties.clientId"),
+        ("identityId", "identity.id"),
+        ("client", "client"),
+        ("storageAccountName", "storageAccountName"),
+    ] {
+        assert_eq!(
+            params.get(param),
+            Some(&Value::Expr(expr.into())),
+            "worker-container.bicep passes {param}"
+        );
+    }
+
+    // main.bicep: the identity's client id and the account reach the Logic
+    // App, and the identity may write (and create) the outbox queues.
+    let main = Bicep::load("infra/aci/main.bicep");
+    let logic = main.module("logic-app-trigger.bicep").body.at(&["params"]);
+    for (param, expr) in [
+        ("identityClientId", "identity.outputs.clientId"),
+        ("identityId", "identity.outputs.id"),
+        ("storageAccountName", "storage.outputs.accountName"),
+    ] {
+        assert_eq!(
+            logic.get(param),
+            Some(&Value::Expr(expr.into())),
+            "main.bicep passes {param} to the Logic App"
+        );
+    }
+    let granted = main
+        .module("../modules/storage.bicep")
+        .body
+        .at(&["params", "queueDataContributorPrincipalIds"])
+        .items();
+    assert!(
+        granted.contains(&Value::Expr("identity.outputs.principalId".into())),
+        "the worker identity needs Storage Queue Data Contributor to write the outbox"
+    );
+}
+
+#[test]
+fn deliver_workflow_peeks_the_outbox_and_starts_worker_deliver() {
+    let help = binary_help(&["deliver"]);
+    assert!(
+        help.contains("<client>-webhooks") && help.contains("--exit-when-empty"),
+        "`worker deliver --help` no longer offers --exit-when-empty on <client>-webhooks:\n{help}"
+    );
+    let logic = Bicep::load("infra/aci/logic-app-trigger.bicep");
+    assert_eq!(
+        logic.var("webhooksQueueName").template(),
+        Some("${client}-webhooks")
+    );
+    let definition = workflow_definition("deliver");
+
+    // A recurrence, never two runs at once.
+    let triggers = match definition.at(&["triggers"]) {
+        Value::Object(t) => t.clone(),
+        other => panic!("triggers: {other:?}"),
+    };
+    assert_eq!(triggers.len(), 1);
+    let trigger = &triggers[0].1;
+    assert_eq!(trigger.at(&["type"]).literal(), Some("Recurrence"));
+    assert_eq!(
+        trigger.at(&["recurrence", "interval"]),
+        &Value::Expr("deliverIntervalMinutes".into())
+    );
+    assert_eq!(
+        trigger.at(&["recurrence", "frequency"]).literal(),
+        Some("Minute")
+    );
+    assert_eq!(
+        trigger.at(&["runtimeConfiguration", "concurrency", "runs"]),
+        &Value::Num(1)
+    );
+    assert!(logic.param_min("deliverIntervalMinutes") >= 1);
+
+    // Peek (no dequeue, no visibility change) at one visible entry of the
+    // outbox, with the workflow identity.
+    let peek = definition.action("Peek_outbox");
+    assert_eq!(peek.at(&["type"]).literal(), Some("Http"));
+    assert_eq!(peek.at(&["inputs", "method"]).literal(), Some("GET"));
+    assert_eq!(
+        peek.at(&["inputs", "uri"]).template(),
+        Some(
+            "${storage.properties.primaryEndpoints.queue}${webhooksQueueName}/messages?peekonly=true&numofmessages=1"
+        )
+    );
+    assert_eq!(
+        peek.at(&["inputs", "headers", "x-ms-version"]),
+        &Value::Expr("queueApiVersion".into())
+    );
+    let version = logic
+        .var("queueApiVersion")
+        .literal()
+        .expect("literal version");
+    assert!(
+        version.len() == 10 && version.as_bytes()[4] == b'-',
+        "x-ms-version {version} is a yyyy-mm-dd date"
+    );
+    assert_eq!(
+        peek.at(&["inputs", "authentication"]),
+        &Value::Expr("storageAuth".into())
+    );
+    let auth = logic.var("storageAuth");
+    assert_eq!(auth.at(&["type"]).literal(), Some("ManagedServiceIdentity"));
+    assert_eq!(
+        auth.at(&["audience"]).literal(),
+        Some("https://storage.azure.com/")
+    );
+
+    // 200 with a message: due; 404: the outbox does not exist, nothing to do;
+    // anything else fails the run.
+    let route = definition.action("Route_peek");
+    assert!(route
+        .at(&["runAfter", "Peek_outbox"])
+        .items()
+        .contains(&Value::Str {
+            text: "Failed".into(),
+            interpolated: false
+        }));
+    let cases = match route.at(&["cases"]) {
+        Value::Object(c) => c.clone(),
+        other => panic!("cases: {other:?}"),
+    };
+    let case = |code: i64| {
+        cases
+            .iter()
+            .map(|(_, c)| c)
+            .find(|c| c.at(&["case"]) == &Value::Num(code))
+            .unwrap_or_else(|| panic!("Route_peek has no case {code}"))
+    };
+    let mut marks = Vec::new();
+    case(200).find_all("Mark_due", &mut marks);
+    assert_eq!(marks.len(), 1, "a peeked message marks the outbox due");
+    let peeked = format!("{:?}", case(200));
+    assert!(
+        peeked.contains("count(/QueueMessagesList/QueueMessage)"),
+        "the 200 case counts peeked messages"
+    );
+    assert_eq!(
+        case(404).at(&["actions"]),
+        &Value::Object(Vec::new()),
+        "a missing outbox means nothing to deliver"
+    );
+    let mut fails = Vec::new();
+    route.at(&["default"]).find_all("runStatus", &mut fails);
+    assert_eq!(fails.len(), 1, "an unreadable outbox fails the run");
+
+    // The group: same image, identity, registry credentials and size as a
+    // task group, restart policy Never, running `worker deliver --exit-when-empty`.
+    assert_eq!(
+        logic.var("deliverGroupName").template(),
+        Some("${client}-webhooks-deliver")
+    );
+    let create = definition.action("Create_deliver_group");
+    assert_eq!(create.at(&["inputs", "method"]).literal(), Some("PUT"));
+    assert!(create
+        .at(&["inputs", "uri"])
+        .template()
+        .is_some_and(|u| u.contains("/${deliverGroupName}?")));
+    let deliver_body = create.at(&["inputs", "body"]);
+    let task_body = trigger_definition()
+        .action("Create_group")
+        .at(&["inputs", "body"])
+        .clone();
+    for key in ["location", "identity"] {
+        assert_eq!(deliver_body.at(&[key]), task_body.at(&[key]), "{key}");
+    }
+    for key in [
+        "osType",
+        "sku",
+        "restartPolicy",
+        "imageRegistryCredentials",
+        "diagnostics",
+    ] {
+        assert_eq!(
+            deliver_body.at(&["properties", key]),
+            task_body.at(&["properties", key]),
+            "properties.{key}"
+        );
+    }
+    let deliver_container = only_container(deliver_body.at(&["properties"]));
+    let task_container = only_container(task_body.at(&["properties"]));
+    for key in ["image", "resources"] {
+        assert_eq!(
+            deliver_container.at(&["properties", key]),
+            task_container.at(&["properties", key]),
+            "container {key}"
+        );
+    }
+    let command: Vec<&str> = deliver_container
+        .at(&["properties", "command"])
+        .items()
+        .iter()
+        .map(|c| c.literal().expect("literal command"))
+        .collect();
+    assert_eq!(command, [IMAGE_BINARY, "deliver", "--exit-when-empty"]);
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+            .expect("Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("ENTRYPOINT [\"{IMAGE_BINARY}\"]")),
+        "the image's binary is no longer {IMAGE_BINARY}"
+    );
+
+    // Its environment is the task group's without the task: the same client,
+    // account, identity and webhook settings, and the signing secret.
+    let deliver_env = env_map(deliver_container.at(&["properties", "environmentVariables"]));
+    let task_env = env_map(task_container.at(&["properties", "environmentVariables"]));
+    assert!(!deliver_env.contains_key("TASK_DATA"));
+    for (name, value) in &deliver_env {
+        assert_eq!(
+            task_env.get(name),
+            Some(value),
+            "the deliver group sets {name} as the task groups do"
+        );
+    }
+    for name in task_env.keys() {
+        let needed = name.starts_with("WORKER_WEBHOOK_")
+            || OUTBOX_WRITER_ENV.iter().any(|(v, _)| v == name)
+            || name == "WORKER_LOG_FORMAT";
+        if needed {
+            assert!(
+                deliver_env.contains_key(name),
+                "the deliver group lacks {name}"
+            );
+        }
+    }
+    assert!(deliver_env.contains_key("WORKER_WEBHOOK_SECRET"));
+
+    // Secrets stay out of the run history; tags let the cleanup workflow
+    // find the group, and mark it as the deliver group.
+    assert_eq!(
+        create.at(&["runtimeConfiguration"]),
+        &Value::Expr("secureInputsAndOutputs".into())
+    );
+    let tags = create.at(&["inputs", "body", "tags"]).clone();
+    let Value::Expr(tags) = tags else {
+        panic!("tags are not union(workerTags, ...): {tags:?}")
+    };
+    assert!(
+        tags.starts_with("union(workerTags,") && tags.contains("'worker-role': 'deliver'"),
+        "deliver group tags: {tags}"
+    );
+    let worker_tags = logic.var("workerTags");
+    assert_eq!(
+        worker_tags.at(&["managed-by"]).literal(),
+        Some("worker-task")
+    );
+    let cleanup_filter = workflow_definition("cleanup")
+        .action("Worker_groups")
+        .at(&["inputs", "where"])
+        .template()
+        .expect("where")
+        .to_owned();
+    assert!(
+        cleanup_filter.contains("'managed-by'], 'worker-task')")
+            && cleanup_filter.contains("'worker-client'], '${client}')"),
+        "the cleanup workflow no longer selects groups tagged like the deliver group: {cleanup_filter}"
+    );
+
+    // A finished deliver group is deleted before the next one starts, and
+    // only a group tagged as the deliver group.
+    let delete = definition.action("Delete_finished_deliver_group");
+    assert_eq!(delete.at(&["inputs", "method"]).literal(), Some("DELETE"));
+    assert!(format!("{:?}", definition.action("Is_deliver_group")).contains("worker-role"));
+
+    // Roles of the deliver workflow: the launcher role, read access to the
+    // outbox queue only, and the webhook secret only.
+    let assignments: Vec<&Resource> = logic
+        .resources_of("Microsoft.Authorization/roleAssignments")
+        .into_iter()
+        .filter(|r| {
+            r.body.at(&["properties", "principalId"])
+                == &Value::Expr("deliver.identity.principalId".into())
+        })
+        .collect();
+    let grants: BTreeSet<(String, String)> = assignments
+        .iter()
+        .map(|r| {
+            let scope = match r.body.get("scope") {
+                Some(Value::Expr(s)) => s.clone(),
+                None => "resourceGroup".into(),
+                other => panic!("scope {other:?}"),
+            };
+            let role = match r.body.at(&["properties", "roleDefinitionId"]) {
+                Value::Expr(e) => e.clone(),
+                other => panic!("role {other:?}"),
+            };
+            (scope, role)
+        })
+        .collect();
+    let by_id = |var: &str| {
+        format!("subscriptionResourceId('Microsoft.Authorization/roleDefinitions', {var})")
+    };
+    assert_eq!(
+        grants,
+        BTreeSet::from([
+            ("resourceGroup".to_owned(), "launcherRole.id".to_owned()),
+            ("outboxQueue".to_owned(), by_id("queueDataReaderRoleId")),
+            ("webhookSecretEntry".to_owned(), by_id("secretsUserRoleId")),
+        ])
+    );
+    // Storage Queue Data Reader (read and peek messages).
+    assert_eq!(
+        logic.var("queueDataReaderRoleId").literal(),
+        Some("19e7f393-937e-4f77-808e-94535e297925")
+    );
+    let outbox = logic
+        .resources
+        .iter()
+        .find(|r| r.symbol == "outboxQueue")
+        .expect("resource outboxQueue");
+    assert!(outbox.existing);
+    assert_eq!(
+        outbox.body.get("name"),
+        Some(&Value::Expr("webhooksQueueName".into()))
+    );
+    let secret = logic
+        .resources
+        .iter()
+        .find(|r| r.symbol == "webhookSecretEntry")
+        .expect("resource webhookSecretEntry");
+    assert_eq!(
+        secret.body.get("name"),
+        Some(&Value::Expr("vaultEntryNames.WORKER_WEBHOOK_SECRET".into()))
+    );
+
+    // main.bicep wires the interval through.
+    let main = Bicep::load("infra/aci/main.bicep");
+    assert_eq!(
+        main.module("logic-app-trigger.bicep")
+            .body
+            .at(&["params", "deliverIntervalMinutes"]),
+        &Value::Expr("deliverIntervalMinutes".into())
+    );
+    assert_eq!(
+        main.param_int_default("deliverIntervalMinutes"),
+        logic.param_int_default("deliverIntervalMinutes")
     );
 }
 
