@@ -9,16 +9,24 @@
 //!   binary reads, or a documented handler pass-through variable;
 //! - secrets travel as `secureValue`, never as a plain `value`;
 //! - the Logic App hands the queue message text to the container as `TASK_DATA`;
-//! - queue names follow the binary's `<client>-tasks` / `<client>-tasks-poison`;
+//! - queue names follow the binary's `<client>-tasks` / `<client>-tasks-poison`
+//!   and `<client>-webhooks` / `<client>-webhooks-poison`, and no template
+//!   accepts a client name longer than the binary does;
+//! - task container groups get what single-task mode needs to write the webhook
+//!   outbox (client, storage account, identity client id), and the drain
+//!   workflow peeks `<client>-webhooks` and starts `worker deliver
+//!   --exit-when-empty` in a group shaped like a task group;
 //! - restart policy, CPU, memory and task timeout defaults are the documented ones;
 //! - the Key Vault entry names map one-to-one onto environment variable names,
 //!   in the vault, in the Logic App and in the manual test template;
 //! - the Container Apps job runs `WORKER_MODE=job` with managed-identity queue
-//!   auth, scales on `<client>-tasks`, takes secrets only as Key Vault
+//!   auth, scales on `<client>-tasks` and on the due entries of
+//!   `<client>-webhooks`, takes secrets only as Key Vault
 //!   references named by the vault module, leaves retries to the queue
 //!   (`replicaRetryLimit` 0, `parallelism` 1), and stops a replica only after
 //!   the worker's own task timeout plus a margin that covers a webhook with
-//!   all its retries (checkov cannot compare the two expressions; this can).
+//!   all its retries and one outbox batch (checkov cannot compare the two
+//!   expressions; this can).
 
 // A panic with a message is how every function here reports a template that
 // does not match; functions outside #[test] fns are test code all the same.
@@ -1399,6 +1407,44 @@ fn deliver_workflow_peeks_the_outbox_and_starts_worker_deliver() {
         main.param_int_default("deliverIntervalMinutes"),
         logic.param_int_default("deliverIntervalMinutes")
     );
+}
+
+#[test]
+fn client_names_fit_the_binarys_limit() {
+    // The binary names its limit when a client name is too long.
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(["--client", &"c".repeat(64), "check"])
+        .output()
+        .expect("run `worker check`");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let limit: i64 = text
+        .split("at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("`worker check` does not state the client name limit:\n{text}"));
+    assert!(limit >= 2, "limit {limit}");
+    for file in FILES {
+        let bicep = Bicep::load(file);
+        if !bicep.params.contains_key("client") {
+            continue;
+        }
+        let max = match bicep
+            .param_decorators
+            .get("client")
+            .and_then(|d| d.get("maxLength"))
+        {
+            Some(Value::Num(n)) => *n,
+            other => panic!("{file}: param `client` has no numeric @maxLength ({other:?})"),
+        };
+        assert!(
+            max <= limit,
+            "{file}: client may be {max} characters, the binary accepts at most {limit}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
