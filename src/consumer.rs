@@ -74,6 +74,8 @@ pub struct Processed {
     pub task_type: String,
     /// Handler run time, when the handler ran.
     pub duration: Option<Duration>,
+    /// The outcome reported to the backend, when there was one to report.
+    pub event: Option<Event>,
 }
 
 /// Counters shared by the poller, job mode, the summary line and metrics.
@@ -312,6 +314,7 @@ async fn process(
             status: Some(step.status),
             task_type: step.task_type.clone(),
             duration: step.duration,
+            event: step.event.clone(),
         }
     };
     if lease.is_lost() {

@@ -5,10 +5,12 @@
 //! never) would otherwise fill every delivery slot and delay every other
 //! client's outcomes. [`HostGate`] holds one permit per request *in flight*
 //! (never across a backoff sleep), at most `total` over all hosts and at most
-//! half of them for any one host. A lone host can therefore use half the
-//! slots while nobody else is waiting, and a tarpit host leaves the other
-//! half to everyone else. Waiters are served first come, first served
-//! (tokio's semaphores are fair), so no host is starved.
+//! three quarters of them for any one host. A lone busy host can therefore
+//! use three quarters of the slots (it is not throttled to a "fair share"
+//! while nobody else is waiting), and a tarpit host always leaves a quarter
+//! free, so another backend's delivery starts at once. Waiters are served
+//! first come, first served (tokio's semaphores are fair), so no host is
+//! starved.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,12 +35,13 @@ pub struct Pass {
 }
 
 impl HostGate {
-    /// `total` requests in flight at once (at least 2), half of them per host.
+    /// `total` requests in flight at once (at least 2), three quarters of
+    /// them (at least one) per host.
     pub fn new(total: usize) -> Self {
         let total = total.max(2);
         Self {
             all: Arc::new(Semaphore::new(total)),
-            per_host: total / 2,
+            per_host: (total - total / 4).min(total - 1),
             hosts: Mutex::new(HashMap::new()),
         }
     }
@@ -98,20 +101,29 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    #[test]
+    fn the_smallest_gate_still_leaves_a_slot_to_others() {
+        assert_eq!(HostGate::new(2).per_host, 1);
+        assert_eq!(HostGate::new(512).per_host, 384);
+    }
+
     #[tokio::test]
-    async fn one_host_gets_half_and_others_still_get_in() {
+    async fn one_host_gets_three_quarters_and_others_still_get_in() {
         let gate = HostGate::new(8);
         let mut slow = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..6 {
             slow.push(gate.enter("tarpit:443").await);
         }
-        // The fifth request to the same host waits...
+        // The seventh request to the same host waits...
         let blocked =
             tokio::time::timeout(Duration::from_millis(50), gate.enter("tarpit:443")).await;
-        assert!(blocked.is_err(), "a host must not exceed half the slots");
+        assert!(
+            blocked.is_err(),
+            "a host must not exceed three quarters of the slots"
+        );
         // ...while another host gets all of the rest at once.
         let mut other = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..2 {
             other.push(
                 tokio::time::timeout(Duration::from_millis(50), gate.enter("fast:443"))
                     .await

@@ -129,6 +129,9 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         return rt.block_on(async {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone())?;
+            if let Some(handed) = handed_message(&opts) {
+                return run_leased(&opts, app, handed, &raw, shutdown).await;
+            }
             let outbox = single_outbox(&opts);
             let report = single::run(
                 &app,
@@ -174,14 +177,10 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         // skips creating queues (a round trip per task); a missing poison
         // queue is still created on first use.
         let targets = connect(&opts, !job).await?;
-        let settings = Settings {
-            visibility_timeout: Duration::from_secs(u64::from(opts.visibility_timeout)),
-            max_dequeue_count: opts.max_dequeue_count,
-            retry_delay: Duration::from_secs(u64::from(opts.retry_delay)),
-        };
+        let settings = settings(&opts);
         let stats = Arc::new(Stats::default());
-        // Outcomes waiting for delivery: enough to keep every webhook slot busy twice over.
-        let backlog = opts.webhook_concurrency as usize * 2;
+        // Outcomes waiting for delivery: as many as webhook requests may be in flight.
+        let backlog = opts.webhook_concurrency as usize;
         let consumer = Arc::new(Consumer::new(app, settings, stats, shutdown.clone(), backlog));
         if job {
             let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
@@ -193,11 +192,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
                     tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
                     Ok(ExitCode::SUCCESS)
                 }
-                Ok(Some(p)) if p.status == Some(Status::Succeeded) && p.settlement == Settlement::Succeeded => Ok(ExitCode::SUCCESS),
-                Ok(Some(p)) => {
-                    tracing::info!(settlement = ?p.settlement, status = ?p.status, "job finished without success (exit 1)");
-                    Ok(ExitCode::FAILURE)
-                }
+                Ok(Some(p)) => Ok(exit_code(&p)),
                 Err(e) => Err(anyhow::Error::new(e).context(format!(
                     "cannot receive from {queue} (check WORKER_CLIENT / WORKER_QUEUE_NAME and the storage settings)"
                 ))),
@@ -294,6 +289,77 @@ async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
         });
     }
     Ok(targets)
+}
+
+/// The message a Logic App handed over with TASK_DATA, when it did.
+fn handed_message(opts: &Options) -> Option<single::Handed> {
+    let id = opts
+        .message_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())?;
+    let receipt = opts
+        .pop_receipt
+        .as_ref()
+        .filter(|r| !r.expose().trim().is_empty());
+    let Some(receipt) = receipt else {
+        usage_error("WORKER_MESSAGE_ID is set but WORKER_POP_RECEIPT is not: both are needed to hold the message (or neither, to run the task alone)".into())
+    };
+    Some(single::Handed {
+        message_id: id.to_owned(),
+        pop_receipt: receipt.clone(),
+        dequeue_count: opts.dequeue_count,
+    })
+}
+
+/// Single-task mode holding the handed-over message: settled like job mode.
+async fn run_leased(
+    opts: &Options,
+    app: Arc<App>,
+    handed: single::Handed,
+    raw: &[u8],
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let targets = connect(opts, false).await?;
+    let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
+        anyhow::anyhow!(
+            "the handed-over message belongs to one queue, but {} are configured (WORKER_CLIENT)",
+            t.len()
+        )
+    })?;
+    let consumer = Arc::new(Consumer::new(
+        app,
+        settings(opts),
+        Arc::new(Stats::default()),
+        shutdown,
+        1,
+    ));
+    let queue = target.queue.name().to_owned();
+    let p = single::run_leased(consumer, target, handed, raw)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("message on {queue}")))?;
+    if let Some(event) = &p.event {
+        println!("{}", serde_json::to_string(event)?);
+    }
+    Ok(exit_code(&p))
+}
+
+/// Job mode and held single tasks: 0 only for a success whose message is gone.
+fn exit_code(p: &worker::consumer::Processed) -> ExitCode {
+    if p.status == Some(Status::Succeeded) && p.settlement == Settlement::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        tracing::info!(settlement = ?p.settlement, status = ?p.status, "finished without success (exit 1)");
+        ExitCode::FAILURE
+    }
+}
+
+fn settings(opts: &Options) -> Settings {
+    Settings {
+        visibility_timeout: Duration::from_secs(u64::from(opts.visibility_timeout)),
+        max_dequeue_count: opts.max_dequeue_count,
+        retry_delay: Duration::from_secs(u64::from(opts.retry_delay)),
+    }
 }
 
 /// The outbox for `name`, with the configured schedule.

@@ -11,6 +11,14 @@
 //! given, where `worker deliver` (or any polling worker) retries it for about
 //! a day under the same `webhook-id`. Without them the outcome is only in the
 //! log and on stdout. Either way the exit code is the task's own outcome.
+//!
+//! On Azure Container Instances the Logic App also hands over the queue
+//! message `TASK_DATA` came from (`WORKER_MESSAGE_ID`, `WORKER_POP_RECEIPT`,
+//! `WORKER_DEQUEUE_COUNT`) and does not delete it. [`run_leased`] then takes
+//! over the lease and runs the message through the same consumer as job mode
+//! (renewal, report, then delete / retry / poison / release), so a container
+//! that dies before settling leaves the message to reappear: the ACI path is
+//! at-least-once like the others.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +28,13 @@ use tracing::Instrument;
 use url::Url;
 
 use crate::app::App;
+use crate::config::Secret;
+use crate::consumer::{self, Consumer, Processed, RunSlot, Target};
 use crate::execute::{Outcome, Status};
 use crate::handler::Retry;
+use crate::lease::settle_call;
 use crate::outbox::Outbox;
+use crate::queue::{Message, QueueError};
 use crate::task;
 use crate::webhook::{count, results, Event};
 
@@ -112,4 +124,56 @@ async fn report(
         tracing::error!(webhook_id = %event.webhook_id(), outbox = %outbox.queue.name(), error = %qe,
             "webhook not delivered and the outbox cannot be written: the outcome is only in this log");
     }
+}
+
+/// The queue message a Logic App started this container for.
+#[derive(Debug)]
+pub struct Handed {
+    pub message_id: String,
+    pub pop_receipt: Secret,
+    /// The attempt, as the Logic App counted it (it sees no dequeue count).
+    pub dequeue_count: u32,
+}
+
+/// Why a handed-over message could not be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOverError {
+    #[error("the message's lease was gone before the task started (the container started after WORKER_VISIBILITY_TIMEOUT's first lease ran out, or another attempt owns it); nothing was run, and the message will be run by the next attempt")]
+    LeaseGone,
+    #[error("cannot take over the message's lease: {0}")]
+    Queue(QueueError),
+}
+
+/// Takes over the lease on the handed-over message (one renewal, which also
+/// proves it is still ours), then processes it exactly as job mode does.
+pub async fn run_leased(
+    consumer: Arc<Consumer>,
+    target: Target,
+    handed: Handed,
+    raw: &[u8],
+) -> Result<Processed, TakeOverError> {
+    let visibility = consumer.settings.visibility_timeout;
+    let renewed = settle_call(|| {
+        target
+            .queue
+            .update_visibility(&handed.message_id, handed.pop_receipt.expose(), visibility)
+    })
+    .await;
+    let pop_receipt = match renewed {
+        Ok(r) => r,
+        Err(QueueError::LeaseLost { .. }) => return Err(TakeOverError::LeaseGone),
+        Err(e) => return Err(TakeOverError::Queue(e)),
+    };
+    tracing::info!(message_id = %handed.message_id, attempt = handed.dequeue_count,
+        visibility_s = visibility.as_secs(), "holding the queue message until the task is settled");
+    let msg = Message {
+        id: handed.message_id,
+        pop_receipt,
+        dequeue_count: handed.dequeue_count,
+        // Queue messages are text; TASK_DATA came from one.
+        text: String::from_utf8_lossy(raw).into_owned(),
+        insertion_time: None,
+    };
+    let cancel = consumer.shutdown.clone();
+    Ok(consumer::process_message(consumer, target, msg, cancel, RunSlot::none()).await)
 }

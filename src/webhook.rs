@@ -85,7 +85,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
-            concurrency: 256,
+            concurrency: 512,
         }
     }
 }

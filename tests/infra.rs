@@ -1871,11 +1871,10 @@ fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
     let webhook_worst = attempts * default_of("WORKER_WEBHOOK_TIMEOUT")
         + (attempts - 1.0) * WEBHOOK_MAX_BACKOFF_SECS as f64;
     // Then one outbox batch: one attempt per entry, each bounded by the
-    // webhook timeout, run concurrently with at most half the concurrency
-    // on one host (all entries may share a host).
-    let per_host = (default_of("WORKER_WEBHOOK_CONCURRENCY") / 2.0)
-        .floor()
-        .max(1.0);
+    // webhook timeout, run concurrently with at most three quarters of the
+    // concurrency on one host (all entries may share a host; gate.rs).
+    let total = default_of("WORKER_WEBHOOK_CONCURRENCY");
+    let per_host = (total - (total / 4.0).floor()).min(total - 1.0).max(1.0);
     let outbox_rounds = (JOB_OUTBOX_BATCH as f64 / per_host).ceil();
     let outbox_worst =
         outbox_rounds * default_of("WORKER_WEBHOOK_TIMEOUT") + OUTBOX_QUEUE_ALLOWANCE_SECS as f64;
