@@ -47,9 +47,14 @@ fi
 WORK=$(mktemp -d)
 AZ_PID=
 SINK_PID=
+# Never fails: under set -e a failing `wait` (143, the child's SIGTERM) would
+# end the trap early, leaving Azurite running and the script's status 143.
 cleanup() {
-    [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null && wait "$SINK_PID" 2>/dev/null
-    [ -n "$AZ_PID" ] && kill "$AZ_PID" 2>/dev/null && wait "$AZ_PID" 2>/dev/null
+    local pid
+    for pid in $SINK_PID $AZ_PID; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
