@@ -414,6 +414,20 @@ impl Options {
         if self.max_dequeue_count == 1 {
             w.push("WORKER_MAX_DEQUEUE_COUNT=1: a failed task is never retried".into());
         }
+        if self.webhook_timeout > self.shutdown_grace + 5.0 {
+            w.push(format!(
+                "WORKER_WEBHOOK_TIMEOUT={}s is longer than WORKER_SHUTDOWN_GRACE={}s plus 5s: after SIGTERM a webhook request in flight may hold the exit that long (raise the platform's kill timeout, or lower the webhook timeout)",
+                self.webhook_timeout, self.shutdown_grace
+            ));
+        }
+        if f64::from(self.visibility_timeout) / 2.0 > self.task_timeout * 10.0
+            && self.visibility_timeout > 600
+        {
+            w.push(format!(
+                "WORKER_VISIBILITY_TIMEOUT={}s is long for WORKER_TASK_TIMEOUT={}s: a worker that dies hides its message that long before another attempt",
+                self.visibility_timeout, self.task_timeout
+            ));
+        }
         let outbox = self.webhook_outbox_schedule.total();
         if outbox < Duration::from_secs(86_400) {
             w.push(format!(
