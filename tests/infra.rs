@@ -3082,3 +3082,84 @@ fn container_apps_readme_documents_every_parameter() {
         "the top-level README no longer links the Container Apps path"
     );
 }
+
+/// Seconds from SIGTERM to exit at most: the grace, then the settle margin
+/// (worker::poller::SETTLE_MARGIN), then a second for the process to end.
+fn shutdown_budget_secs() -> f64 {
+    let grace: f64 = binary_env_vars()["WORKER_SHUTDOWN_GRACE"]
+        .default
+        .as_deref()
+        .expect("WORKER_SHUTDOWN_GRACE has a default")
+        .parse()
+        .expect("a number of seconds");
+    grace + worker::poller::SETTLE_MARGIN.as_secs_f64() + 1.0
+}
+
+/// `45s`, `45`, `1min 30s`, `1m30s` as seconds (systemd and Compose forms).
+fn duration_secs(v: &str) -> f64 {
+    let mut total = 0.0;
+    let mut num = String::new();
+    let mut unit = String::new();
+    let mut flush = |num: &mut String, unit: &mut String| {
+        if num.is_empty() {
+            return;
+        }
+        let n: f64 = num.parse().expect("a number");
+        total += n * match unit.as_str() {
+            "" | "s" | "sec" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            other => panic!("unknown time unit {other:?} in {v:?}"),
+        };
+        num.clear();
+        unit.clear();
+    };
+    for c in v.chars().filter(|c| !c.is_whitespace()) {
+        if c.is_ascii_digit() || c == '.' {
+            if !unit.is_empty() {
+                flush(&mut num, &mut unit);
+            }
+            num.push(c);
+        } else {
+            unit.push(c);
+        }
+    }
+    flush(&mut num, &mut unit);
+    total
+}
+
+#[test]
+fn every_kill_budget_covers_the_shutdown_budget() {
+    let budget = shutdown_budget_secs();
+    let read = |path: &str| {
+        std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let setting = |text: &str, key: &str, path: &str| -> f64 {
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{path} sets no {key}"));
+        duration_secs(line[key.len()..].trim_start_matches([':', '=', ' ']))
+    };
+    let unit = read("infra/vps/worker.service");
+    let stop = setting(&unit, "TimeoutStopSec", "infra/vps/worker.service");
+    assert!(
+        stop >= budget,
+        "worker.service: TimeoutStopSec={stop}s is below the worker's shutdown budget of {budget}s \
+         (WORKER_SHUTDOWN_GRACE + settle margin): systemd would SIGKILL a worker that is still settling"
+    );
+    let compose = read("infra/vps/docker-compose.worker.yml");
+    let grace = setting(
+        &compose,
+        "stop_grace_period",
+        "infra/vps/docker-compose.worker.yml",
+    );
+    assert!(
+        grace >= budget,
+        "docker-compose.worker.yml: stop_grace_period={grace}s is below the shutdown budget of {budget}s"
+    );
+    assert_eq!(duration_secs("1min 30s"), 90.0);
+    assert_eq!(duration_secs("45s"), 45.0);
+}

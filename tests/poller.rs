@@ -872,3 +872,54 @@ async fn max_tasks_run_honours_sigterm_within_the_grace() {
     assert_eq!(got.len(), 1, "{}", out.describe());
     assert_eq!(got[0].text, text);
 }
+
+/// The documented limitation: a release at shutdown is a delivery like any
+/// other, so it raises the dequeue count, and a task interrupted
+/// WORKER_MAX_DEQUEUE_COUNT times is poisoned without ever having failed.
+#[tokio::test]
+async fn releases_at_shutdown_count_toward_the_poison_limit() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "release-count").await;
+    let rx = Receiver::ok();
+    let text = c
+        .send_task(&task(
+            "interrupted",
+            "sleep",
+            json!({"seconds": 120}),
+            Some(&hook(&rx)),
+        ))
+        .await;
+    let w = |c: &Client| {
+        c.worker()
+            .arg("poll")
+            .env("WORKER_SHUTDOWN_GRACE", "0")
+            .env("WORKER_MAX_DEQUEUE_COUNT", "2")
+    };
+    for _ in 0..2 {
+        let mut run = w(&c).spawn();
+        run.wait_for_log("task started");
+        run.signal(Signal::SIGTERM);
+        let out = run.finish();
+        out.assert_code(0);
+        assert!(
+            out.stderr.contains("message released"),
+            "{}",
+            out.describe()
+        );
+    }
+    // The third delivery is above the limit: poisoned before it runs.
+    let mut run = w(&c).spawn();
+    let event = events(&rx, 1, ARRIVAL).remove(0);
+    assert_eq!(event["type"], "task.failed");
+    assert!(
+        event["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("delivered 3 times"),
+        "{event:#}"
+    );
+    run.wait_for_log("message moved to the poison queue");
+    run.signal(Signal::SIGTERM);
+    run.finish().assert_code(0);
+    assert_eq!(c.poisoned().await, vec![text]);
+}
