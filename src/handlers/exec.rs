@@ -28,6 +28,10 @@ const BASE_ENV: &[&str] = &["PATH", "HOME", "LANG"];
 const STDERR_TAIL: usize = 20;
 /// Cap on a child's stdout (the task result).
 const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
+/// Largest `timeout_seconds`: a year, the same bound as `WORKER_TASK_TIMEOUT`.
+const MAX_TIMEOUT_SECONDS: f64 = 31_536_000.0;
+/// Largest `kill_grace_seconds`: the grace delays the worker's exit.
+const MAX_KILL_GRACE_SECONDS: f64 = 60.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlersFileError {
@@ -59,6 +63,8 @@ pub struct Spec {
     pub env: Vec<String>,
     /// Capped by the task timeout.
     pub timeout_seconds: Option<f64>,
+    /// Seconds between SIGTERM and SIGKILL when the child must stop.
+    pub kill_grace_seconds: Option<f64>,
     /// Shown by `worker handlers`.
     pub description: Option<String>,
     /// Exit codes that mean "retrying cannot help": poison at once.
@@ -74,6 +80,8 @@ impl std::fmt::Debug for Spec {
             .field("working_dir", &self.working_dir)
             .field("env", &self.env)
             .field("timeout_seconds", &self.timeout_seconds)
+            .field("kill_grace_seconds", &self.kill_grace_seconds)
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
             .finish()
     }
 }
@@ -101,16 +109,52 @@ pub fn parse(text: &str) -> Result<Vec<NamedHandler>, String> {
         if spec.command.is_empty() || spec.command[0].is_empty() {
             return Err(format!("[handlers.{name}]: `command` must name a program"));
         }
-        if let Some(t) = spec.timeout_seconds {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(format!(
-                    "[handlers.{name}]: `timeout_seconds` must be positive"
-                ));
-            }
+        check_range(
+            &name,
+            "timeout_seconds",
+            spec.timeout_seconds,
+            |t| t > 0.0 && t <= MAX_TIMEOUT_SECONDS,
+            &format!(
+                "a number of seconds greater than 0 and at most {MAX_TIMEOUT_SECONDS} (a year)"
+            ),
+        )?;
+        check_range(
+            &name,
+            "kill_grace_seconds",
+            spec.kill_grace_seconds,
+            |g| (0.0..=MAX_KILL_GRACE_SECONDS).contains(&g),
+            &format!("a number of seconds from 0 to {MAX_KILL_GRACE_SECONDS}"),
+        )?;
+        if let Some(c) = spec
+            .permanent_exit_codes
+            .iter()
+            .find(|c| !(1..=255).contains(*c))
+        {
+            return Err(format!(
+                "[handlers.{name}]: `permanent_exit_codes` holds {c}, which is out of range: \
+                 exit codes of a failed run are 1 to 255"
+            ));
         }
         out.push((name.clone(), Arc::new(Exec { name, spec })));
     }
     Ok(out)
+}
+
+/// Refuses a numeric setting outside its range (NaN and infinities included),
+/// naming the handler and the field.
+fn check_range(
+    name: &str,
+    field: &str,
+    value: Option<f64>,
+    ok: impl Fn(f64) -> bool,
+    expected: &str,
+) -> Result<(), String> {
+    match value {
+        Some(v) if !(v.is_finite() && ok(v)) => Err(format!(
+            "[handlers.{name}]: `{field}` = {v} is out of range: use {expected}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub struct Exec {
@@ -329,6 +373,49 @@ mod tests {
             .unwrap()
             .contains("bogus"));
         assert!(parse("[handlers.a]\ncommand = [\"x\"]\ntimeout_seconds = -1").is_err());
+    }
+
+    #[test]
+    fn numeric_settings_are_range_checked() {
+        for (line, field) in [
+            (
+                "timeout_seconds = 1e20",
+                "`timeout_seconds` = 100000000000000000000",
+            ),
+            ("timeout_seconds = 0", "`timeout_seconds` = 0"),
+            ("timeout_seconds = nan", "`timeout_seconds` = NaN"),
+            ("timeout_seconds = inf", "`timeout_seconds` = inf"),
+            ("kill_grace_seconds = -0.5", "`kill_grace_seconds` = -0.5"),
+            ("kill_grace_seconds = 61", "`kill_grace_seconds` = 61"),
+            (
+                "permanent_exit_codes = [2, 0]",
+                "`permanent_exit_codes` holds 0",
+            ),
+            (
+                "permanent_exit_codes = [256]",
+                "`permanent_exit_codes` holds 256",
+            ),
+        ] {
+            let e = parse(&format!("[handlers.h]\ncommand = [\"x\"]\n{line}"))
+                .err()
+                .unwrap_or_else(|| panic!("{line} was accepted"));
+            assert!(
+                e.starts_with("[handlers.h]: ") && e.contains(field) && e.contains("out of range"),
+                "{line}: {e}"
+            );
+        }
+        for line in [
+            "timeout_seconds = 31536000",
+            "timeout_seconds = 0.001",
+            "kill_grace_seconds = 0",
+            "kill_grace_seconds = 60",
+            "permanent_exit_codes = [1, 255]",
+        ] {
+            assert!(
+                parse(&format!("[handlers.h]\ncommand = [\"x\"]\n{line}")).is_ok(),
+                "{line} was refused"
+            );
+        }
     }
 
     #[tokio::test]
