@@ -277,3 +277,58 @@ fn an_absurd_timeout_is_refused_at_start() {
         assert!(out.stderr.contains(needle), "{needle}: {}", out.describe());
     }
 }
+
+#[test]
+fn megabytes_of_stderr_are_bounded_in_the_log_and_the_error() {
+    let rx = Receiver::ok();
+    let w = Worker::new();
+    // One 3 MB line with no newline for a long time, then 100 000 short lines.
+    let script = "head -c 3000000 /dev/zero | tr '\\0' x >&2; echo >&2; \
+                  yes 'a line of stderr, again and again' | head -n 100000 >&2; \
+                  echo 'last words' >&2; exit 3";
+    let handlers = w.write("handlers.toml", sh_handler("loud", script, ""));
+    let out = w
+        .env("WORKER_HANDLERS_FILE", handlers)
+        .task(&json!({"task_id": "t-loud", "task_type": "loud", "webhook_url": rx.url("/h")}))
+        .spawn()
+        .finish_within(BOUND);
+    out.assert_code(1);
+
+    // The webhook's error: the exit and a capped tail of stderr.
+    let body = rx.recv(ARRIVAL).expect("webhook").json();
+    assert_eq!(body["type"], "task.failed", "{body}");
+    let error = body["data"]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("handler `loud` failed with exit status 3: a line of stderr")
+            && error.ends_with("\nlast words"),
+        "{error}"
+    );
+    assert!(error.len() <= 4096 + 100, "{} bytes of error", error.len());
+
+    // The log: the long line cut at 1 KiB, at most 1000 lines, one summary.
+    let logged: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("stderr=") && l.contains("t-loud"))
+        .collect();
+    assert!(
+        (2..=1000).contains(&logged.len()),
+        "{} stderr lines logged",
+        logged.len()
+    );
+    let cut = format!(
+        "{} … [line cut: {} more bytes]",
+        "x".repeat(1024),
+        3_000_000 - 1024
+    );
+    assert!(logged[0].contains(&cut), "{}", &logged[0][..200]);
+    assert!(!out.stderr.contains(&"x".repeat(1025)));
+    let summary = format!("… {} more stderr lines (", 100_002 - logged.len());
+    assert_eq!(out.count_logs(&summary), 1, "{summary}");
+    assert_eq!(out.count_logs("more stderr lines"), 1);
+    assert!(
+        out.stderr.len() < 512 * 1024,
+        "{} bytes of worker log",
+        out.stderr.len()
+    );
+}

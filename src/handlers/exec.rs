@@ -40,8 +40,16 @@ use crate::handler::{Handler, HandlerError, HandlerFuture, TaskContext};
 
 /// Variables every child inherits; everything else must be listed.
 const BASE_ENV: &[&str] = &["PATH", "HOME", "LANG"];
-/// Stderr lines kept for the error message of a failed run.
+/// Longest stderr line logged or kept, in bytes; the rest of a longer line
+/// is counted, not stored.
+const STDERR_LINE_BYTES: usize = 1024;
+/// Stderr logged per task, in bytes and in lines (each log record adds its
+/// own overhead); past either, lines are counted and one summary is logged.
+const STDERR_LOG_BYTES: usize = 64 * 1024;
+const STDERR_LOG_LINES: usize = 1000;
+/// Last stderr lines kept for the error of a failed run, and their cap in bytes.
 const STDERR_TAIL: usize = 20;
+const STDERR_TAIL_BYTES: usize = 4 * 1024;
 /// Cap on a child's stdout (the task result).
 const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
 /// Largest `timeout_seconds`: a year, the same bound as `WORKER_TASK_TIMEOUT`.
@@ -498,6 +506,147 @@ async fn read_stdout(stdout: Option<impl AsyncRead + Unpin>, out: &mut Vec<u8>) 
     }
 }
 
+/// A child's stderr: logged line by line with the task id, within the caps,
+/// and its last lines kept for the error of a failed run. Untrusted output
+/// cannot flood the logs or the webhook.
+struct StderrLog {
+    task_id: String,
+    handler: String,
+    logged_bytes: usize,
+    logged_lines: usize,
+    suppressed_lines: u64,
+    suppressed_bytes: u64,
+    tail: VecDeque<String>,
+    tail_bytes: usize,
+}
+
+impl StderrLog {
+    fn new(task_id: String, handler: String) -> Self {
+        Self {
+            task_id,
+            handler,
+            logged_bytes: 0,
+            logged_lines: 0,
+            suppressed_lines: 0,
+            suppressed_bytes: 0,
+            tail: VecDeque::with_capacity(STDERR_TAIL),
+            tail_bytes: 0,
+        }
+    }
+
+    /// One line: its first bytes (at most [`STDERR_LINE_BYTES`]) and how many
+    /// more it had.
+    fn line(&mut self, kept: &[u8], more: u64) {
+        let (mut text, dropped) = utf8_prefix(kept);
+        let cut = more + dropped as u64;
+        if cut > 0 {
+            text.push_str(&format!(" … [line cut: {cut} more bytes]"));
+        }
+        let fits = self.suppressed_lines == 0
+            && self.logged_lines < STDERR_LOG_LINES
+            && self.logged_bytes + text.len() <= STDERR_LOG_BYTES;
+        if fits {
+            tracing::info!(
+                target: "worker::exec",
+                task_id = %self.task_id,
+                handler = %self.handler,
+                stderr = %text
+            );
+            self.logged_lines += 1;
+            self.logged_bytes += text.len();
+        } else {
+            self.suppressed_lines += 1;
+            self.suppressed_bytes += kept.len() as u64 + more + 1;
+        }
+        // Counted with the newline that joins it to the next.
+        self.tail_bytes += text.len() + 1;
+        self.tail.push_back(text);
+        while self.tail.len() > STDERR_TAIL
+            || (self.tail_bytes > STDERR_TAIL_BYTES && self.tail.len() > 1)
+        {
+            if let Some(old) = self.tail.pop_front() {
+                self.tail_bytes -= old.len() + 1;
+            }
+        }
+    }
+
+    /// The last lines, for the error of a failed run.
+    fn tail(&self) -> String {
+        self.tail
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for StderrLog {
+    /// The summary of what was not logged, on every way the run ends.
+    fn drop(&mut self) {
+        if self.suppressed_lines > 0 {
+            tracing::warn!(
+                target: "worker::exec",
+                task_id = %self.task_id,
+                handler = %self.handler,
+                "… {} more stderr lines ({} bytes) suppressed: at most {STDERR_LOG_LINES} lines \
+                 and {} KiB of a task's stderr are logged",
+                self.suppressed_lines,
+                self.suppressed_bytes,
+                STDERR_LOG_BYTES / 1024
+            );
+        }
+    }
+}
+
+/// `bytes` as text, and how many bytes at its end were dropped: a character
+/// cut in two by the line cap is dropped rather than shown as U+FFFD; other
+/// invalid bytes become U+FFFD.
+fn utf8_prefix(bytes: &[u8]) -> (String, usize) {
+    let end = match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        _ => bytes.len(),
+    };
+    (
+        String::from_utf8_lossy(&bytes[..end]).into_owned(),
+        bytes.len() - end,
+    )
+}
+
+/// Reads stderr line by line into `log`, never holding more than
+/// [`STDERR_LINE_BYTES`] of a line however long it is.
+async fn read_stderr(stderr: Option<impl AsyncRead + Unpin>, log: &mut StderrLog) {
+    let Some(pipe) = stderr else { return };
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::with_capacity(256);
+    let mut cut = 0u64;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buf) => buf,
+        };
+        let newline = buf.iter().position(|&b| b == b'\n');
+        let chunk = &buf[..newline.unwrap_or(buf.len())];
+        let room = STDERR_LINE_BYTES
+            .saturating_sub(line.len())
+            .min(chunk.len());
+        line.extend_from_slice(&chunk[..room]);
+        cut += (chunk.len() - room) as u64;
+        let used = newline.map_or(buf.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            if cut == 0 && line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            log.line(&line, cut);
+            line.clear();
+            cut = 0;
+        }
+    }
+    if !line.is_empty() || cut > 0 {
+        log.line(&line, cut);
+    }
+}
+
 /// How the wait for the child ended.
 enum End {
     Exited(std::io::Result<ExitStatus>),
@@ -548,27 +697,12 @@ impl Exec {
         };
 
         let mut out = Vec::new();
-        let mut tail = VecDeque::with_capacity(STDERR_TAIL);
-        let task_id = ctx.task.task_id.clone();
-        let handler = self.name.clone();
-        let tail_ref = &mut tail;
-        let logger = async move {
-            if let Some(err) = stderr {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!(target: "worker::exec", %task_id, handler = %handler, stderr = %line);
-                    if tail_ref.len() == STDERR_TAIL {
-                        tail_ref.pop_front();
-                    }
-                    tail_ref.push_back(line);
-                }
-            }
-        };
+        let mut log = StderrLog::new(ctx.task.task_id.clone(), self.name.clone());
         let mut io = Box::pin(async {
             tokio::join!(
                 write_stdin(stdin, ctx.task.to_json()),
                 read_stdout(stdout, &mut out),
-                logger
+                read_stderr(stderr, &mut log),
             );
         });
         let mut io_done = false;
@@ -649,15 +783,11 @@ impl Exec {
                 Some(c) => format!("exit status {c}"),
                 None => "killed by a signal".to_owned(),
             };
-            let tail: Vec<String> = tail.into_iter().collect();
+            let tail = log.tail();
             let message = if tail.is_empty() {
                 format!("handler `{}` failed with {what}", self.name)
             } else {
-                format!(
-                    "handler `{}` failed with {what}: {}",
-                    self.name,
-                    tail.join("\n")
-                )
+                format!("handler `{}` failed with {what}: {tail}", self.name)
             };
             let permanent = code.is_some_and(|c| spec.permanent_exit_codes.contains(&c));
             return Err(if permanent {
@@ -799,6 +929,43 @@ mod tests {
         // Had the child died with that thread, it would be reported "killed by a signal".
         let e = rt.block_on(run).unwrap_err();
         assert!(e.message.contains("exited on SIGTERM"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn stderr_lines_and_tail_are_capped() {
+        let mut long = vec![b'a'; STDERR_LINE_BYTES - 1];
+        long.extend_from_slice("é and more".as_bytes()); // 'é' straddles the cap
+        let mut input = b"short\r\n".to_vec();
+        input.extend_from_slice(&long);
+        input.push(b'\n');
+        for i in 0..30 {
+            input.extend_from_slice(format!("{i}:{}\n", "z".repeat(400)).as_bytes());
+        }
+        input.extend_from_slice(b"no newline at the end");
+        let mut log = StderrLog::new("t".into(), "h".into());
+        read_stderr(Some(&input[..]), &mut log).await;
+        assert_eq!(log.logged_lines, 33, "every line fits the log caps");
+        let tail = log.tail();
+        assert!(tail.len() <= STDERR_TAIL_BYTES, "{}", tail.len());
+        assert!(tail.ends_with("\nno newline at the end"), "{tail}");
+        assert!(tail.starts_with("20:zz"), "the last lines that fit: {tail}");
+
+        let mut log = StderrLog::new("t".into(), "h".into());
+        read_stderr(Some(&long[..]), &mut log).await;
+        let expected = format!(
+            "{} … [line cut: {} more bytes]",
+            "a".repeat(STDERR_LINE_BYTES - 1),
+            long.len() - (STDERR_LINE_BYTES - 1)
+        );
+        assert_eq!(log.tail(), expected, "the cut 'é' is dropped, not U+FFFD");
+
+        let mut log = StderrLog::new("t".into(), "h".into());
+        let many = "x\n".repeat(STDERR_LOG_LINES + 5);
+        read_stderr(Some(many.as_bytes()), &mut log).await;
+        assert_eq!(
+            (log.logged_lines, log.suppressed_lines, log.suppressed_bytes),
+            (STDERR_LOG_LINES, 5, 10)
+        );
     }
 
     #[tokio::test]
