@@ -431,9 +431,14 @@ fn usage_error(msg: String) -> ! {
         .exit()
 }
 
+/// A handlers file that cannot be used is a configuration error: exit 2,
+/// naming WORKER_HANDLERS_FILE and the offending handler and field.
 fn build_registry(opts: &Options) -> anyhow::Result<Registry> {
-    Registry::standard(&opts.egress(), opts.handlers_file.as_deref())
-        .context("cannot build the handler registry")
+    match Registry::standard(&opts.egress(), opts.handlers_file.as_deref()) {
+        Ok(r) => Ok(r),
+        Err(e @ worker::registry::RegistryError::HandlersFile(_)) => usage_error(e.to_string()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot build the handler registry")),
+    }
 }
 
 /// The task for `worker run`: --task, --task-file (or `-` for stdin), else TASK_DATA.
