@@ -193,7 +193,8 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
                 anyhow::anyhow!("job mode consumes exactly one queue, but {} are configured (WORKER_CLIENT)", t.len())
             })?;
             let queue = target.queue.name().to_owned();
-            return match poller::job(consumer, target).await {
+            let job = within_budget(poller::job(consumer, target), &shutdown);
+            return match job.await? {
                 Ok(None) => {
                     tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
                     Ok(ExitCode::SUCCESS)
@@ -334,17 +335,38 @@ async fn run_leased(
         app,
         settings(opts),
         Arc::new(Stats::default()),
-        shutdown,
+        shutdown.clone(),
         1,
     ));
     let queue = target.queue.name().to_owned();
-    let p = single::run_leased(consumer, target, handed, raw)
-        .await
+    let p = within_budget(single::run_leased(consumer, target, handed, raw), &shutdown)
+        .await?
         .map_err(|e| anyhow::Error::new(e).context(format!("message on {queue}")))?;
     if let Some(event) = &p.event {
         println!("{}", serde_json::to_string(event)?);
     }
     Ok(exit_code(&p))
+}
+
+/// Runs `fut`; once `shutdown` fires it gets [`poller::ONE_MESSAGE_SHUTDOWN_BUDGET`]
+/// more, then the worker gives up (exit 1): what is not settled by then
+/// reappears when its lease expires.
+async fn within_budget<T>(
+    fut: impl std::future::Future<Output = T>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<T> {
+    tokio::pin!(fut);
+    tokio::select! {
+        out = &mut fut => return Ok(out),
+        () = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(poller::ONE_MESSAGE_SHUTDOWN_BUDGET, fut).await {
+        Ok(out) => Ok(out),
+        Err(_) => anyhow::bail!(
+            "not settled within {}s of the signal; the message reappears when its lease expires",
+            poller::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs()
+        ),
+    }
 }
 
 /// Job mode and held single tasks: 0 only for a success whose message is gone.

@@ -40,6 +40,12 @@ pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(10);
 /// stays within WORKER_SHUTDOWN_GRACE plus a few seconds whatever is running
 /// (the platforms' kill budgets are checked against this in tests/infra.rs).
 pub const SETTLE_MARGIN: Duration = Duration::from_secs(4);
+/// From SIGTERM to exit in job mode and for a held single task: the task is
+/// cancelled at once (execute gives it 2 s), webhook requests in flight are
+/// given up and handed to the outbox, and settling gets [`SETTLE_MARGIN`].
+/// Container Apps' default termination grace (30 s) covers it with room
+/// (tests/infra.rs).
+pub const ONE_MESSAGE_SHUTDOWN_BUDGET: Duration = Duration::from_secs(2 + SETTLE_MARGIN.as_secs());
 /// Least time a receive in flight at shutdown gets to bring its answer.
 const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 

@@ -3163,3 +3163,31 @@ fn every_kill_budget_covers_the_shutdown_budget() {
     assert_eq!(duration_secs("1min 30s"), 90.0);
     assert_eq!(duration_secs("45s"), 45.0);
 }
+
+/// Container Apps sends SIGTERM, then SIGKILL after the replica's
+/// termination grace: 30 s unless the template sets another (Microsoft's
+/// ContainerApp Template model: "Defaults to 30 seconds"). Job mode cancels
+/// its task at once and must be out well within that.
+#[test]
+fn the_container_apps_kill_budget_covers_job_mode_shutdown() {
+    const DEFAULT_TERMINATION_GRACE_SECS: u64 = 30;
+    let budget = worker::poller::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs() + 1;
+    for file in [
+        "infra/containerapps/job.bicep",
+        "infra/containerapps/main.bicep",
+    ] {
+        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let grace = text
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix("terminationGracePeriodSeconds:"))
+            .map_or(DEFAULT_TERMINATION_GRACE_SECS, |v| {
+                v.trim().parse().expect("a literal number of seconds")
+            });
+        assert!(
+            grace >= budget,
+            "{file}: termination grace {grace}s is below job mode's shutdown budget of {budget}s"
+        );
+    }
+}
