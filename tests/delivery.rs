@@ -345,7 +345,7 @@ async fn a_hanging_webhook_does_not_hold_the_exit() {
         let rx = Receiver::start([Reply::status(200).delay(Duration::from_secs(300))]);
         c.send_task(&task("t-hang", "echo", json!({}), Some(&hook(&rx))))
             .await;
-        let mut w = c
+        let w = c
             .worker()
             .arg(mode)
             .env("WORKER_SHUTDOWN_GRACE", "1")
