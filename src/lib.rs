@@ -14,6 +14,7 @@
 //! - [`handler`]: the `Handler` trait, `TaskContext`, `HandlerError` (transient vs permanent).
 //! - [`registry`]: `task_type` → handler; built-ins plus the operator's exec handlers.
 //! - [`handlers`]: `echo`, `sleep`, `fail`, `http`, and exec handlers (child processes).
+//! - [`outcome`]: how one attempt ended (`Outcome`, `Status`); a leaf every mode shares.
 //! - [`execute`]: the only place a handler runs: lookup, timeout, cancellation, panics.
 //! - [`egress`]: where task-supplied URLs may go (no metadata service, no private hosts).
 //! - [`webhook`]: Standard Webhooks delivery: stable ids, signing, the in-process attempts.
@@ -26,6 +27,7 @@
 //! - [`lease`]: a received message's lease: renewal, the newest pop receipt, delete / release / retry / poison.
 //! - [`consumer`]: one received message: run, report (deliver or outbox), settle; shared by poller and job mode.
 //! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown) and job mode.
+//! - [`metrics`]: metric names (a leaf shared by what counts and what serves).
 //! - [`exporter`]: Prometheus `/metrics` and `/healthz` for polling mode.
 //! - [`telemetry`]: tracing setup, text or JSON lines.
 
@@ -39,7 +41,9 @@ pub mod gate;
 pub mod handler;
 pub mod handlers;
 pub mod lease;
+pub mod metrics;
 pub mod ops;
+pub mod outcome;
 pub mod outbox;
 pub mod poller;
 pub mod queue;

@@ -90,7 +90,7 @@ pub async fn run(
         );
         report(app, task.webhook_url.as_ref(), &event, outbox, &shutdown).await;
         Report {
-            succeeded: outcome.status == Status::Succeeded,
+            succeeded: outcome.status() == Status::Succeeded,
             event,
         }
     }
