@@ -16,33 +16,9 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::egress::{EgressPolicy, HostRule};
+use crate::queue::StorageSettings;
+pub use crate::secret::Secret;
 use crate::webhook::{RetryPolicy, SigningSecret};
-
-/// A string that must never be printed.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_owned()))
-    }
-}
 
 const AFTER_HELP: &str = "\
 Modes:
@@ -370,6 +346,26 @@ fn nonneg_secs(s: &str) -> Result<f64, String> {
 }
 
 impl Options {
+    /// The storage settings, empty values counting as unset (an empty
+    /// variable in a container template is how "not set" often looks).
+    pub fn storage(&self) -> StorageSettings {
+        fn nonempty(s: &Option<String>) -> Option<String> {
+            s.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        }
+        StorageSettings {
+            connection_string: self
+                .connection_string
+                .clone()
+                .filter(|s| !s.expose().trim().is_empty()),
+            queue_endpoint: nonempty(&self.queue_endpoint),
+            account: nonempty(&self.storage_account),
+            managed_identity_client_id: nonempty(&self.managed_identity_client_id),
+        }
+    }
+
     pub fn task_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.task_timeout)
     }
@@ -499,6 +495,25 @@ pub fn env_vars() -> Vec<EnvVar> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_from_options_ignore_empty_values() {
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--connection-string",
+            " ",
+            "--storage-account",
+            "acme",
+            "--managed-identity-client-id",
+            "",
+        ])
+        .unwrap();
+        let s = cli.opts.storage();
+        assert!(s.connection_string.is_none());
+        assert_eq!(s.account.as_deref(), Some("acme"));
+        assert!(s.managed_identity_client_id.is_none());
+        assert!(s.is_configured());
+    }
 
     #[test]
     fn cli_is_well_formed() {

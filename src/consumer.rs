@@ -33,10 +33,10 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::execute::{Outcome, Status};
-use crate::metrics as names;
 use crate::handler::Retry;
 pub use crate::lease::Settlement;
 use crate::lease::{Lease, Settled};
+use crate::metrics as names;
 use crate::outbox::Outbox;
 use crate::queue::{Message, Queue};
 use crate::task;

@@ -9,7 +9,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: flags and env vars (clap), redacted secrets, the env-var listing.
+//! - [`secret`]: `Secret`, a string whose `Debug` is redacted (a leaf).
+//! - [`config`]: flags and env vars (clap), the storage settings built from them, the env-var listing.
 //! - [`task`]: the task envelope; decoding plain or base64 JSON, with errors that name the field.
 //! - [`handler`]: the `Handler` trait, `TaskContext`, `HandlerError` (transient vs permanent).
 //! - [`registry`]: `task_type` → handler; built-ins plus the operator's exec handlers.
@@ -43,11 +44,12 @@ pub mod handlers;
 pub mod lease;
 pub mod metrics;
 pub mod ops;
-pub mod outcome;
 pub mod outbox;
+pub mod outcome;
 pub mod poller;
 pub mod queue;
 pub mod registry;
+pub mod secret;
 pub mod single;
 pub mod task;
 pub mod telemetry;

@@ -17,7 +17,7 @@ use worker::consumer::{Consumer, Settings, Settlement, Stats, Target};
 use worker::execute::Status;
 use worker::exporter::{self, Health};
 use worker::outbox::{self, DrainConfig, DrainStats, Outbox};
-use worker::queue::{self, QueueService, StorageSettings};
+use worker::queue::{self, QueueService};
 use worker::registry::Registry;
 use worker::task::MAX_TASK_BYTES;
 use worker::webhook::Notifier;
@@ -234,7 +234,7 @@ fn cfg_queues(targets: &[Target]) -> Vec<&str> {
 /// Builds the queue targets from `WORKER_CLIENT` / `WORKER_QUEUE_NAME` and
 /// creates missing queues. Configuration mistakes exit 2 naming the setting.
 async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
-    let service = match QueueService::new(&StorageSettings::from_options(opts)) {
+    let service = match QueueService::new(&opts.storage()) {
         Ok(s) => s,
         Err(e) => usage_error(e.to_string()),
     };
@@ -400,7 +400,7 @@ fn outbox_for(service: &QueueService, name: &str, opts: &Options) -> anyhow::Res
 /// client's outbox, when storage and a client are configured; otherwise the
 /// reason there is none.
 fn single_outbox(opts: &Options) -> Result<Outbox, String> {
-    let settings = StorageSettings::from_options(opts);
+    let settings = opts.storage();
     if !settings.is_configured() {
         return Err("no storage settings (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with a managed identity)".into());
     }

@@ -16,8 +16,7 @@ use serde_json::{Map, Value};
 use crate::config::{Command, EnqueueArgs, Options, PoisonCommand, ReplayArgs};
 use crate::queue::names::webhooks_queue;
 use crate::queue::{
-    poison_queue, tasks_queue, validate_queue_name, Queue, QueueError, QueueService,
-    StorageSettings, MAX_BATCH,
+    poison_queue, tasks_queue, validate_queue_name, Queue, QueueError, QueueService, MAX_BATCH,
 };
 use crate::registry::Registry;
 use crate::task;
@@ -123,7 +122,7 @@ fn single_target(opts: &Options, command: &str) -> Result<Target, OpsError> {
 }
 
 fn service(opts: &Options) -> Result<QueueService, OpsError> {
-    Ok(QueueService::new(&StorageSettings::from_options(opts))?)
+    Ok(QueueService::new(&opts.storage())?)
 }
 
 /// Runs one of the queue commands; `Ok(false)` means "exit 1".
@@ -229,7 +228,7 @@ pub async fn check(opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError
             .map_err(|e| e.to_string()),
     )?;
 
-    let settings = StorageSettings::from_options(opts);
+    let settings = opts.storage();
     let service = match QueueService::new(&settings) {
         Ok(s) => {
             line(out, "storage", Ok(s.describe()))?;

@@ -32,9 +32,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use url::Url;
 
+use crate::egress::redact_url;
 use crate::lease::{send_creating, settle_call};
 use crate::queue::{Message, Queue, QueueError, MAX_BATCH};
-use crate::egress::redact_url;
 use crate::webhook::{count, results, AttemptError, Event, Notifier, WebhookError};
 
 /// Largest entry, as the service counts it (XML-escaped): queue messages

@@ -51,8 +51,12 @@ pub enum Outcome {
         duration: Duration,
     },
     /// Stopped by the task timeout; always worth another attempt.
-    TimedOut { timeout: Duration },
-    Cancelled { duration: Duration },
+    TimedOut {
+        timeout: Duration,
+    },
+    Cancelled {
+        duration: Duration,
+    },
 }
 
 impl Outcome {

@@ -28,7 +28,7 @@ use tracing::Instrument;
 use url::Url;
 
 use crate::app::App;
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::consumer::{self, Consumer, Processed, RunSlot, Target};
 use crate::execute::{Outcome, Status};
 use crate::handler::Retry;

@@ -28,9 +28,11 @@ use url::Url;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::egress::{egress_error_in, error_chain, redact_url, truncate, EgressError, EgressPolicy};
-use crate::outcome::{Outcome, Status};
+use crate::egress::{
+    egress_error_in, error_chain, redact_url, truncate, EgressError, EgressPolicy,
+};
 use crate::gate::HostGate;
+use crate::outcome::{Outcome, Status};
 
 /// A Standard Webhooks signing secret: `whsec_` + base64 of 24–64 bytes.
 #[derive(Clone)]
@@ -560,7 +562,6 @@ mod tests {
         assert!(p.backoff(3) >= Duration::from_secs(2));
         assert!(p.backoff(10) <= Duration::from_secs(5));
     }
-
 
     #[test]
     fn signature_verifies_with_the_official_library() {

@@ -153,4 +153,3 @@ impl Handler for Http {
         })
     }
 }
-
