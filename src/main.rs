@@ -238,26 +238,15 @@ async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
         Ok(s) => s,
         Err(e) => usage_error(e.to_string()),
     };
-    let names = match worker::ops::targets(opts) {
+    let names = match opts.queues() {
         Ok(t) => t,
         Err(e) => usage_error(e),
     };
     tracing::info!(storage = %service.describe(), "queue service");
     let mut targets = Vec::new();
-    for worker::ops::Target {
-        client,
-        queue: name,
-    } in names
-    {
-        let outbox_name = match (worker::ops::Target {
-            client: client.clone(),
-            queue: name.clone(),
-        })
-        .outbox()
-        {
-            Ok(n) => n,
-            Err(e) => usage_error(e),
-        };
+    for names in names {
+        let outbox_name = names.outbox().unwrap_or_else(|e| usage_error(e));
+        let (client, name) = (names.client, names.queue);
         let outbox = outbox_for(&service, &outbox_name, opts)?;
         let queue = service.queue(&name)?;
         let poison = service.queue(&queue::names::poison_queue(&name))?;
@@ -406,7 +395,8 @@ fn single_outbox(opts: &Options) -> Result<Outbox, String> {
     }
     let made = (|| -> anyhow::Result<Outbox> {
         let service = QueueService::new(&settings)?;
-        let target = worker::ops::targets(opts)
+        let target = opts
+            .queues()
             .map_err(anyhow::Error::msg)?
             .into_iter()
             .next()

@@ -27,7 +27,7 @@ pub mod connection;
 pub mod names;
 pub mod shared_key;
 
-pub use names::{poison_queue, tasks_queue, validate_queue_name};
+pub use names::{poison_queue, tasks_queue, validate_queue_name, webhooks_queue};
 
 use std::sync::Arc;
 use std::time::Duration;
