@@ -27,7 +27,8 @@
 //! - [`ops`]: operator commands on the queues: `enqueue`, `check`, `poison list|replay`.
 //! - [`lease`]: a received message's lease: renewal, the newest pop receipt, delete / release / retry / poison.
 //! - [`consumer`]: one received message: run, report (deliver or outbox), settle; shared by poller and job mode.
-//! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown) and job mode.
+//! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown).
+//! - [`job`]: job mode: one leased message per execution, then the due outbox entries.
 //! - [`metrics`]: metric names (a leaf shared by what counts and what serves).
 //! - [`exporter`]: Prometheus `/metrics` and `/healthz` for polling mode.
 //! - [`telemetry`]: tracing setup, text or JSON lines.
@@ -41,6 +42,7 @@ pub mod exporter;
 pub mod gate;
 pub mod handler;
 pub mod handlers;
+pub mod job;
 pub mod lease;
 pub mod metrics;
 pub mod ops;

@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 use worker::app::App;
 use worker::config::{Cli, Command, Mode, Options, PollArgs, RunArgs};
 use worker::consumer::{Consumer, Settings, Settlement, Stats, Target};
-use worker::execute::Status;
 use worker::exporter::{self, Health};
 use worker::outbox::{self, DrainConfig, DrainStats, Outbox};
+use worker::outcome::Status;
 use worker::queue::{self, QueueService};
 use worker::registry::Registry;
 use worker::task::MAX_TASK_BYTES;
 use worker::webhook::Notifier;
-use worker::{poller, single, telemetry};
+use worker::{job, poller, single, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::try_parse().unwrap_or_else(|e| with_env_tip(e).exit());
@@ -193,7 +193,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
                 anyhow::anyhow!("job mode consumes exactly one queue, but {} are configured (WORKER_CLIENT)", t.len())
             })?;
             let queue = target.queue.name().to_owned();
-            let job = within_budget(poller::job(consumer, target), &shutdown);
+            let job = within_budget(job::run(consumer, target), &shutdown);
             return match job.await? {
                 Ok(None) => {
                     tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
@@ -337,7 +337,7 @@ async fn run_leased(
     Ok(exit_code(&p))
 }
 
-/// Runs `fut`; once `shutdown` fires it gets [`poller::ONE_MESSAGE_SHUTDOWN_BUDGET`]
+/// Runs `fut`; once `shutdown` fires it gets [`job::ONE_MESSAGE_SHUTDOWN_BUDGET`]
 /// more, then the worker gives up (exit 1): what is not settled by then
 /// reappears when its lease expires.
 async fn within_budget<T>(
@@ -349,11 +349,11 @@ async fn within_budget<T>(
         out = &mut fut => return Ok(out),
         () = shutdown.cancelled() => {}
     }
-    match tokio::time::timeout(poller::ONE_MESSAGE_SHUTDOWN_BUDGET, fut).await {
+    match tokio::time::timeout(job::ONE_MESSAGE_SHUTDOWN_BUDGET, fut).await {
         Ok(out) => Ok(out),
         Err(_) => anyhow::bail!(
             "not settled within {}s of the signal; the message reappears when its lease expires",
-            poller::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs()
+            job::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs()
         ),
     }
 }

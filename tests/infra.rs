@@ -3171,7 +3171,7 @@ fn every_kill_budget_covers_the_shutdown_budget() {
 #[test]
 fn the_container_apps_kill_budget_covers_job_mode_shutdown() {
     const DEFAULT_TERMINATION_GRACE_SECS: u64 = 30;
-    let budget = worker::poller::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs() + 1;
+    let budget = worker::job::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs() + 1;
     for file in [
         "infra/containerapps/job.bicep",
         "infra/containerapps/main.bicep",
