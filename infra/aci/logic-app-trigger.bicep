@@ -163,6 +163,15 @@ var shortRetry = {
   interval: 'PT5S'
   maximumInterval: 'PT5S'
 }
+// The drain workflow's requests: nothing there races a visibility timeout,
+// so three retries, 10 s apart and growing. Inside `inputs`, where the
+// Workflow Definition Language reads a retry policy ("Retry policies" in
+// learn.microsoft.com/azure/logic-apps/logic-apps-exception-handling).
+var deliverRetry = {
+  type: 'exponential'
+  count: 3
+  interval: 'PT10S'
+}
 // Only on the poison path: a settled message is the worker's to delete.
 var deleteMessageInputs = {
   host: queueHost
@@ -1481,11 +1490,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
               'x-ms-version': queueApiVersion
             }
             authentication: storageAuth
-          }
-          retryPolicy: {
-            type: 'exponential'
-            count: 3
-            interval: 'PT10S'
+            retryPolicy: deliverRetry
           }
         }
         // 200 with an empty <QueueMessagesList />: nothing due. 404: the
@@ -1582,11 +1587,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                 method: 'GET'
                 uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
                 authentication: armAuth
-              }
-              retryPolicy: {
-                type: 'exponential'
-                count: 3
-                interval: 'PT10S'
+                retryPolicy: deliverRetry
               }
             }
             Route_group: {
@@ -1640,11 +1641,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                                 method: 'DELETE'
                                 uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
                                 authentication: armAuth
-                              }
-                              retryPolicy: {
-                                type: 'exponential'
-                                count: 3
-                                interval: 'PT10S'
+                                retryPolicy: deliverRetry
                               }
                             }
                             Mark_restart: {
@@ -1775,17 +1772,19 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                 ]
               }
               runtimeConfiguration: secureInputsAndOutputs
-              retryPolicy: {
-                type: 'exponential'
-                count: 4
-                interval: 'PT15S'
-                minimumInterval: 'PT10S'
-                maximumInterval: 'PT2M'
-              }
               inputs: {
                 method: 'PUT'
                 uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
                 authentication: armAuth
+                // A create refused for quota or capacity (429, 5xx) is worth
+                // a few patient retries: the drain has no visibility timeout.
+                retryPolicy: {
+                  type: 'exponential'
+                  count: 4
+                  interval: 'PT15S'
+                  minimumInterval: 'PT10S'
+                  maximumInterval: 'PT2M'
+                }
                 body: {
                   location: location
                   tags: union(workerTags, {
