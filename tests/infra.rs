@@ -520,6 +520,7 @@ const FILES: &[&str] = &[
     "infra/modules/keyvault.bicep",
     "infra/modules/monitoring.bicep",
     "infra/modules/container-group.bicep",
+    "infra/modules/dashboard.bicep",
 ];
 
 /// One `{ name, value | secureValue }` entry of a container's environment.
@@ -3541,5 +3542,126 @@ fn workflows_hold_least_privilege() {
                 );
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The task dashboard reads what the binary writes.
+
+/// Every key path of a JSON value (`span.task_type`), objects only.
+fn key_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let serde_json::Value::Object(map) = v {
+        for (k, child) in map {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.insert(path.clone());
+            key_paths(child, &path, out);
+        }
+    }
+}
+
+#[test]
+fn dashboard_queries_read_what_the_binary_writes() {
+    // Real JSON lines: one task that succeeds, one that fails, in the mode
+    // the ACI groups run (single-task; Container Apps' job mode logs the same
+    // lines through the same execute::execute).
+    let mut paths = BTreeSet::new();
+    let mut messages = BTreeSet::new();
+    for task in [
+        r#"{"task_id":"dash-1","task_type":"echo","payload":{"n":1}}"#,
+        r#"{"task_id":"dash-2","task_type":"fail","payload":{"message":"boom"}}"#,
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TASK_DATA", task)
+            .env("WORKER_LOG_FORMAT", "json")
+            .arg("run")
+            .output()
+            .expect("run the worker");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        for line in text.lines().filter(|l| l.starts_with('{')) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            key_paths(&v, "", &mut paths);
+            if let Some(m) = v.get("message").and_then(|m| m.as_str()) {
+                messages.insert(m.to_owned());
+            }
+        }
+    }
+    assert!(messages.contains("task succeeded") && messages.contains("task did not succeed"));
+
+    // Message texts the two runs cannot produce (they need a queue) must be
+    // tracing messages in the source, word for word.
+    let mut source = String::new();
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("src")).expect("src")
+    {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            source += &std::fs::read_to_string(path).expect("source");
+        }
+    }
+
+    let dashboard = Bicep::load("infra/modules/dashboard.bicep");
+    let queries: Vec<(&String, &str)> = dashboard
+        .vars
+        .iter()
+        .filter(|(name, _)| name.ends_with("Query"))
+        .map(|(name, v)| (name, v.template().expect("query text")))
+        .collect();
+    assert!(queries.len() >= 5, "the dashboard has its queries");
+    let mut checked = 0;
+    for (name, query) in &queries {
+        // Every `log.<path>` is a field the binary writes.
+        for (i, _) in query.match_indices("log.") {
+            let before = query[..i].chars().last().unwrap_or(' ');
+            if before.is_alphanumeric() || before == '_' {
+                continue;
+            }
+            let field: String = query[i + 4..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+                .collect();
+            let field = field.trim_end_matches('.');
+            assert!(
+                paths.contains(field),
+                "{name}: log.{field} is not a field of the worker's JSON lines ({paths:?})"
+            );
+            checked += 1;
+        }
+        // Every message text compared with log.message is one it writes.
+        let marker = "tostring(log.message) in (";
+        if let Some(at) = query.find(marker) {
+            let rest = &query[at + marker.len()..];
+            let list = &rest[..rest.find(')').expect("closed list")];
+            for text in list.split(',').map(|t| t.trim().trim_matches('"')) {
+                assert!(
+                    messages.contains(text) || source.contains(&format!("\"{text}\"")),
+                    "{name}: the worker never logs {text:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 10, "only {checked} references checked");
+
+    // The lines come from the tables both paths write, with the same columns
+    // the READMEs' queries use; both deployments include the dashboard.
+    let lines = dashboard.var("linesQuery").template().expect("linesQuery");
+    assert!(lines.contains("ContainerInstanceLog_CL | project TimeGenerated, Line = Message"));
+    assert!(lines.contains("ContainerAppConsoleLogs_CL | project TimeGenerated, Line = Log_s"));
+    for file in ["infra/aci/main.bicep", "infra/containerapps/main.bicep"] {
+        let main = Bicep::load(file);
+        assert_eq!(
+            main.module("../modules/dashboard.bicep")
+                .body
+                .at(&["params", "workspaceId"]),
+            &Value::Expr("monitoring.outputs.workspaceId".into()),
+            "{file}"
+        );
     }
 }

@@ -163,6 +163,17 @@ module monitoring '../modules/monitoring.bicep' = {
   }
 }
 
+// The task dashboard (an Azure Monitor workbook on the worker's log lines).
+module dashboard '../modules/dashboard.bicep' = {
+  name: 'dashboard-${client}'
+  params: {
+    client: client
+    location: location
+    tags: allTags
+    workspaceId: monitoring.outputs.workspaceId
+  }
+}
+
 // Read back here (not output by the module) so the key only ever travels into
 // a secure parameter.
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
