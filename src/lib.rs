@@ -24,7 +24,8 @@
 //! - [`app`]: the shared parts (registry + notifier) handed to every mode.
 //! - [`single`]: single-task mode (`TASK_DATA`, `worker run`).
 //! - [`queue`]: Azure Storage Queue access: settings, auth (Shared Key, SAS, managed identity), typed errors.
-//! - [`ops`]: operator commands on the queues: `enqueue`, `check`, `poison list|replay`.
+//! - [`ops`]: operator commands on the queues: `enqueue`, `check`.
+//! - [`poison`]: `poison list|replay`, for tasks and (`--webhooks`) for undeliverable webhooks.
 //! - [`lease`]: a received message's lease: renewal, the newest pop receipt, delete / release / retry / poison.
 //! - [`consumer`]: one received message: run, report (deliver or outbox), settle; shared by poller and job mode.
 //! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown).
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod ops;
 pub mod outbox;
 pub mod outcome;
+pub mod poison;
 pub mod poller;
 pub mod queue;
 pub mod registry;
