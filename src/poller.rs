@@ -5,23 +5,29 @@
 //! message it cannot start at once: a receive asks for at most as many
 //! messages as there are free slots, and waits until half the slots are free
 //! before asking again (as the Azure Functions queue trigger does), so no
-//! message sits leased but idle while others could take it.
+//! message sits leased but idle while others could take it. A task frees its
+//! slot when its handler is done; its webhook is delivered beside the running
+//! tasks, and receiving also waits while the delivery backlog is full.
 //!
 //! Empty queues back off exponentially from 100 ms to `WORKER_MAX_POLL_INTERVAL`
 //! (randomized, per queue) and snap back on the first message; failing queue
-//! calls back off up to 10 s and never stop the loop.
+//! calls back off up to 10 s and never stop the loop. That bookkeeping is
+//! [`Schedule`], plain state a unit test drives with paused time; [`run`] is
+//! a loop over [`Poller::step`], one receive (or one wait) per step.
 //!
 //! Shutdown: the `shutdown` token stops receiving; running tasks get
-//! `WORKER_SHUTDOWN_GRACE`, then are cancelled and their messages released
-//! (visibility 0) for another worker. Messages brought by a receive that was
-//! in flight when the signal came are released without being started.
+//! `WORKER_SHUTDOWN_GRACE` from the signal, then are cancelled and their
+//! messages released (visibility 0) for another worker, pending webhooks are
+//! handed to the outbox, and settling gets [`SETTLE_MARGIN`] more. Messages
+//! brought by a receive that was in flight when the signal came are released
+//! without being started.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::consumer::{self, Consumer, RunSlot, Stats, Target};
 use crate::exporter::Health;
 use crate::outbox::{self, DrainConfig};
-use crate::queue::QueueError;
+use crate::queue::{Message, QueueError};
 
 /// The first pause after an empty receive.
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -40,12 +46,6 @@ pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(10);
 /// stays within WORKER_SHUTDOWN_GRACE plus a few seconds whatever is running
 /// (the platforms' kill budgets are checked against this in tests/infra.rs).
 pub const SETTLE_MARGIN: Duration = Duration::from_secs(4);
-/// From SIGTERM to exit in job mode and for a held single task: the task is
-/// cancelled at once (execute gives it 2 s), webhook requests in flight are
-/// given up and handed to the outbox, and settling gets [`SETTLE_MARGIN`].
-/// Container Apps' default termination grace (30 s) covers it with room
-/// (tests/infra.rs).
-pub const ONE_MESSAGE_SHUTDOWN_BUDGET: Duration = Duration::from_secs(2 + SETTLE_MARGIN.as_secs());
 /// Least time a receive in flight at shutdown gets to bring its answer.
 const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 
@@ -96,15 +96,100 @@ impl Summary {
     }
 }
 
-/// Per-queue polling state.
-struct Slot {
-    target: Target,
+/// One queue's polling state.
+#[derive(Clone, Debug)]
+struct QueueState {
     next_poll: Instant,
     /// Current empty-queue pause (0 = poll again at once).
     idle_backoff: Duration,
     error_backoff: Duration,
     /// When the last receive came back empty (`None`: it did not).
     empty_at: Option<Instant>,
+}
+
+/// When each queue is polled next. No I/O: the poller reports what each
+/// receive brought and asks which queue is due.
+#[derive(Debug)]
+pub struct Schedule {
+    queues: Vec<QueueState>,
+    /// Where the round-robin among queues due at the same time resumes.
+    cursor: usize,
+    max_poll_interval: Duration,
+}
+
+impl Schedule {
+    pub fn new(queues: usize, max_poll_interval: Duration) -> Self {
+        let now = Instant::now();
+        let state = QueueState {
+            next_poll: now,
+            idle_backoff: Duration::ZERO,
+            error_backoff: Duration::ZERO,
+            empty_at: None,
+        };
+        Self {
+            queues: vec![state; queues],
+            cursor: 0,
+            max_poll_interval,
+        }
+    }
+
+    /// The queue due first and when; ties go round-robin from the last pick,
+    /// so no client's queue waits behind another's.
+    pub fn next(&self) -> Option<(usize, Instant)> {
+        let n = self.queues.len();
+        (0..n)
+            .map(|k| (self.cursor + k) % n)
+            .min_by_key(|&i| self.queues[i].next_poll)
+            .map(|i| (i, self.queues[i].next_poll))
+    }
+
+    /// Queue `i` is being polled now.
+    pub fn picked(&mut self, i: usize) {
+        self.cursor = (i + 1) % self.queues.len().max(1);
+    }
+
+    /// Queue `i` answered empty: back off (randomized, doubling, capped).
+    pub fn empty(&mut self, i: usize) -> Duration {
+        let max = self.max_poll_interval;
+        let q = &mut self.queues[i];
+        q.empty_at = Some(Instant::now());
+        q.error_backoff = Duration::ZERO;
+        q.idle_backoff = grow(q.idle_backoff, MIN_POLL_INTERVAL, max);
+        q.next_poll = Instant::now() + q.idle_backoff;
+        q.idle_backoff
+    }
+
+    /// Queue `i` brought messages: poll it again as soon as there is room.
+    pub fn brought(&mut self, i: usize) {
+        let q = &mut self.queues[i];
+        q.empty_at = None;
+        q.error_backoff = Duration::ZERO;
+        q.idle_backoff = Duration::ZERO;
+        q.next_poll = Instant::now();
+    }
+
+    /// A call to queue `i` failed: back off up to [`MAX_ERROR_BACKOFF`].
+    pub fn failed(&mut self, i: usize) -> Duration {
+        let q = &mut self.queues[i];
+        q.empty_at = None;
+        q.error_backoff = grow(q.error_backoff, MIN_POLL_INTERVAL, MAX_ERROR_BACKOFF);
+        q.next_poll = Instant::now() + q.error_backoff;
+        q.error_backoff
+    }
+
+    /// Every queue answered empty after `since`.
+    pub fn all_empty_since(&self, since: Instant) -> bool {
+        self.queues
+            .iter()
+            .all(|q| q.empty_at.is_some_and(|t| t > since))
+    }
+
+    /// Poll every queue no later than `at`.
+    pub fn poll_by(&mut self, at: Instant) {
+        for q in &mut self.queues {
+            q.next_poll = q.next_poll.min(at);
+        }
+    }
 }
 
 /// The randomized exponential step: double (×1–2 randomized), capped.
@@ -114,6 +199,261 @@ fn grow(current: Duration, min: Duration, max: Duration) -> Duration {
     }
     let factor = rand::rng().random_range(1.0..2.0);
     current.mul_f64(2.0 * factor / 1.5).max(min).min(max)
+}
+
+/// Whether the loop goes on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Continue,
+    Stop,
+}
+
+/// The receive loop's state: what one [`Poller::step`] needs.
+pub struct Poller {
+    consumer: Arc<Consumer>,
+    targets: Vec<Target>,
+    cfg: Config,
+    health: Arc<Health>,
+    schedule: Schedule,
+    slots: Arc<Semaphore>,
+    /// Half the slots (all, with one): when to ask for more messages.
+    refill_at: usize,
+    tracker: TaskTracker,
+    /// Fires WORKER_SHUTDOWN_GRACE after the signal: tasks are cancelled.
+    tasks_cancel: CancellationToken,
+    /// When the last task was settled: "empty" only counts for receives after
+    /// it, since a settled task may have made its message visible again.
+    last_settled: Arc<Mutex<Instant>>,
+    started: u64,
+}
+
+impl Poller {
+    fn new(
+        consumer: Arc<Consumer>,
+        targets: Vec<Target>,
+        cfg: Config,
+        health: Arc<Health>,
+    ) -> Self {
+        let tasks_cancel = CancellationToken::new();
+        // Cancelled WORKER_SHUTDOWN_GRACE after the signal, wherever the loop
+        // is then: running tasks are cancelled (and released), webhook
+        // requests in flight are given up (and handed to the outbox).
+        tokio::spawn({
+            let (shutdown, grace_over, grace) = (
+                consumer.shutdown.clone(),
+                tasks_cancel.clone(),
+                cfg.shutdown_grace,
+            );
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+                grace_over.cancel();
+            }
+        });
+        Self {
+            schedule: Schedule::new(targets.len(), cfg.max_poll_interval),
+            slots: Arc::new(Semaphore::new(cfg.concurrency)),
+            refill_at: cfg.concurrency.div_ceil(2).max(1),
+            tracker: TaskTracker::new(),
+            last_settled: Arc::new(Mutex::new(Instant::now())),
+            started: 0,
+            consumer,
+            targets,
+            cfg,
+            health,
+            tasks_cancel,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.slots.available_permits() == self.cfg.concurrency
+    }
+
+    fn freed(&self) -> Arc<Notify> {
+        self.consumer.freed.clone()
+    }
+
+    /// One turn of the loop: wait for room or for the next queue to be due,
+    /// or receive from it and start what it brought.
+    pub async fn step(&mut self) -> Step {
+        let shutdown = self.consumer.shutdown.clone();
+        if shutdown.is_cancelled() || self.cfg.max_tasks.is_some_and(|m| self.started >= m) {
+            return Step::Stop;
+        }
+        let settled = self
+            .last_settled
+            .lock()
+            .map_or_else(|p| *p.into_inner(), |g| *g);
+        if self.cfg.exit_when_empty && self.idle() && self.schedule.all_empty_since(settled) {
+            tracing::info!("all queues are empty and nothing is running; exiting");
+            return Step::Stop;
+        }
+        // Wait for half the slots to be free and for room in the delivery
+        // backlog. Waiting by choice is healthy.
+        if self.slots.available_permits() < self.refill_at || !self.consumer.backlog_has_room() {
+            let freed = self.freed();
+            tokio::select! {
+                () = freed.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => return Step::Stop,
+            }
+            self.health.progress();
+            return Step::Continue;
+        }
+        let Some((i, due)) = self.schedule.next() else {
+            return Step::Stop;
+        };
+        if due > Instant::now() {
+            return self.wait_until(due).await;
+        }
+        self.schedule.picked(i);
+        let free = self.slots.available_permits() as u64;
+        let remaining = self.cfg.max_tasks.map_or(u64::MAX, |m| m - self.started);
+        let want = u64::from(self.cfg.batch_size)
+            .min(free)
+            .min(remaining)
+            .max(1) as u8;
+        let Some(received) = self.receive(i, want).await else {
+            return Step::Stop;
+        };
+        match received {
+            Ok(messages) if !messages.is_empty() && shutdown.is_cancelled() => {
+                for msg in &messages {
+                    consumer::release_unstarted(&self.targets[i], msg, &self.consumer.stats).await;
+                }
+                Step::Stop
+            }
+            Ok(messages) if messages.is_empty() => {
+                let backoff = self.schedule.empty(i);
+                tracing::trace!(queue = %self.targets[i].queue.name(), backoff_ms = backoff.as_millis() as u64, "queue empty");
+                Step::Continue
+            }
+            Ok(messages) => {
+                self.schedule.brought(i);
+                self.start(i, messages);
+                Step::Continue
+            }
+            Err(e) => {
+                self.receive_failed(i, e).await;
+                Step::Continue
+            }
+        }
+    }
+
+    /// Sleeps until `due`. A finished task wakes the loop early with
+    /// --exit-when-empty: at once when it was the last one running, since
+    /// only a receive after it can end the run.
+    async fn wait_until(&mut self, due: Instant) -> Step {
+        let (shutdown, freed) = (self.consumer.shutdown.clone(), self.freed());
+        tokio::select! {
+            () = tokio::time::sleep_until(due) => {}
+            () = shutdown.cancelled() => return Step::Stop,
+            () = freed.notified(), if self.cfg.exit_when_empty => {
+                let soon = if self.idle() {
+                    Instant::now()
+                } else {
+                    Instant::now() + MIN_POLL_INTERVAL
+                };
+                self.schedule.poll_by(soon);
+            }
+        }
+        Step::Continue
+    }
+
+    /// Receives from queue `i`. A receive in flight is not abandoned on
+    /// shutdown: the service may already have leased messages to it, and
+    /// dropping the answer would hide them for the whole visibility timeout.
+    /// Its answer is awaited (for at most the grace) and what it brings is
+    /// handed back by the caller; `None` when even that ran out.
+    async fn receive(&mut self, i: usize, want: u8) -> Option<Result<Vec<Message>, QueueError>> {
+        let shutdown = self.consumer.shutdown.clone();
+        let receive = self.targets[i]
+            .queue
+            .receive(want, self.consumer.settings.visibility_timeout);
+        tokio::pin!(receive);
+        let received = tokio::select! {
+            r = &mut receive => r,
+            () = shutdown.cancelled() => {
+                let bound = self.cfg.shutdown_grace.max(RECEIVE_ON_SHUTDOWN);
+                tokio::time::timeout(bound, &mut receive).await.ok()?
+            }
+        };
+        if received.is_ok() {
+            self.health.progress();
+        }
+        Some(received)
+    }
+
+    /// Starts one task per message, each holding a slot until its handler is done.
+    fn start(&mut self, i: usize, messages: Vec<Message>) {
+        for msg in messages {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                // Cannot happen (we asked for at most the free slots); if it
+                // did, the message reappears after its lease.
+                tracing::error!(message_id = %msg.id, "no free slot for a received message; leaving it to its lease");
+                continue;
+            };
+            self.started += 1;
+            let (consumer, target) = (self.consumer.clone(), self.targets[i].clone());
+            let run_slot = RunSlot::new(permit, self.freed());
+            let (cancel, last_settled) = (self.tasks_cancel.clone(), self.last_settled.clone());
+            self.tracker.spawn(async move {
+                let _ = consumer::process_message(consumer, target, msg, cancel, run_slot).await;
+                if let Ok(mut t) = last_settled.lock() {
+                    *t = Instant::now();
+                }
+            });
+        }
+    }
+
+    async fn receive_failed(&mut self, i: usize, e: QueueError) {
+        let target = &self.targets[i];
+        self.consumer.stats.queue_error(target.queue.name());
+        let retry_in_ms = self.schedule.failed(i).as_millis() as u64;
+        let queue = target.queue.name().to_owned();
+        if let QueueError::QueueNotFound { .. } = e {
+            tracing::warn!(%queue, "queue disappeared; creating it again");
+            if let Err(e) = target.queue.create_if_missing().await {
+                tracing::warn!(%queue, error = %e, "cannot create queue");
+            }
+            let _ = target.poison.create_if_missing().await;
+        } else if e.is_transient() {
+            tracing::warn!(%queue, error = %e, retry_in_ms, "receive failed; retrying");
+        } else {
+            tracing::error!(%queue, error = %e, retry_in_ms, "receive failed; retrying");
+        }
+    }
+
+    /// After the loop: wait for the running tasks (and their webhooks); once
+    /// the grace is over, give settling [`SETTLE_MARGIN`] and no more.
+    async fn drain_tasks(&self) {
+        self.tracker.close();
+        if self.tracker.is_empty() {
+            return;
+        }
+        // Without a signal (--exit-when-empty, --max-tasks) the tasks finish
+        // in their own time; a signal starts the grace whenever it comes.
+        tracing::info!(
+            in_flight = self.tracker.len(),
+            grace_s = self.cfg.shutdown_grace.as_secs_f64(),
+            "waiting for running tasks (and their webhooks)"
+        );
+        tokio::select! {
+            () = self.tracker.wait() => {}
+            () = self.tasks_cancel.cancelled() => {
+                tracing::warn!(
+                    in_flight = self.tracker.len(),
+                    "grace period over; cancelling running tasks (their messages are released) and handing pending webhooks to the outbox"
+                );
+                if tokio::time::timeout(SETTLE_MARGIN, self.tracker.wait()).await.is_err() {
+                    tracing::error!(
+                        unsettled = self.tracker.len(),
+                        "messages not settled within the shutdown budget; they reappear when their leases expire"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Runs until the consumer's shutdown token fires (or the stop conditions in
@@ -127,21 +467,7 @@ pub async fn run(
 ) -> Summary {
     let shutdown = consumer.shutdown.clone();
     let stats = consumer.stats.clone();
-    let finished = consumer.freed.clone();
-    // Cancelled WORKER_SHUTDOWN_GRACE after the signal, wherever the loop is
-    // then: running tasks are cancelled (and released), webhook requests in
-    // flight are given up (and handed to the outbox).
-    let tasks_cancel = CancellationToken::new();
-    tokio::spawn({
-        let (shutdown, grace_over, grace) =
-            (shutdown.clone(), tasks_cancel.clone(), cfg.shutdown_grace);
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-            grace_over.cancel();
-        }
-    });
-    let drain = tokio::spawn(outbox::run(
+    let mut drain = tokio::spawn(outbox::run(
         consumer.app.notifier.clone(),
         targets.iter().map(|t| t.outbox.clone()).collect(),
         DrainConfig {
@@ -152,200 +478,15 @@ pub async fn run(
         },
         shutdown.clone(),
     ));
-    let semaphore = Arc::new(Semaphore::new(cfg.concurrency));
-    let tracker = TaskTracker::new();
-    // When the last task was settled: "empty" only counts for receives after
-    // it, since a settled task may have made its message visible again.
-    let last_settled = Arc::new(std::sync::Mutex::new(Instant::now()));
-    let now = Instant::now();
-    let mut slots: Vec<Slot> = targets
-        .into_iter()
-        .map(|target| Slot {
-            target,
-            next_poll: now,
-            idle_backoff: Duration::ZERO,
-            error_backoff: Duration::ZERO,
-            empty_at: None,
-        })
-        .collect();
-    let mut cursor = 0usize;
-    let mut started: u64 = 0;
-    let refill_at = cfg.concurrency.div_ceil(2).max(1);
     let summary_task = tokio::spawn(summary_loop(
         stats.clone(),
         cfg.summary_every,
         shutdown.clone(),
     ));
-
-    'receive: loop {
-        if shutdown.is_cancelled() || cfg.max_tasks.is_some_and(|m| started >= m) {
-            break;
-        }
-        let settled = last_settled.lock().map_or_else(|p| *p.into_inner(), |g| *g);
-        // Nothing is running once every permit is back. (The tracker counts a
-        // task until it has also signalled `finished`, a moment later.)
-        let idle = semaphore.available_permits() == cfg.concurrency;
-        if cfg.exit_when_empty
-            && idle
-            && slots
-                .iter()
-                .all(|s| s.empty_at.is_some_and(|t| t > settled))
-        {
-            tracing::info!("all queues are empty and nothing is running; exiting");
-            break;
-        }
-        // Wait for half the slots (or all, when concurrency is 1) to be free,
-        // and for room in the delivery backlog. Waiting by choice is healthy.
-        while semaphore.available_permits() < refill_at || !consumer.backlog_has_room() {
-            tokio::select! {
-                () = finished.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = shutdown.cancelled() => break 'receive,
-            }
-            health.progress();
-        }
-        // The queue due first; ties go round-robin from `cursor` for fairness.
-        let n = slots.len();
-        let Some(i) = (0..n)
-            .map(|k| (cursor + k) % n)
-            .min_by_key(|&i| slots[i].next_poll)
-        else {
-            break;
-        };
-        let due = slots[i].next_poll;
-        if due > Instant::now() {
-            tokio::select! {
-                () = tokio::time::sleep_until(due) => {}
-                () = shutdown.cancelled() => break,
-                // A task finished: with exit_when_empty, poll again to see
-                // whether the queue is really drained; at once when it was
-                // the last one running, since only that receive can end the run.
-                () = finished.notified(), if cfg.exit_when_empty => {
-                    let soon = if semaphore.available_permits() == cfg.concurrency {
-                        Instant::now()
-                    } else {
-                        Instant::now() + MIN_POLL_INTERVAL
-                    };
-                    for s in &mut slots {
-                        s.next_poll = s.next_poll.min(soon);
-                    }
-                }
-            }
-            continue;
-        }
-        cursor = (i + 1) % n;
-        let free = semaphore.available_permits() as u64;
-        let remaining = cfg.max_tasks.map_or(u64::MAX, |m| m - started);
-        let want = u64::from(cfg.batch_size).min(free).min(remaining).max(1) as u8;
-        let slot = &mut slots[i];
-        // A receive in flight is not abandoned on shutdown: the service may
-        // already have leased messages to it, and dropping the answer would
-        // hide them for the whole visibility timeout. Its answer is awaited
-        // (for at most the grace) and what it brings is handed back below.
-        let receive = slot
-            .target
-            .queue
-            .receive(want, consumer.settings.visibility_timeout);
-        tokio::pin!(receive);
-        let received = tokio::select! {
-            r = &mut receive => r,
-            () = shutdown.cancelled() => {
-                match tokio::time::timeout(cfg.shutdown_grace.max(RECEIVE_ON_SHUTDOWN), &mut receive).await {
-                    Ok(r) => r,
-                    Err(_) => break,
-                }
-            }
-        };
-        if received.is_ok() {
-            health.progress();
-        }
-        match received {
-            Ok(messages) if !messages.is_empty() && shutdown.is_cancelled() => {
-                for msg in &messages {
-                    consumer::release_unstarted(&slot.target, msg, &stats).await;
-                }
-                break;
-            }
-            Ok(messages) if messages.is_empty() => {
-                slot.empty_at = Some(Instant::now());
-                slot.error_backoff = Duration::ZERO;
-                slot.idle_backoff =
-                    grow(slot.idle_backoff, MIN_POLL_INTERVAL, cfg.max_poll_interval);
-                slot.next_poll = Instant::now() + slot.idle_backoff;
-                tracing::trace!(queue = %slot.target.queue.name(), backoff_ms = slot.idle_backoff.as_millis() as u64, "queue empty");
-            }
-            Ok(messages) => {
-                slot.empty_at = None;
-                slot.error_backoff = Duration::ZERO;
-                slot.idle_backoff = Duration::ZERO;
-                slot.next_poll = Instant::now();
-                for msg in messages {
-                    let Ok(permit) = semaphore.clone().try_acquire_owned() else {
-                        // Cannot happen (we asked for at most `free`); if it
-                        // did, the message reappears after its lease.
-                        tracing::error!(message_id = %msg.id, "no free slot for a received message; leaving it to its lease");
-                        continue;
-                    };
-                    started += 1;
-                    let (consumer, target) = (consumer.clone(), slot.target.clone());
-                    let run_slot = RunSlot::new(permit, finished.clone());
-                    let (cancel, last_settled) = (tasks_cancel.clone(), last_settled.clone());
-                    tracker.spawn(async move {
-                        let _ = consumer::process_message(consumer, target, msg, cancel, run_slot)
-                            .await;
-                        if let Ok(mut t) = last_settled.lock() {
-                            *t = Instant::now();
-                        }
-                    });
-                }
-            }
-            Err(e) => {
-                stats.queue_error(slot.target.queue.name());
-                slot.empty_at = None;
-                slot.error_backoff = grow(slot.error_backoff, MIN_POLL_INTERVAL, MAX_ERROR_BACKOFF);
-                slot.next_poll = Instant::now() + slot.error_backoff;
-                let queue = slot.target.queue.name().to_owned();
-                if let QueueError::QueueNotFound { .. } = e {
-                    tracing::warn!(%queue, "queue disappeared; creating it again");
-                    if let Err(e) = slot.target.queue.create_if_missing().await {
-                        tracing::warn!(%queue, error = %e, "cannot create queue");
-                    }
-                    let _ = slot.target.poison.create_if_missing().await;
-                } else if e.is_transient() {
-                    tracing::warn!(%queue, error = %e, retry_in_ms = slot.error_backoff.as_millis() as u64, "receive failed; retrying");
-                } else {
-                    tracing::error!(%queue, error = %e, retry_in_ms = slot.error_backoff.as_millis() as u64, "receive failed; retrying");
-                }
-            }
-        }
-    }
-
-    tracker.close();
-    if !tracker.is_empty() {
-        // Without a signal (--exit-when-empty, --max-tasks) the tasks finish
-        // in their own time; a signal starts the grace whenever it comes.
-        tracing::info!(
-            in_flight = tracker.len(),
-            grace_s = cfg.shutdown_grace.as_secs_f64(),
-            "waiting for running tasks (and their webhooks)"
-        );
-        tokio::select! {
-            () = tracker.wait() => {}
-            () = tasks_cancel.cancelled() => {
-                tracing::warn!(
-                    in_flight = tracker.len(),
-                    "grace period over; cancelling running tasks (their messages are released) and handing pending webhooks to the outbox"
-                );
-                if tokio::time::timeout(SETTLE_MARGIN, tracker.wait()).await.is_err() {
-                    tracing::error!(
-                        unsettled = tracker.len(),
-                        "messages not settled within the shutdown budget; they reappear when their leases expire"
-                    );
-                }
-            }
-        }
-    }
-    let mut drain = drain;
+    let mut poller = Poller::new(consumer, targets, cfg, health);
+    while poller.step().await == Step::Continue {}
+    poller.drain_tasks().await;
+    let tasks_cancel = poller.tasks_cancel.clone();
     tokio::select! {
         joined = &mut drain => {
             if let Err(e) = joined {
@@ -408,5 +549,52 @@ mod tests {
             d = next;
         }
         assert_eq!(d, max);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_queue_backs_off_to_the_cap_and_a_message_snaps_it_back() {
+        let max = Duration::from_secs(5);
+        let mut s = Schedule::new(1, max);
+        let mut waits = Vec::new();
+        for _ in 0..20 {
+            let (i, due) = s.next().unwrap();
+            tokio::time::sleep_until(due).await;
+            s.picked(i);
+            waits.push(s.empty(i));
+        }
+        assert_eq!(waits[0], MIN_POLL_INTERVAL);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), max);
+        let before = Instant::now();
+        assert!(s.all_empty_since(before - Duration::from_millis(1)));
+        s.brought(0);
+        assert_eq!(s.next().unwrap().1, Instant::now(), "polled again at once");
+        assert!(!s.all_empty_since(before));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queues_due_together_take_turns_and_errors_back_off_to_ten_seconds() {
+        let mut s = Schedule::new(3, Duration::from_secs(30));
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let (i, _) = s.next().unwrap();
+            s.picked(i);
+            s.brought(i);
+            order.push(i);
+        }
+        assert_eq!(order, [0, 1, 2, 0, 1, 2]);
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = s.failed(1);
+        }
+        assert_eq!(last, MAX_ERROR_BACKOFF);
+        // The failing queue waits; the others are polled meanwhile.
+        let (i, _) = s.next().unwrap();
+        assert_ne!(i, 1);
+        tokio::time::advance(MAX_ERROR_BACKOFF).await;
+        s.brought(0);
+        s.brought(2);
+        s.poll_by(Instant::now());
+        assert!(s.next().is_some());
     }
 }
