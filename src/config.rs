@@ -43,7 +43,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run one task from --task, --task-file or TASK_DATA (local debugging).
+    /// Run one task from --task, --task-file or TASK_DATA; with none of them, a built-in example echo task.
     Run(RunArgs),
     /// Poll the client queue(s) until stopped (the default without TASK_DATA).
     Poll(PollArgs),

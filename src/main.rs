@@ -109,6 +109,9 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         });
     }
 
+    // Unlike other settings, an empty TASK_DATA is not "unset": a container
+    // started to run one task whose data went missing must fail loudly
+    // (exit 1, "task data is empty"), never turn into a poller.
     let task_data = std::env::var_os("TASK_DATA").map(OsStringExt::into_vec);
     // `worker run` always runs one task; bare `worker` only in auto mode
     // (WORKER_MODE=poll or job ignores a stray TASK_DATA).
@@ -453,7 +456,13 @@ fn build_registry(opts: &Options) -> anyhow::Result<Registry> {
     }
 }
 
-/// The task for `worker run`: --task, --task-file (or `-` for stdin), else TASK_DATA.
+/// What `worker run` runs when given no task: an echo, so a newcomer sees a
+/// whole run (decode, execute, outcome event on stdout) with nothing set up.
+const EXAMPLE_TASK: &str =
+    r#"{"task_id":"example-1","task_type":"echo","payload":{"hello":"world"}}"#;
+
+/// The task for `worker run`: --task, --task-file (or `-` for stdin), else
+/// TASK_DATA, else [`EXAMPLE_TASK`].
 fn read_run_input(args: &RunArgs, task_data: Option<Vec<u8>>) -> anyhow::Result<Vec<u8>> {
     if let Some(t) = &args.task {
         return Ok(t.clone().into_bytes());
@@ -475,7 +484,10 @@ fn read_run_input(args: &RunArgs, task_data: Option<Vec<u8>>) -> anyhow::Result<
         }
         return Ok(buf);
     }
-    task_data.context("`worker run` needs --task, --task-file or TASK_DATA")
+    Ok(task_data.unwrap_or_else(|| {
+        tracing::info!("no --task, --task-file or TASK_DATA: running the built-in example task");
+        EXAMPLE_TASK.as_bytes().to_vec()
+    }))
 }
 
 /// First SIGTERM/SIGINT cancels `token`; a second one exits at once.

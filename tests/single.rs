@@ -1339,3 +1339,14 @@ fn url_query_tokens_stay_out_of_logs_when_requests_fail() {
         "{uris:?}"
     );
 }
+
+#[test]
+fn worker_run_without_a_task_runs_the_built_in_example() {
+    // README's first command: no TASK_DATA, no --task, no Azure account.
+    let out = Worker::new().arg("run").run();
+    out.assert_code(0);
+    let event = out.event();
+    assert_eq!(event["type"], "task.succeeded", "{}", out.describe());
+    assert_eq!(event["data"]["task_id"], "example-1");
+    assert_eq!(event["data"]["result"], json!({"hello": "world"}));
+}
