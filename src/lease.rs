@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::queue::{Message, Queue, QueueError};
+use crate::retry::{self, Decision};
 
 /// How a message was settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,25 +262,26 @@ async fn renew(
     }
 }
 
-/// Retries a settlement call a few times on transient errors.
+/// Retries a settlement call a few times on transient errors (0.2, 0.4,
+/// 0.8, 1.6 s apart: about 3 s of waiting, so settling fits the shutdown
+/// margin).
 pub async fn settle_call<T, F, Fut>(mut op: F) -> Result<T, QueueError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, QueueError>>,
 {
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(e) if e.is_transient() && attempt < 5 => {
-                tracing::warn!(error = %e, attempt, "queue call failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                attempt += 1;
-            }
-            other => return other,
+    let delays = [200, 400, 800, 1600].map(Duration::from_millis);
+    let decide = |e: &QueueError| {
+        if e.is_transient() {
+            tracing::warn!(error = %e, "queue call failed; retrying");
+            Decision::Retry
+        } else {
+            Decision::Stop
         }
-    }
+    };
+    retry::run(delays, |_| op(), decide, &CancellationToken::new())
+        .await
+        .map_err(|gave_up| gave_up.error)
 }
 
 fn lost() -> Settlement {

@@ -19,6 +19,7 @@
 //! - [`execute`]: the only place a handler runs: lookup, timeout, cancellation, panics.
 //! - [`egress`]: where task-supplied URLs may go (no metadata service, no private hosts).
 //! - [`webhook`]: Standard Webhooks delivery: stable ids, signing, the in-process attempts.
+//! - [`retry`]: the one in-process retry loop (delays as data, a "should retry" predicate, a stop token).
 //! - [`gate`]: how many webhook requests may be in flight, and at most half of them to one host.
 //! - [`outbox`]: `<client>-webhooks`, where undelivered outcomes wait (for about a day) and are drained from.
 //! - [`app`]: the shared parts (registry + notifier) handed to every mode.
@@ -53,6 +54,7 @@ pub mod poison;
 pub mod poller;
 pub mod queue;
 pub mod registry;
+pub mod retry;
 pub mod secret;
 pub mod single;
 pub mod task;

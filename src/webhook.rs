@@ -33,6 +33,7 @@ use crate::egress::{
 };
 use crate::gate::HostGate;
 use crate::outcome::{Outcome, Status};
+use crate::retry::{self, Decision, GaveUp};
 
 /// A Standard Webhooks signing secret: `whsec_` + base64 of 24–64 bytes.
 #[derive(Clone)]
@@ -352,63 +353,59 @@ impl Notifier {
     ) -> Result<Delivery, WebhookError> {
         let body = serde_json::to_string(event).map_err(|e| WebhookError::Client(e.to_string()))?;
         let webhook_id = event.webhook_id();
-        let attempts = self.retry.attempts.max(1);
-        let mut last = String::new();
-        for attempt in 1..=attempts {
-            if attempt > 1 && stop.is_cancelled() {
-                return Err(WebhookError::Stopped {
-                    attempts: attempt - 1,
-                    last,
-                });
-            }
-            let sent = tokio::select! {
-                sent = self.send(url, &webhook_id, &body) => sent,
-                () = abort.cancelled() => {
-                    return Err(WebhookError::Stopped {
-                        attempts: attempt - 1,
+        let delays: Vec<Duration> = (1..self.retry.attempts.max(1))
+            .map(|n| self.retry.backoff(n))
+            .collect();
+        let attempt = |n: u32| {
+            let (webhook_id, body) = (&webhook_id, &body);
+            async move {
+                if n > 1 {
+                    count(results::RETRIED);
+                }
+                // Past the shutdown budget the request in flight is given up
+                // (`abort` fires only after `stop`, so no retry follows).
+                let sent = tokio::select! {
+                    sent = self.send(url, webhook_id, body) => sent,
+                    () = abort.cancelled() => Err(AttemptError::Retryable {
                         last: "the shutdown budget ran out during the request".into(),
-                    });
-                }
-            };
-            let retry_after = match sent {
-                Ok(status) => {
-                    return Ok(Delivery {
-                        webhook_id,
-                        attempts: attempt,
-                        status,
-                    })
-                }
-                Err(AttemptError::Refused(e)) => return Err(WebhookError::Refused(e)),
-                Err(AttemptError::Client(e)) => return Err(WebhookError::Client(e)),
-                // The backend said no; the outbox asks again later, on its
-                // longer schedule, rather than hammering it now.
-                Err(AttemptError::Rejected { status, body }) => {
-                    return Err(WebhookError::Rejected { status, body })
-                }
-                Err(AttemptError::Retryable {
-                    last: l,
-                    retry_after,
-                }) => {
-                    last = l;
-                    retry_after
-                }
-            };
-            if attempt < attempts {
-                count(results::RETRIED);
-                let delay = retry_after.map_or_else(
-                    || self.retry.backoff(attempt),
-                    |d| d.min(self.retry.max_backoff),
-                );
-                tracing::warn!(attempt, error = %last, delay_ms = delay.as_millis() as u64, "webhook attempt failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => {
-                        return Err(WebhookError::Stopped { attempts: attempt, last });
-                    }
-                }
+                        retry_after: None,
+                    }),
+                };
+                sent.map(|status| (status, n))
             }
+        };
+        // Only connection errors, timeouts, 408, 429 and 5xx are retried
+        // here; any other answer goes to the outbox, which asks again later
+        // on its longer schedule rather than hammering the backend now.
+        let decide = |e: &AttemptError| match e {
+            AttemptError::Retryable { last, retry_after } => {
+                tracing::warn!(error = %last, "webhook attempt failed; retrying");
+                retry_after.map_or(Decision::Retry, |d| {
+                    Decision::RetryAfter(d.min(self.retry.max_backoff))
+                })
+            }
+            _ => Decision::Stop,
+        };
+        match retry::run(delays, attempt, decide, stop).await {
+            Ok((status, attempts)) => Ok(Delivery {
+                webhook_id,
+                attempts,
+                status,
+            }),
+            Err(GaveUp {
+                error,
+                attempts,
+                stopped,
+            }) => Err(match error {
+                AttemptError::Refused(e) => WebhookError::Refused(e),
+                AttemptError::Client(e) => WebhookError::Client(e),
+                AttemptError::Rejected { status, body } => WebhookError::Rejected { status, body },
+                AttemptError::Retryable { last, .. } if stopped || abort.is_cancelled() => {
+                    WebhookError::Stopped { attempts, last }
+                }
+                AttemptError::Retryable { last, .. } => WebhookError::Exhausted { attempts, last },
+            }),
         }
-        Err(WebhookError::Exhausted { attempts, last })
     }
 
     /// One signed POST of `body` under `webhook_id`, with a fresh timestamp
