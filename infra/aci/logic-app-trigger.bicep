@@ -954,6 +954,8 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                             }
                           }
                         ]
+                        // Which table this fills, and why not diagnostic settings: see
+                        // ../modules/container-group.bicep (ContainerInstanceLog_CL).
                         diagnostics: {
                           logAnalytics: {
                             workspaceId: workspace.properties.customerId
@@ -1973,6 +1975,8 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                         }
                       }
                     ]
+                    // Which table this fills, and why not diagnostic settings: see
+                    // ../modules/container-group.bicep (ContainerInstanceLog_CL).
                     diagnostics: {
                       logAnalytics: {
                         workspaceId: workspace.properties.customerId
