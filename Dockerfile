@@ -14,6 +14,12 @@
 ARG TARGET=x86_64-unknown-linux-musl
 
 # Keep the Rust version in step with the toolchain CI tests with.
+# Not pinned by digest: the digest of this tag could not be looked up or
+# verified where this file was last changed (no registry access), and a
+# made-up one would break every build. To pin it, resolve it once with
+#   docker buildx imagetools inspect rust:1.95.0-slim-bookworm --format '{{json .Manifest.Digest}}'
+# and write FROM rust:1.95.0-slim-bookworm@sha256:<digest>. The runtime stage
+# is scratch (nothing to pin); musl-tools and cargo-chef are pinned by version.
 FROM rust:1.95.0-slim-bookworm AS chef
 ARG TARGET
 # musl-gcc builds the C parts (aws-lc-sys, ring) for the static target.

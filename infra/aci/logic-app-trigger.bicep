@@ -134,6 +134,15 @@ var deliverGroupName = '${client}-webhooks-deliver'
 // failing): each receive hides it for visibilityTimeoutSeconds, so this is
 // hours of failed runs, each of which fired the RunsFailed alert.
 var receiveLimit = maxDequeueCount * 4
+// Key Vault references in the group itself (properties.secretReferences,
+// env secureValueReference, resolved with a user-assigned identity) are in
+// the REST specification from 2025-09-01 on (Azure/azure-rest-api-specs,
+// containerinstance examples/2025-09-01/ContainerGroupsCreateOrUpdate
+// SecretReference.json); they would let the workflows pass vault URIs
+// instead of reading secrets. Not used yet: no Learn page found documents
+// them for ACI, and no azure-mgmt-containerinstance release on PyPI (10.1.0 is the
+// newest, 2023-05-01) carries that version, so .ci/api_models.py could not
+// check the bodies. infra/aci/README.md, Trade-offs, says what changes then.
 var aciApiVersion = '2023-05-01'
 var queueApiVersion = '2021-08-06'
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -954,6 +963,8 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                             }
                           }
                         ]
+                        // Which table this fills, and why not diagnostic settings: see
+                        // ../modules/container-group.bicep (ContainerInstanceLog_CL).
                         diagnostics: {
                           logAnalytics: {
                             workspaceId: workspace.properties.customerId
@@ -1973,6 +1984,8 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                         }
                       }
                     ]
+                    // Which table this fills, and why not diagnostic settings: see
+                    // ../modules/container-group.bicep (ContainerInstanceLog_CL).
                     diagnostics: {
                       logAnalytics: {
                         workspaceId: workspace.properties.customerId

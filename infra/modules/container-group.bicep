@@ -12,6 +12,25 @@
 // ACI stops a container without a SIGTERM grace period, so the in-container
 // WORKER_TASK_TIMEOUT is the only timeout guard on this path: it must stay
 // below anything that would stop the group from outside.
+//
+// Logs: the group's own diagnostics.logAnalytics, workspace id and key,
+// writes the classic custom table ContainerInstanceLog_CL, column Message,
+// and ContainerEvent_CL. Azure's page Container group and instance logging
+// with Azure Monitor logs, container-instances-log-analytics, dated
+// 25 July 2026, still documents it as the integration set in the group
+// body; it needs a workspace that accepts public ingestion and key auth.
+// The resource-specific tables ContainerInstanceLog and ContainerEvent,
+// per the Container Instances monitoring data reference, are filled only
+// by a diagnostic setting on the group: it exists only after the group
+// does, needs a subscription-level preview feature, and applying it
+// restarts the group, which for a run-once task means a second run. So
+// the templates keep logAnalytics. The HTTP Data Collector API behind
+// classic custom tables is retired since 14 September 2026, see
+// azure-monitor/logs/custom-logs-migrate; for Container Apps Azure
+// announced that such existing ingestion goes on with critical fixes
+// only, microsoft/azure-container-apps#1812. The dashboard reads both
+// tables, so it keeps working if ACI moves to ContainerInstanceLog.
+// logType ContainerInstanceLogs sends logs, not only metrics.
 
 @description('Container group name: at most 63 lowercase letters, digits and single hyphens.')
 @minLength(1)
@@ -145,6 +164,8 @@ resource group 'Microsoft.ContainerInstance/containerGroups@2023-05-01' = {
         }
       }
     ]
+    // Which table this fills and why not diagnostic settings: see the
+    // file's head (ContainerInstanceLog_CL).
     diagnostics: {
       logAnalytics: {
         workspaceId: workspace.properties.customerId

@@ -1,9 +1,15 @@
 // The task dashboard: an Azure Monitor workbook on the worker's JSON log lines
 // (WORKER_LOG_FORMAT=json, one object per line), shared by both paths. ACI
 // container groups write stdout/stderr to ContainerInstanceLog_CL (column
-// Message), Container Apps to ContainerAppConsoleLogs_CL (column Log_s); the
-// queries read whichever exists. Every log field and message text they use is
-// one the binary writes: tests/infra.rs runs the binary and compares.
+// Message) through their logAnalytics integration; should ACI move that
+// ingestion to the resource-specific ContainerInstanceLog (same column; see
+// container-group.bicep for the docs), the queries read it too. Container
+// Apps write ContainerAppConsoleLogs_CL (column Log_s). The queries read
+// whichever exist (union isfuzzy); a line found in two tables (a diagnostic
+// setting added to a group by policy writes both) counts once, because every
+// line carries its own microsecond timestamp. Every log field and message
+// text they use is one the binary writes: tests/infra.rs runs the binary and
+// compares.
 
 @minLength(2)
 @maxLength(20)
@@ -19,7 +25,9 @@ param workspaceId string
 var linesQuery = '''
 let entries = union isfuzzy=true
     (ContainerInstanceLog_CL | project TimeGenerated, Line = Message),
+    (ContainerInstanceLog | project TimeGenerated, Line = Message),
     (ContainerAppConsoleLogs_CL | project TimeGenerated, Line = Log_s)
+| summarize TimeGenerated = min(TimeGenerated) by Line
 | extend log = parse_json(Line);
 '''
 // One line per attempt at a task, with its outcome.

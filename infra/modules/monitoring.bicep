@@ -46,6 +46,9 @@ resource workspace 'Microsoft.OperationalInsights/workspaces@2022-10-01' = {
     workspaceCapping: {
       dailyQuotaGb: dailyQuotaGb
     }
+    // The container groups' logAnalytics integration (workspace id + key)
+    // needs public ingestion and key (local) authentication: keep both on
+    // (container-instances-log-analytics, "Get Log Analytics credentials").
     publicNetworkAccessForIngestion: 'Enabled'
     publicNetworkAccessForQuery: 'Enabled'
   }
