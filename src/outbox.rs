@@ -43,8 +43,12 @@ const MAX_ENTRY: usize = 60 * 1024;
 /// Receives of one entry beyond its recorded attempts (crashed deliverers)
 /// before it is given up on.
 const CRASH_SLACK: u32 = 5;
-/// Least time an entry stays leased while its one attempt runs.
-const MIN_LEASE: Duration = Duration::from_secs(300);
+/// Lease on an entry beyond its one attempt's timeout (three of them: the
+/// wait for a gate slot and the reschedule call come on top). Short on
+/// purpose: it is also how long an entry stays hidden when the worker
+/// delivering it dies. Should a lease run out under load, another worker
+/// delivers the same entry again, under the same id.
+const LEASE_MARGIN: Duration = Duration::from_secs(15);
 /// How often the drain loop samples each outbox's depth for the metric.
 const DEPTH_EVERY: Duration = Duration::from_secs(30);
 
@@ -233,7 +237,7 @@ pub async fn run(
     let stats = Arc::new(DrainStats::default());
     let slots = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
     let tracker = TaskTracker::new();
-    let lease = (notifier.request_timeout() * 3).max(MIN_LEASE);
+    let lease = notifier.request_timeout() * 3 + LEASE_MARGIN;
     let now = Instant::now();
     let mut polls: Vec<Poll> = outboxes
         .into_iter()
