@@ -61,6 +61,8 @@ const GRACES: [&str; 3] = ["1", "3", "10"];
 const DRAIN_BOUND: Duration = Duration::from_secs(120);
 /// How long a worker may take to exit after SIGTERM (its grace is at most 10 s).
 const STOP_BOUND: Duration = Duration::from_secs(60);
+/// How long one queue call from the test may take.
+const CALL_BOUND: Duration = Duration::from_secs(10);
 /// How long a queue call from the test may keep failing.
 const QUEUE_BOUND: Duration = Duration::from_secs(30);
 
@@ -74,7 +76,9 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
 
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let mut az = Azurite::start_persistent();
-    let c = rt.block_on(Client::new(&az, "chaos"));
+    let c = rt
+        .block_on(tokio::time::timeout(QUEUE_BOUND, Client::new(&az, "chaos")))
+        .expect("create the client's queues on Azurite");
     let svc = az.service();
     let outbox = svc.queue(&format!("{}-webhooks", c.name)).unwrap();
     let outbox_poison = svc.queue(&format!("{}-webhooks-poison", c.name)).unwrap();
@@ -178,8 +182,7 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     ] {
         let n = count_settled(&rt, q, seed);
         if n != 0 {
-            let texts: Vec<String> = rt
-                .block_on(q.peek(32))
+            let texts: Vec<String> = call(&rt, q.peek(32))
                 .map(|ms| ms.into_iter().map(|m| m.text).collect())
                 .unwrap_or_default();
             problems.push(format!(
@@ -675,11 +678,24 @@ fn backend_log(hits: &[Hit]) -> String {
     hits.iter().map(|h| describe_hit(h) + "\n").collect()
 }
 
+/// One queue call from the test, bounded by [`CALL_BOUND`].
+fn call<T>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = Result<T, QueueError>>,
+) -> Result<T, QueueError> {
+    rt.block_on(tokio::time::timeout(CALL_BOUND, fut))
+        .unwrap_or_else(|_| {
+            Err(QueueError::Transient {
+                detail: format!("no answer within {CALL_BOUND:?}"),
+            })
+        })
+}
+
 /// Sends a task, retrying while storage is unreachable.
 fn send(rt: &tokio::runtime::Runtime, q: &Queue, text: &str, seed: u64) {
     let deadline = Instant::now() + QUEUE_BOUND;
     loop {
-        match rt.block_on(q.send(text, None, None)) {
+        match call(rt, q.send(text, None, None)) {
             Ok(_) => return,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             Err(e) => panic!("chaos seed {seed}: cannot queue a task for {QUEUE_BOUND:?}: {e}"),
@@ -689,7 +705,7 @@ fn send(rt: &tokio::runtime::Runtime, q: &Queue, text: &str, seed: u64) {
 
 /// Messages in `q`, visible or not; a queue never created holds none.
 fn count(rt: &tokio::runtime::Runtime, q: &Queue) -> Result<u64, String> {
-    match rt.block_on(q.approximate_count()) {
+    match call(rt, q.approximate_count()) {
         Ok(n) => Ok(n),
         Err(QueueError::QueueNotFound { .. }) => Ok(0),
         Err(e) => Err(e.to_string()),
