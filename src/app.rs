@@ -2,19 +2,18 @@
 //!
 //! [`App`] owns the handler registry and the webhook notifier; single-task,
 //! polling and job mode all run tasks through [`App::run`] and report through
-//! [`App::notify`], so there is exactly one implementation of "run a task"
-//! and one of "tell the backend".
+//! its notifier (and, for what it cannot deliver, the outbox), so there is
+//! exactly one implementation of "run a task" and one of "tell the backend".
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use url::Url;
 
 use crate::execute::{execute, Outcome};
 use crate::registry::Registry;
 use crate::task::Task;
-use crate::webhook::{Delivery, Event, Notifier, WebhookError};
+use crate::webhook::Notifier;
 
 pub struct App {
     pub registry: Arc<Registry>,
@@ -35,18 +34,5 @@ impl App {
     /// Runs one attempt of `task`.
     pub async fn run(&self, task: Arc<Task>, attempt: u32, cancel: &CancellationToken) -> Outcome {
         execute(&self.registry, task, attempt, self.task_timeout, cancel).await
-    }
-
-    /// Sends `event` to `url` when there is one; the result is logged by the
-    /// notifier and never changes the task's outcome.
-    pub async fn notify(
-        &self,
-        url: Option<&Url>,
-        event: &Event,
-    ) -> Option<Result<Delivery, WebhookError>> {
-        match url {
-            Some(url) => Some(self.notifier.notify(url, event).await),
-            None => None,
-        }
     }
 }

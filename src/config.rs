@@ -222,8 +222,8 @@ pub struct Options {
     /// Seconds before the second webhook attempt; doubles each time (with jitter).
     #[arg(long, env = "WORKER_WEBHOOK_INITIAL_BACKOFF", default_value_t = 1.0, value_parser = positive_secs, global = true)]
     pub webhook_initial_backoff: f64,
-    /// Webhook requests in flight at once (one destination host gets at most half); tasks never wait for them.
-    #[arg(long, env = "WORKER_WEBHOOK_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..=4096), global = true)]
+    /// Webhook requests in flight at once (one destination host gets at most three quarters); tasks never wait for them.
+    #[arg(long, env = "WORKER_WEBHOOK_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u32).range(2..=4096), global = true)]
     pub webhook_concurrency: u32,
     /// Delays between the outbox's delivery attempts once the in-process attempts failed (s, m, h or d; each at most 7d).
     #[arg(long, env = "WORKER_WEBHOOK_OUTBOX_SCHEDULE", default_value = DEFAULT_OUTBOX_SCHEDULE, value_parser = parse_schedule, global = true)]
@@ -281,6 +281,20 @@ pub struct Options {
     /// Seconds running tasks get to finish after SIGTERM before they are released.
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value_t = 30.0, value_parser = nonneg_secs, global = true)]
     pub shutdown_grace: f64,
+    /// Single-task mode on ACI: id of the queue message TASK_DATA came from; with WORKER_POP_RECEIPT the worker holds and settles it.
+    #[arg(long, env = "WORKER_MESSAGE_ID", global = true)]
+    pub message_id: Option<String>,
+    /// Single-task mode on ACI: the pop receipt the Logic App received the message with.
+    #[arg(
+        long,
+        env = "WORKER_POP_RECEIPT",
+        hide_env_values = true,
+        global = true
+    )]
+    pub pop_receipt: Option<Secret>,
+    /// Single-task mode on ACI: this attempt's number as the Logic App counted it.
+    #[arg(long, env = "WORKER_DEQUEUE_COUNT", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub dequeue_count: u32,
     /// Serve Prometheus /metrics and /healthz on this address (e.g. 127.0.0.1:9090).
     #[arg(long, env = "WORKER_METRICS_ADDR", global = true)]
     pub metrics_addr: Option<std::net::SocketAddr>,

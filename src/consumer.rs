@@ -1,29 +1,33 @@
 //! One received message, from lease to settlement.
 //!
 //! [`process_message`] is the unit both the poller and job mode run for every
-//! message: decode, refuse what can never succeed, keep the lease alive while
-//! the handler runs, then settle exactly once:
+//! message: decode, refuse what can never succeed, run the rest, **report,
+//! then settle**. The message is deleted (or poisoned) only once its outcome
+//! has reached the backend or been written to the outbox
+//! ([`crate::outbox`]): a crash anywhere before that means redelivery, a new
+//! run and the same webhook again, under the same `webhook-id`.
 //!
-//! | outcome                                   | queue action                         | webhook            |
-//! |-------------------------------------------|--------------------------------------|--------------------|
-//! | succeeded                                 | delete                               | `task.succeeded`   |
-//! | failed / timed out, attempts left         | visible again after a growing delay  | none (retrying)    |
-//! | failed / timed out, at the dequeue limit  | copy verbatim to poison, delete      | failed / timed_out |
-//! | permanent error, undecodable, unknown type| copy verbatim to poison, delete      | `task.failed`      |
-//! | cancelled by shutdown                     | visible again at once                | none               |
-//! | received after shutdown began (not run)   | visible again at once                | none               |
-//! | lease lost                                | nothing (another worker owns it)     | none               |
+//! | outcome                                   | webhook (delivered or outboxed) | then                                |
+//! |-------------------------------------------|---------------------------------|-------------------------------------|
+//! | succeeded                                 | `task.succeeded`                | delete                              |
+//! | failed / timed out, attempts left         | none (retrying)                 | visible again after a growing delay |
+//! | failed / timed out, at the dequeue limit  | failed / timed_out              | copy verbatim to poison, delete     |
+//! | permanent error, undecodable, unknown type| `task.failed`                   | copy verbatim to poison, delete     |
+//! | cancelled by shutdown                     | none                            | visible again at once               |
+//! | received after shutdown began (not run)   | none                            | visible again at once               |
+//! | lease lost                                | none                            | nothing (another worker owns it)    |
+//! | neither delivered nor outboxed            | —                               | visible again at once (runs again)  |
 //!
-//! The pop receipt changes on every visibility update. The renewal task owns
-//! the latest one and is always awaited (never dropped mid-request) before
-//! settling, so the delete uses the receipt the service last handed out — a
-//! stale receipt is a classic source of double processing.
+//! The [`Lease`] is renewed from receive to settlement, through the handler
+//! and the delivery. The task's concurrency slot ([`RunSlot`]) is freed as
+//! soon as the handler is done: a slow backend holds a leased message and a
+//! backlog permit, never a slot another task could run in.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -31,17 +35,22 @@ use crate::app::App;
 use crate::execute::{Outcome, Status};
 use crate::exporter::names;
 use crate::handler::Retry;
-use crate::queue::{Message, Queue, QueueError};
+pub use crate::lease::Settlement;
+use crate::lease::{Lease, Settled};
+use crate::outbox::Outbox;
+use crate::queue::{Message, Queue};
 use crate::task;
 use crate::webhook::Event;
 
-/// A consumed queue and where its poisoned messages go.
+/// A consumed queue, where its poisoned messages go, and the outbox its
+/// undelivered webhooks go to.
 #[derive(Clone)]
 pub struct Target {
     /// The client the queue belongs to (from `WORKER_CLIENT`), if known.
     pub client: Option<String>,
     pub queue: Queue,
     pub poison: Queue,
+    pub outbox: Outbox,
 }
 
 /// Settlement knobs shared by every message.
@@ -55,23 +64,6 @@ pub struct Settings {
     pub retry_delay: Duration,
 }
 
-/// How a message was settled; the caller counts these.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Settlement {
-    /// Deleted after success.
-    Succeeded,
-    /// Left on the queue for another attempt.
-    Retried,
-    /// Moved to the poison queue.
-    Poisoned,
-    /// Made visible again at once (shutdown).
-    Released,
-    /// The lease was lost; the message belongs to someone else now.
-    LeaseLost,
-    /// A queue call kept failing; the message will reappear when its lease expires.
-    Unsettled,
-}
-
 /// What happened to one message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Processed {
@@ -82,22 +74,8 @@ pub struct Processed {
     pub task_type: String,
     /// Handler run time, when the handler ran.
     pub duration: Option<Duration>,
-}
-
-impl Processed {
-    fn new(
-        settlement: Settlement,
-        status: Status,
-        task_type: &str,
-        duration: Option<Duration>,
-    ) -> Self {
-        Self {
-            settlement,
-            status: Some(status),
-            task_type: task_type.to_owned(),
-            duration,
-        }
-    }
+    /// The outcome reported to the backend, when there was one to report.
+    pub event: Option<Event>,
 }
 
 /// Counters shared by the poller, job mode, the summary line and metrics.
@@ -189,16 +167,112 @@ impl Stats {
     }
 }
 
-/// Processes one received message to settlement. Never panics, never returns
-/// an error: whatever happens is logged, counted and settled (or left to the
-/// visibility timeout, which is the at-least-once safety net).
+/// What every message needs besides itself; shared by the tasks of one loop.
+pub struct Consumer {
+    pub app: Arc<App>,
+    pub settings: Settings,
+    pub stats: Arc<Stats>,
+    /// Fires when shutdown begins: deliveries then make no new attempt, and
+    /// what they could not deliver goes to the outbox at once.
+    pub shutdown: CancellationToken,
+    /// Bounds the outcomes waiting for delivery (each holds a leased message
+    /// and its event): when it is used up, finished tasks wait for it and the
+    /// poller stops receiving until deliveries catch up.
+    pub backlog: Arc<Semaphore>,
+    /// Signalled whenever a run slot or a backlog permit is freed.
+    pub freed: Arc<Notify>,
+}
+
+impl Consumer {
+    pub fn new(
+        app: Arc<App>,
+        settings: Settings,
+        stats: Arc<Stats>,
+        shutdown: CancellationToken,
+        backlog: usize,
+    ) -> Self {
+        Self {
+            app,
+            settings,
+            stats,
+            shutdown,
+            backlog: Arc::new(Semaphore::new(backlog.max(1))),
+            freed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Whether a finished task could hand its outcome over now.
+    pub fn backlog_has_room(&self) -> bool {
+        self.backlog.available_permits() > 0
+    }
+}
+
+/// A task's concurrency slot, freed as soon as its handler is done (the
+/// delivery that follows does not hold it).
+pub struct RunSlot {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Option<Arc<Notify>>,
+}
+
+impl RunSlot {
+    pub fn new(permit: OwnedSemaphorePermit, freed: Arc<Notify>) -> Self {
+        Self {
+            permit: Some(permit),
+            freed: Some(freed),
+        }
+    }
+
+    /// No slot to free (job mode runs one message).
+    pub fn none() -> Self {
+        Self {
+            permit: None,
+            freed: None,
+        }
+    }
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if let Some(freed) = &self.freed {
+            freed.notify_one();
+        }
+    }
+}
+
+/// What the message owes before it may go, decided once the task has run
+/// (or was refused).
+enum Then {
+    /// Report, then delete.
+    Delete,
+    /// Report, then move verbatim to the poison queue.
+    Poison,
+    /// No report yet: visible again after the delay.
+    RetryIn(Duration),
+    /// No report: visible again at once.
+    Release(&'static str),
+}
+
+/// The outcome of the run step.
+struct Step {
+    then: Then,
+    webhook: Option<url::Url>,
+    event: Option<Event>,
+    status: Status,
+    task_type: String,
+    duration: Option<Duration>,
+}
+
+/// Processes one received message to settlement: run, report, settle (in
+/// that order). Never panics, never returns an error: whatever happens is
+/// logged, counted and settled (or left to the visibility timeout, which is
+/// the at-least-once safety net). `slot` is dropped when the handler is done.
 pub async fn process_message(
-    app: Arc<App>,
+    consumer: Arc<Consumer>,
     target: Target,
-    settings: Settings,
     msg: Message,
     cancel: CancellationToken,
-    stats: Arc<Stats>,
+    slot: RunSlot,
 ) -> Processed {
     let span = tracing::info_span!(
         "task",
@@ -209,25 +283,126 @@ pub async fn process_message(
         message_id = %msg.id,
         dequeue_count = msg.dequeue_count,
     );
-    stats.started(target.queue.name());
-    let result = process(app, &target, &settings, msg, cancel, &stats)
+    consumer.stats.started(target.queue.name());
+    let result = process(&consumer, &target, msg, cancel, slot)
         .instrument(span)
         .await;
-    stats.finished(&result, target.queue.name());
+    consumer.stats.finished(&result, target.queue.name());
     result
 }
 
 async fn process(
-    app: Arc<App>,
+    consumer: &Consumer,
     target: &Target,
-    settings: &Settings,
     msg: Message,
     cancel: CancellationToken,
-    stats: &Stats,
+    slot: RunSlot,
 ) -> Processed {
-    let span = tracing::Span::current();
-    let client = target.client.as_deref();
+    let task_cancel = cancel.child_token();
+    // Held from now until settlement: through the run and the delivery.
+    let lease = Lease::start(
+        target.queue.clone(),
+        &msg,
+        consumer.settings.visibility_timeout,
+        task_cancel.clone(),
+    );
+    let step = run(consumer, target, &msg, &task_cancel).await;
+    let processed = |settled: Settled| {
+        consumer.stats.renewed(settled.renewals);
+        Processed {
+            settlement: settled.settlement,
+            status: Some(step.status),
+            task_type: step.task_type.clone(),
+            duration: step.duration,
+            event: step.event.clone(),
+        }
+    };
+    if lease.is_lost() {
+        drop(slot);
+        return processed(lease.release("").await);
+    }
+    let settled = match step.then {
+        Then::RetryIn(delay) => {
+            drop(slot);
+            let settled = lease.retry_in(delay).await;
+            if settled.settlement == Settlement::Retried {
+                tracing::info!(
+                    retry_in_s = delay.as_secs(),
+                    attempt = msg.dequeue_count,
+                    max = consumer.settings.max_dequeue_count,
+                    "task will be retried"
+                );
+            }
+            settled
+        }
+        Then::Release(why) => {
+            drop(slot);
+            lease.release(why).await
+        }
+        Then::Delete | Then::Poison => {
+            let reported = match (&step.webhook, &step.event) {
+                (Some(url), Some(event)) => {
+                    // Free the task slot now; wait (holding it) only when the
+                    // delivery backlog is full, which is the backpressure.
+                    let pending = consumer.backlog.clone().acquire_owned().await.ok();
+                    drop(slot);
+                    let reported = report(consumer, target, url, event).await;
+                    drop(pending);
+                    consumer.freed.notify_one();
+                    reported
+                }
+                _ => {
+                    drop(slot);
+                    true
+                }
+            };
+            if !reported {
+                lease
+                    .release("outcome neither delivered nor written to the outbox; released to run and report again")
+                    .await
+            } else if let Then::Poison = step.then {
+                lease.poison(&target.poison, &msg.text).await
+            } else {
+                lease.delete().await
+            }
+        }
+    };
+    processed(settled)
+}
 
+/// Delivers `event`, or hands it to the outbox. `false` when neither worked:
+/// the task message must then stay, so a redelivery reports again.
+async fn report(consumer: &Consumer, target: &Target, url: &url::Url, event: &Event) -> bool {
+    let Err(e) = consumer
+        .app
+        .notifier
+        .notify(url, event, &consumer.shutdown)
+        .await
+    else {
+        return true;
+    };
+    match target.outbox.hand_over(url, event, &e).await {
+        Ok(()) => true,
+        Err(qe) => {
+            consumer.stats.queue_error(target.outbox.queue.name());
+            tracing::error!(error = %qe, outbox = %target.outbox.queue.name(),
+                "webhook not delivered and the outbox cannot be written; keeping the task message");
+            false
+        }
+    }
+}
+
+/// Decodes, refuses what can never succeed, runs the rest; decides what the
+/// message owes.
+async fn run(
+    consumer: &Consumer,
+    target: &Target,
+    msg: &Message,
+    task_cancel: &CancellationToken,
+) -> Step {
+    let span = tracing::Span::current();
+    let settings = &consumer.settings;
+    let client = target.client.as_deref();
     let task = match task::decode(msg.text.as_bytes()) {
         Ok((task, _)) => task,
         Err(e) => {
@@ -245,23 +420,20 @@ async fn process(
                 msg.dequeue_count,
                 &outcome,
             );
-            let settlement = poison_and_report(
-                &app,
-                target,
-                &msg,
-                &msg.pop_receipt,
-                stats,
-                salvage.webhook_url.as_ref(),
-                &event,
-            )
-            .await;
-            return Processed::new(settlement, Status::Failed, "unknown", None);
+            return Step {
+                then: Then::Poison,
+                webhook: salvage.webhook_url,
+                event: Some(event),
+                status: Status::Failed,
+                task_type: "unknown".into(),
+                duration: None,
+            };
         }
     };
     span.record("task_id", task.task_id.as_str());
     span.record("task_type", task.task_type.as_str());
-    let client = task.client.as_deref().or(client).map(str::to_owned);
     let task = Arc::new(task);
+    let client = task.client.as_deref().or(client).map(str::to_owned);
     let event_for = |outcome: &Outcome| {
         Event::from_outcome(
             &task.task_id,
@@ -279,111 +451,51 @@ async fn process(
         );
         tracing::error!(%error, "moving message to the poison queue before running it");
         let outcome = Outcome::failed(error, Retry::Permanent, Duration::ZERO);
-        let settlement = poison_and_report(
-            &app,
-            target,
-            &msg,
-            &msg.pop_receipt,
-            stats,
-            task.webhook_url.as_ref(),
-            &event_for(&outcome),
-        )
+        return Step {
+            then: Then::Poison,
+            event: Some(event_for(&outcome)),
+            webhook: task.webhook_url.clone(),
+            status: Status::Failed,
+            task_type: task.task_type.clone(),
+            duration: None,
+        };
+    }
+
+    let outcome = consumer
+        .app
+        .run(task.clone(), msg.dequeue_count, task_cancel)
         .await;
-        return Processed::new(settlement, Status::Failed, &task.task_type, None);
-    }
-
-    // Lease renewal runs beside the handler and owns the latest pop receipt.
-    let receipt = Arc::new(Mutex::new(msg.pop_receipt.clone()));
-    let task_cancel = cancel.child_token();
-    let lease_lost = CancellationToken::new();
-    let stop_renewal = CancellationToken::new();
-    let renewal = tokio::spawn(
-        renew_lease(
-            target.queue.clone(),
-            msg.id.clone(),
-            receipt.clone(),
-            settings.visibility_timeout,
-            stop_renewal.clone(),
-            lease_lost.clone(),
-            task_cancel.clone(),
-        )
-        .instrument(span.clone()),
-    );
-
-    let outcome = app.run(task.clone(), msg.dequeue_count, &task_cancel).await;
-    stop_renewal.cancel();
-    let renewals = renewal.await.unwrap_or(0);
-    stats.renewed(renewals);
-    let receipt = receipt.lock().await.clone();
-
-    if lease_lost.is_cancelled() {
-        tracing::warn!(
-            status = outcome.status.as_str(),
-            "lease lost while the task ran; not settling (the message is another worker's now and will be delivered again)"
-        );
-        return Processed::new(
-            Settlement::LeaseLost,
-            outcome.status,
-            &task.task_type,
-            Some(outcome.duration),
-        );
-    }
-
-    let status = outcome.status;
-    let settlement = match status {
-        Status::Succeeded => {
-            let s = delete(target, &msg.id, &receipt).await;
-            app.notify(task.webhook_url.as_ref(), &event_for(&outcome))
-                .await;
-            s
-        }
+    let then = match outcome.status {
+        Status::Succeeded => Then::Delete,
         Status::Cancelled => {
-            let why = "task cancelled by shutdown; message released for another worker";
-            release(target, &msg.id, &receipt, why).await
+            Then::Release("task cancelled by shutdown; message released for another worker")
         }
-        Status::Failed | Status::TimedOut
-            if outcome.retry == Retry::Permanent
-                || msg.dequeue_count >= settings.max_dequeue_count =>
-        {
-            if outcome.retry == Retry::Permanent {
-                tracing::error!(
-                    error = outcome.error.as_deref().unwrap_or_default(),
-                    "permanent failure; moving message to the poison queue"
-                );
-            } else {
-                tracing::error!(
-                    attempts = msg.dequeue_count,
-                    "last attempt failed; moving message to the poison queue"
-                );
-            }
-            poison_and_report(
-                &app,
-                target,
-                &msg,
-                &receipt,
-                stats,
-                task.webhook_url.as_ref(),
-                &event_for(&outcome),
-            )
-            .await
+        Status::Failed | Status::TimedOut if outcome.retry == Retry::Permanent => {
+            tracing::error!(
+                error = outcome.error.as_deref().unwrap_or_default(),
+                "permanent failure; moving message to the poison queue"
+            );
+            Then::Poison
+        }
+        Status::Failed | Status::TimedOut if msg.dequeue_count >= settings.max_dequeue_count => {
+            tracing::error!(
+                attempts = msg.dequeue_count,
+                "last attempt failed; moving message to the poison queue"
+            );
+            Then::Poison
         }
         Status::Failed | Status::TimedOut => {
-            let delay = retry_delay(settings.retry_delay, msg.dequeue_count);
-            match settle_call(|| target.queue.update_visibility(&msg.id, &receipt, delay)).await {
-                Ok(_) => {
-                    tracing::info!(
-                        retry_in_s = delay.as_secs(),
-                        attempt = msg.dequeue_count,
-                        max = settings.max_dequeue_count,
-                        "task will be retried"
-                    );
-                    Settlement::Retried
-                }
-                Err(e) => unsettled(&e, "schedule the retry"),
-            }
+            Then::RetryIn(retry_delay(settings.retry_delay, msg.dequeue_count))
         }
     };
-    Processed::new(settlement, status, &task.task_type, Some(outcome.duration))
+    Step {
+        event: matches!(then, Then::Delete | Then::Poison).then(|| event_for(&outcome)),
+        webhook: task.webhook_url.clone(),
+        then,
+        status: outcome.status,
+        task_type: task.task_type.clone(),
+        duration: Some(outcome.duration),
+    }
 }
 
 /// Delay before attempt `n + 1`: `base · 2^(n-1)`, capped at one hour.
@@ -392,154 +504,14 @@ pub fn retry_delay(base: Duration, dequeue_count: u32) -> Duration {
     base.saturating_mul(factor).min(Duration::from_secs(3600))
 }
 
-/// Renews the visibility at half-life until stopped; returns how many times.
-/// The update in flight is never cancelled: its new receipt must be kept.
-async fn renew_lease(
-    queue: Queue,
-    id: String,
-    receipt: Arc<Mutex<String>>,
-    visibility: Duration,
-    stop: CancellationToken,
-    lease_lost: CancellationToken,
-    task_cancel: CancellationToken,
-) -> u64 {
-    let half = (visibility / 2).max(Duration::from_millis(500));
-    let mut renewed = 0;
-    let mut wait = half;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stop.cancelled() => return renewed,
-        }
-        let current = receipt.lock().await.clone();
-        match queue.update_visibility(&id, &current, visibility).await {
-            Ok(new_receipt) => {
-                *receipt.lock().await = new_receipt;
-                renewed += 1;
-                wait = half;
-                tracing::debug!(visibility_s = visibility.as_secs(), "lease renewed");
-            }
-            Err(QueueError::LeaseLost { detail }) => {
-                tracing::warn!(%detail, "lease lost; cancelling the task");
-                lease_lost.cancel();
-                task_cancel.cancel();
-                return renewed;
-            }
-            Err(e) => {
-                // Retry well before the lease runs out.
-                wait = (visibility / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "lease renewal failed; retrying");
-            }
-        }
-    }
-}
-
-/// Retries a settlement call a few times on transient errors.
-async fn settle_call<T, F, Fut>(mut op: F) -> Result<T, QueueError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, QueueError>>,
-{
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(e) if e.is_transient() && attempt < 5 => {
-                tracing::warn!(error = %e, attempt, "queue call failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-fn unsettled(e: &QueueError, what: &str) -> Settlement {
-    if let QueueError::LeaseLost { detail } = e {
-        tracing::warn!(%detail, "could not {what}: lease lost; the message will be delivered again");
-        return Settlement::LeaseLost;
-    }
-    tracing::error!(error = %e, "could not {what}; the message reappears when its lease expires");
-    Settlement::Unsettled
-}
-
-async fn delete(target: &Target, id: &str, receipt: &str) -> Settlement {
-    match settle_call(|| target.queue.delete(id, receipt)).await {
-        Ok(()) => Settlement::Succeeded,
-        Err(e) => unsettled(&e, "delete the message"),
-    }
-}
-
-/// Makes a leased message visible again at once, for another worker; `why`
-/// is logged when that worked.
-async fn release(target: &Target, id: &str, receipt: &str, why: &str) -> Settlement {
-    match settle_call(|| target.queue.update_visibility(id, receipt, Duration::ZERO)).await {
-        Ok(_) => {
-            tracing::info!(queue = %target.queue.name(), message_id = %id, "{why}");
-            Settlement::Released
-        }
-        Err(e) => unsettled(&e, "release the message"),
-    }
-}
-
 /// Hands back a message that was received but will not be started (it
 /// arrived after shutdown began): visible again at once, counted as released.
 pub async fn release_unstarted(target: &Target, msg: &Message, stats: &Stats) -> Settlement {
-    let why = "received while stopping; released without running it";
-    let settlement = release(target, &msg.id, &msg.pop_receipt, why).await;
+    let settlement = crate::lease::release_unstarted(&target.queue, msg).await;
     if settlement == Settlement::Released {
         Stats::inc(&stats.released);
     }
     settlement
-}
-
-/// Poisons the message and, once it is in the poison queue, tells the
-/// backend (a message that could not be moved will be delivered again, and
-/// reported then).
-async fn poison_and_report(
-    app: &App,
-    target: &Target,
-    msg: &Message,
-    receipt: &str,
-    stats: &Stats,
-    webhook_url: Option<&url::Url>,
-    event: &Event,
-) -> Settlement {
-    let settlement = poison(target, msg, receipt, stats).await;
-    if settlement == Settlement::Poisoned {
-        app.notify(webhook_url, event).await;
-    }
-    settlement
-}
-
-/// Copies the original text verbatim to the poison queue, then deletes the
-/// original. Never deletes unless the copy was accepted.
-async fn poison(target: &Target, msg: &Message, receipt: &str, stats: &Stats) -> Settlement {
-    let sent = settle_call(|| async {
-        match target.poison.send(&msg.text, None, Some(-1)).await {
-            Err(QueueError::QueueNotFound { .. }) => {
-                target.poison.create_if_missing().await?;
-                target.poison.send(&msg.text, None, Some(-1)).await
-            }
-            other => other,
-        }
-    })
-    .await;
-    match sent {
-        Ok(copy) => {
-            tracing::error!(poison_queue = %target.poison.name(), poison_message_id = %copy.message_id,
-                message_id = %msg.id, "message moved to the poison queue");
-            match delete(target, &msg.id, receipt).await {
-                Settlement::Succeeded => Settlement::Poisoned,
-                other => other,
-            }
-        }
-        Err(e) => {
-            stats.queue_error(target.poison.name());
-            unsettled(&e, "copy the message to the poison queue")
-        }
-    }
 }
 
 #[cfg(test)]

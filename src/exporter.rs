@@ -34,6 +34,7 @@ pub mod names {
     pub const POISONED: &str = "worker_messages_poisoned_total";
     pub const WEBHOOKS: &str = "worker_webhook_deliveries_total";
     pub const QUEUE_ERRORS: &str = "worker_queue_errors_total";
+    pub const OUTBOX_DEPTH: &str = "worker_webhook_outbox_depth";
 }
 
 /// Liveness of the receive loop, shared between the poller and `/healthz`.

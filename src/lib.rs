@@ -16,12 +16,15 @@
 //! - [`handlers`]: `echo`, `sleep`, `fail`, `http`, and exec handlers (child processes).
 //! - [`execute`]: the only place a handler runs: lookup, timeout, cancellation, panics.
 //! - [`egress`]: where task-supplied URLs may go (no metadata service, no private hosts).
-//! - [`webhook`]: Standard Webhooks delivery with signing and retries.
+//! - [`webhook`]: Standard Webhooks delivery: stable ids, signing, the in-process attempts.
+//! - [`gate`]: how many webhook requests may be in flight, and at most half of them to one host.
+//! - [`outbox`]: `<client>-webhooks`, where undelivered outcomes wait (for about a day) and are drained from.
 //! - [`app`]: the shared parts (registry + notifier) handed to every mode.
 //! - [`single`]: single-task mode (`TASK_DATA`, `worker run`).
 //! - [`queue`]: Azure Storage Queue access: settings, auth (Shared Key, SAS, managed identity), typed errors.
 //! - [`ops`]: operator commands on the queues: `enqueue`, `check`, `poison list|replay`.
-//! - [`consumer`]: one received message from lease to settlement (renewal, retry, poison); shared by poller and job mode.
+//! - [`lease`]: a received message's lease: renewal, the newest pop receipt, delete / release / retry / poison.
+//! - [`consumer`]: one received message: run, report (deliver or outbox), settle; shared by poller and job mode.
 //! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown) and job mode.
 //! - [`exporter`]: Prometheus `/metrics` and `/healthz` for polling mode.
 //! - [`telemetry`]: tracing setup, text or JSON lines.
@@ -32,9 +35,12 @@ pub mod consumer;
 pub mod egress;
 pub mod execute;
 pub mod exporter;
+pub mod gate;
 pub mod handler;
 pub mod handlers;
+pub mod lease;
 pub mod ops;
+pub mod outbox;
 pub mod poller;
 pub mod queue;
 pub mod registry;

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use worker::app::App;
 use worker::config::{Cli, Command, Mode, Options, PollArgs, RunArgs};
-use worker::consumer::{Settings, Settlement, Stats, Target};
+use worker::consumer::{Consumer, Settings, Settlement, Stats, Target};
 use worker::execute::Status;
 use worker::exporter::{self, Health};
+use worker::outbox::{self, DrainConfig, DrainStats, Outbox};
 use worker::queue::{self, QueueService, StorageSettings};
 use worker::registry::Registry;
 use worker::task::MAX_TASK_BYTES;
@@ -128,7 +129,17 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         return rt.block_on(async {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone())?;
-            let report = single::run(&app, &raw, shutdown).await;
+            if let Some(handed) = handed_message(&opts) {
+                return run_leased(&opts, app, handed, &raw, shutdown).await;
+            }
+            let outbox = single_outbox(&opts);
+            let report = single::run(
+                &app,
+                &raw,
+                outbox.as_ref().map_err(String::as_str),
+                shutdown,
+            )
+            .await;
             println!("{}", serde_json::to_string(&report.event)?);
             Ok(if report.succeeded {
                 ExitCode::SUCCESS
@@ -137,8 +148,11 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             })
         });
     }
-    if let Some(Command::Deliver(_)) = &cli.command {
-        anyhow::bail!("`worker deliver` is not wired up yet");
+    if let Some(Command::Deliver(args)) = &cli.command {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(deliver(&opts, app, args.exit_when_empty));
     }
     let job = matches!(cli.command, Some(Command::Job))
         || (cli.command.is_none() && opts.mode == Mode::Job);
@@ -163,27 +177,22 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         // skips creating queues (a round trip per task); a missing poison
         // queue is still created on first use.
         let targets = connect(&opts, !job).await?;
-        let settings = Settings {
-            visibility_timeout: Duration::from_secs(u64::from(opts.visibility_timeout)),
-            max_dequeue_count: opts.max_dequeue_count,
-            retry_delay: Duration::from_secs(u64::from(opts.retry_delay)),
-        };
+        let settings = settings(&opts);
         let stats = Arc::new(Stats::default());
+        // Outcomes waiting for delivery: as many as webhook requests may be in flight.
+        let backlog = opts.webhook_concurrency as usize;
+        let consumer = Arc::new(Consumer::new(app, settings, stats, shutdown.clone(), backlog));
         if job {
             let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
                 anyhow::anyhow!("job mode consumes exactly one queue, but {} are configured (WORKER_CLIENT)", t.len())
             })?;
             let queue = target.queue.name().to_owned();
-            return match poller::job(app, target, settings, shutdown, stats).await {
+            return match poller::job(consumer, target).await {
                 Ok(None) => {
                     tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
                     Ok(ExitCode::SUCCESS)
                 }
-                Ok(Some(p)) if p.status == Some(Status::Succeeded) && p.settlement == Settlement::Succeeded => Ok(ExitCode::SUCCESS),
-                Ok(Some(p)) => {
-                    tracing::info!(settlement = ?p.settlement, status = ?p.status, "job finished without success (exit 1)");
-                    Ok(ExitCode::FAILURE)
-                }
+                Ok(Some(p)) => Ok(exit_code(&p)),
                 Err(e) => Err(anyhow::Error::new(e).context(format!(
                     "cannot receive from {queue} (check WORKER_CLIENT / WORKER_QUEUE_NAME and the storage settings)"
                 ))),
@@ -197,7 +206,6 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             exporter::serve(addr, health.clone(), shutdown.clone()).await?;
         }
         let cfg = poller::Config {
-            settings,
             batch_size: opts.batch_size,
             concurrency: opts.concurrency as usize,
             max_poll_interval: Duration::from_secs_f64(opts.max_poll_interval),
@@ -205,9 +213,12 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
             max_tasks: poll_args.max_tasks,
             exit_when_empty: poll_args.exit_when_empty,
             summary_every: Duration::from_secs(60),
+            // A quarter of the webhook slots for retries from the outbox; the
+            // rest stay free for fresh outcomes.
+            outbox_in_flight: (opts.webhook_concurrency as usize / 4).max(1),
         };
         tracing::info!(queues = ?cfg_queues(&targets), config = ?opts, "polling");
-        poller::run(app, targets, cfg, shutdown, stats, health).await;
+        poller::run(consumer, targets, cfg, health).await;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -234,6 +245,16 @@ async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
         queue: name,
     } in names
     {
+        let outbox_name = match (worker::ops::Target {
+            client: client.clone(),
+            queue: name.clone(),
+        })
+        .outbox()
+        {
+            Ok(n) => n,
+            Err(e) => usage_error(e),
+        };
+        let outbox = outbox_for(&service, &outbox_name, opts)?;
         let queue = service.queue(&name)?;
         let poison = service.queue(&queue::names::poison_queue(&name))?;
         if !create {
@@ -241,6 +262,7 @@ async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
                 client,
                 queue,
                 poison,
+                outbox,
             });
             continue;
         }
@@ -263,9 +285,140 @@ async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
             client,
             queue,
             poison,
+            outbox,
         });
     }
     Ok(targets)
+}
+
+/// The message a Logic App handed over with TASK_DATA, when it did.
+fn handed_message(opts: &Options) -> Option<single::Handed> {
+    let id = opts
+        .message_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())?;
+    let receipt = opts
+        .pop_receipt
+        .as_ref()
+        .filter(|r| !r.expose().trim().is_empty());
+    let Some(receipt) = receipt else {
+        usage_error("WORKER_MESSAGE_ID is set but WORKER_POP_RECEIPT is not: both are needed to hold the message (or neither, to run the task alone)".into())
+    };
+    Some(single::Handed {
+        message_id: id.to_owned(),
+        pop_receipt: receipt.clone(),
+        dequeue_count: opts.dequeue_count,
+    })
+}
+
+/// Single-task mode holding the handed-over message: settled like job mode.
+async fn run_leased(
+    opts: &Options,
+    app: Arc<App>,
+    handed: single::Handed,
+    raw: &[u8],
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let targets = connect(opts, false).await?;
+    let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
+        anyhow::anyhow!(
+            "the handed-over message belongs to one queue, but {} are configured (WORKER_CLIENT)",
+            t.len()
+        )
+    })?;
+    let consumer = Arc::new(Consumer::new(
+        app,
+        settings(opts),
+        Arc::new(Stats::default()),
+        shutdown,
+        1,
+    ));
+    let queue = target.queue.name().to_owned();
+    let p = single::run_leased(consumer, target, handed, raw)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("message on {queue}")))?;
+    if let Some(event) = &p.event {
+        println!("{}", serde_json::to_string(event)?);
+    }
+    Ok(exit_code(&p))
+}
+
+/// Job mode and held single tasks: 0 only for a success whose message is gone.
+fn exit_code(p: &worker::consumer::Processed) -> ExitCode {
+    if p.status == Some(Status::Succeeded) && p.settlement == Settlement::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        tracing::info!(settlement = ?p.settlement, status = ?p.status, "finished without success (exit 1)");
+        ExitCode::FAILURE
+    }
+}
+
+fn settings(opts: &Options) -> Settings {
+    Settings {
+        visibility_timeout: Duration::from_secs(u64::from(opts.visibility_timeout)),
+        max_dequeue_count: opts.max_dequeue_count,
+        retry_delay: Duration::from_secs(u64::from(opts.retry_delay)),
+    }
+}
+
+/// The outbox for `name`, with the configured schedule.
+fn outbox_for(service: &QueueService, name: &str, opts: &Options) -> anyhow::Result<Outbox> {
+    Ok(Outbox {
+        queue: service.queue(name)?,
+        poison: service.queue(&queue::names::poison_queue(name))?,
+        schedule: opts.webhook_outbox_schedule.0.clone().into(),
+    })
+}
+
+/// Single-task mode keeps undelivered webhooks in the first configured
+/// client's outbox, when storage and a client are configured; otherwise the
+/// reason there is none.
+fn single_outbox(opts: &Options) -> Result<Outbox, String> {
+    let settings = StorageSettings::from_options(opts);
+    if !settings.is_configured() {
+        return Err("no storage settings (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with a managed identity)".into());
+    }
+    let made = (|| -> anyhow::Result<Outbox> {
+        let service = QueueService::new(&settings)?;
+        let target = worker::ops::targets(opts)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .next()
+            .context("no client configured")?;
+        let name = target.outbox().map_err(anyhow::Error::msg)?;
+        outbox_for(&service, &name, opts)
+    })();
+    made.map_err(|e| format!("{e:#}"))
+}
+
+/// `worker deliver`: drains the configured clients' outboxes.
+async fn deliver(opts: &Options, app: Arc<App>, exit_when_empty: bool) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let targets = connect(opts, false).await?;
+    let outboxes: Vec<Outbox> = targets.into_iter().map(|t| t.outbox).collect();
+    tracing::info!(outboxes = ?outboxes.iter().map(|o| o.queue.name()).collect::<Vec<_>>(), "delivering from the outbox");
+    let stats = outbox::run(
+        app.notifier.clone(),
+        outboxes,
+        DrainConfig {
+            max_in_flight: opts.webhook_concurrency as usize,
+            max_poll_interval: Duration::from_secs_f64(opts.max_poll_interval),
+            exit_when_empty,
+            max_entries: None,
+        },
+        shutdown,
+    )
+    .await;
+    tracing::info!(
+        delivered = DrainStats::get(&stats.delivered),
+        retried = DrainStats::get(&stats.retried),
+        poisoned = DrainStats::get(&stats.poisoned),
+        queue_errors = DrainStats::get(&stats.queue_errors),
+        "outbox drained"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Exits 2 with clap's usage-error format.

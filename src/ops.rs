@@ -14,6 +14,7 @@ use base64::Engine;
 use serde_json::{Map, Value};
 
 use crate::config::{Command, EnqueueArgs, Options, PoisonCommand, ReplayArgs};
+use crate::queue::names::webhooks_queue;
 use crate::queue::{
     poison_queue, tasks_queue, validate_queue_name, Queue, QueueError, QueueService,
     StorageSettings, MAX_BATCH,
@@ -47,6 +48,15 @@ pub enum OpsError {
 pub struct Target {
     pub client: Option<String>,
     pub queue: String,
+}
+
+impl Target {
+    /// The webhook outbox: `<client>-webhooks`, or `<queue>-webhooks` for a
+    /// `WORKER_QUEUE_NAME` without a client.
+    pub fn outbox(&self) -> Result<String, String> {
+        webhooks_queue(self.client.as_deref().unwrap_or(&self.queue))
+            .map_err(|e| format!("WORKER_CLIENT / WORKER_QUEUE_NAME: {e}"))
+    }
 }
 
 /// The queues the configuration names: `<client>-tasks` for each client in
@@ -121,7 +131,9 @@ pub async fn run(command: &Command, opts: &Options, out: &mut dyn Write) -> Resu
     match command {
         Command::Enqueue(args) => enqueue(opts, args, out).await.map(|()| true),
         Command::Check => check(opts, out).await,
-        Command::Poison(PoisonCommand::List(_)) => poison_list(opts, out).await.map(|()| true),
+        Command::Poison(PoisonCommand::List(args)) => {
+            poison_list(opts, args.webhooks, out).await.map(|()| true)
+        }
         Command::Poison(PoisonCommand::Replay(args)) => poison_replay(opts, args, out).await,
         _ => Err(OpsError::Usage(
             "not a queue command (expected enqueue, check or poison)".into(),
@@ -246,16 +258,33 @@ pub async fn check(opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError
     };
     for t in targets {
         let poison = poison_queue(&t.queue);
-        for (name, is_poison) in [(t.queue.as_str(), false), (poison.as_str(), true)] {
+        let outbox = match t.outbox() {
+            Ok(o) => o,
+            Err(e) => {
+                line(out, "outbox", Err(e))?;
+                continue;
+            }
+        };
+        let outbox_poison = poison_queue(&outbox);
+        for (name, optional) in [
+            (t.queue.as_str(), None),
+            (poison.as_str(), Some("nothing poisoned so far")),
+            (outbox.as_str(), Some("no webhook had to wait so far")),
+            (
+                outbox_poison.as_str(),
+                Some("no webhook given up on so far"),
+            ),
+        ] {
             let item = format!("queue {name}");
             let result = match service.queue(name) {
                 Err(e) => Err(e.to_string()),
                 Ok(q) => match q.approximate_count().await {
                     Ok(n) => Ok(format!("about {n} messages")),
-                    // Poison queues are created when the first message is poisoned.
-                    Err(QueueError::QueueNotFound { .. }) if is_poison => {
-                        Ok("not created yet (nothing poisoned so far)".into())
-                    }
+                    // Poison queues and outboxes are created on first use.
+                    Err(QueueError::QueueNotFound { .. }) if optional.is_some() => Ok(format!(
+                        "not created yet ({})",
+                        optional.unwrap_or_default()
+                    )),
                     Err(QueueError::QueueNotFound { .. }) => Err(
                         "does not exist; create it (`worker enqueue` does) or check \
                          WORKER_CLIENT / WORKER_QUEUE_NAME for a typo"
@@ -303,10 +332,26 @@ fn task_fields(text: &str) -> String {
     }
 }
 
+/// The queue poisoned messages come back to, and the poison queue itself:
+/// the tasks queue, or with `webhooks` the outbox.
+fn replay_pair(target: &Target, webhooks: bool) -> Result<(String, String), OpsError> {
+    let home = if webhooks {
+        target.outbox().map_err(OpsError::Usage)?
+    } else {
+        target.queue.clone()
+    };
+    let poison = poison_queue(&home);
+    Ok((home, poison))
+}
+
 /// `worker poison list`: a header, then one line per poisoned message.
-pub async fn poison_list(opts: &Options, out: &mut dyn Write) -> Result<(), OpsError> {
+pub async fn poison_list(
+    opts: &Options,
+    webhooks: bool,
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
     let target = single_target(opts, "poison list")?;
-    let name = poison_queue(&target.queue);
+    let (_, name) = replay_pair(&target, webhooks)?;
     let queue = service(opts)?.queue(&name)?;
     let count = match queue.approximate_count().await {
         Ok(n) => n,
@@ -377,8 +422,9 @@ pub async fn poison_replay(
     };
     let target = single_target(opts, "poison replay")?;
     let service = service(opts)?;
-    let tasks = service.queue(&target.queue)?;
-    let poison = service.queue(&poison_queue(&target.queue))?;
+    let (home, poison) = replay_pair(&target, args.webhooks)?;
+    let tasks = service.queue(&home)?;
+    let poison = service.queue(&poison)?;
     match poison.approximate_count().await {
         Err(QueueError::QueueNotFound { .. }) => {
             writeln!(out, "# {} does not exist: nothing to replay", poison.name())?;
@@ -390,7 +436,19 @@ pub async fn poison_replay(
     tasks.create_if_missing().await?;
 
     let mut held: HashMap<String, String> = HashMap::new();
-    let result = replay_scan(&tasks, &poison, &selector, &mut held, out).await;
+    // Outbox entries come back due at once, with a fresh schedule.
+    let revive: fn(&str) -> String = if args.webhooks {
+        |text| match crate::outbox::Entry::parse(text) {
+            Ok(mut e) => {
+                e.outbox_attempts = 0;
+                e.to_text()
+            }
+            Err(_) => text.to_owned(),
+        }
+    } else {
+        str::to_owned
+    };
+    let result = replay_scan(&tasks, &poison, &selector, revive, &mut held, out).await;
     // Whatever happened, let the others go now rather than in REPLAY_HOLD.
     for (id, receipt) in held {
         if let Err(e) = poison
@@ -420,6 +478,7 @@ async fn replay_scan(
     tasks: &Queue,
     poison: &Queue,
     selector: &Selector<'_>,
+    revive: fn(&str) -> String,
     held: &mut HashMap<String, String>,
     out: &mut dyn Write,
 ) -> Result<(usize, usize), OpsError> {
@@ -442,7 +501,7 @@ async fn replay_scan(
             let task_id = task::salvage(m.text.as_bytes())
                 .task_id
                 .unwrap_or_else(|| "-".into());
-            let sent = tasks.send(&m.text, None, None).await?;
+            let sent = tasks.send(&revive(&m.text), None, Some(-1)).await?;
             match poison.delete(&m.id, &m.pop_receipt).await {
                 Ok(()) => {
                     moved += 1;

@@ -21,14 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::RngExt;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::App;
-use crate::consumer::{self, Processed, Settings, Stats, Target};
+use crate::consumer::{self, Consumer, Processed, RunSlot, Stats, Target};
 use crate::exporter::Health;
+use crate::outbox::{self, DrainConfig};
 use crate::queue::QueueError;
 
 /// The first pause after an empty receive.
@@ -41,7 +41,6 @@ const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub settings: Settings,
     pub batch_size: u8,
     pub concurrency: usize,
     pub max_poll_interval: Duration,
@@ -52,6 +51,8 @@ pub struct Config {
     pub exit_when_empty: bool,
     /// Interval of the summary log line.
     pub summary_every: Duration,
+    /// Outbox entries delivered at once beside the tasks.
+    pub outbox_in_flight: usize,
 }
 
 /// What a run of the loop did.
@@ -105,17 +106,30 @@ fn grow(current: Duration, min: Duration, max: Duration) -> Duration {
     current.mul_f64(2.0 * factor / 1.5).max(min).min(max)
 }
 
-/// Runs until `shutdown` fires (or the stop conditions in `cfg` hold).
+/// Runs until the consumer's shutdown token fires (or the stop conditions in
+/// `cfg` hold). The targets' outboxes are drained beside the task queues, by
+/// a loop of their own that takes no task slot.
 pub async fn run(
-    app: Arc<App>,
+    consumer: Arc<Consumer>,
     targets: Vec<Target>,
     cfg: Config,
-    shutdown: CancellationToken,
-    stats: Arc<Stats>,
     health: Arc<Health>,
 ) -> Summary {
+    let shutdown = consumer.shutdown.clone();
+    let stats = consumer.stats.clone();
+    let finished = consumer.freed.clone();
+    let drain = tokio::spawn(outbox::run(
+        consumer.app.notifier.clone(),
+        targets.iter().map(|t| t.outbox.clone()).collect(),
+        DrainConfig {
+            max_in_flight: cfg.outbox_in_flight,
+            max_poll_interval: cfg.max_poll_interval,
+            exit_when_empty: cfg.exit_when_empty || cfg.max_tasks.is_some(),
+            max_entries: None,
+        },
+        shutdown.clone(),
+    ));
     let semaphore = Arc::new(Semaphore::new(cfg.concurrency));
-    let finished = Arc::new(Notify::new());
     let tracker = TaskTracker::new();
     // When the last task was settled: "empty" only counts for receives after
     // it, since a settled task may have made its message visible again.
@@ -160,12 +174,15 @@ pub async fn run(
             tracing::info!("all queues are empty and nothing is running; exiting");
             break;
         }
-        // Wait for half the slots (or all, when concurrency is 1) to be free.
-        while semaphore.available_permits() < refill_at {
+        // Wait for half the slots (or all, when concurrency is 1) to be free,
+        // and for room in the delivery backlog. Waiting by choice is healthy.
+        while semaphore.available_permits() < refill_at || !consumer.backlog_has_room() {
             tokio::select! {
                 () = finished.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 () = shutdown.cancelled() => break 'receive,
             }
+            health.progress();
         }
         // The queue due first; ties go round-robin from `cursor` for fairness.
         let n = slots.len();
@@ -208,7 +225,7 @@ pub async fn run(
         let receive = slot
             .target
             .queue
-            .receive(want, cfg.settings.visibility_timeout);
+            .receive(want, consumer.settings.visibility_timeout);
         tokio::pin!(receive);
         let received = tokio::select! {
             r = &mut receive => r,
@@ -250,20 +267,15 @@ pub async fn run(
                         continue;
                     };
                     started += 1;
-                    let (app, target, settings) =
-                        (app.clone(), slot.target.clone(), cfg.settings.clone());
-                    let (cancel, stats, finished) =
-                        (tasks_cancel.clone(), stats.clone(), finished.clone());
-                    let last_settled = last_settled.clone();
+                    let (consumer, target) = (consumer.clone(), slot.target.clone());
+                    let run_slot = RunSlot::new(permit, finished.clone());
+                    let (cancel, last_settled) = (tasks_cancel.clone(), last_settled.clone());
                     tracker.spawn(async move {
-                        let _ =
-                            consumer::process_message(app, target, settings, msg, cancel, stats)
-                                .await;
+                        let _ = consumer::process_message(consumer, target, msg, cancel, run_slot)
+                            .await;
                         if let Ok(mut t) = last_settled.lock() {
                             *t = Instant::now();
                         }
-                        drop(permit);
-                        finished.notify_one();
                     });
                 }
             }
@@ -309,6 +321,9 @@ pub async fn run(
             tracker.wait().await;
         }
     }
+    if let Err(e) = drain.await {
+        tracing::error!(error = %e, "the outbox loop failed");
+    }
     summary_task.abort();
     let summary = Summary::of(&stats);
     tracing::info!(?summary, "worker stopped");
@@ -341,22 +356,49 @@ async fn summary_loop(stats: Arc<Stats>, every: Duration, stop: CancellationToke
     }
 }
 
-/// Job mode: lease at most one message, settle it, report. `Ok(None)` means
-/// the queue was empty.
-pub async fn job(
-    app: Arc<App>,
-    target: Target,
-    settings: Settings,
-    shutdown: CancellationToken,
-    stats: Arc<Stats>,
-) -> Result<Option<Processed>, QueueError> {
-    let mut messages = target.queue.receive(1, settings.visibility_timeout).await?;
-    let Some(msg) = messages.pop() else {
-        return Ok(None);
+/// Outbox entries a job-mode execution delivers after its task.
+pub const JOB_OUTBOX_ENTRIES: u64 = 32;
+
+/// Job mode: lease at most one message, settle it, then deliver up to
+/// [`JOB_OUTBOX_ENTRIES`] due outbox entries (so executions started for the
+/// outbox do its work too). `Ok(None)` means the tasks queue was empty.
+pub async fn job(consumer: Arc<Consumer>, target: Target) -> Result<Option<Processed>, QueueError> {
+    let received = target
+        .queue
+        .receive(1, consumer.settings.visibility_timeout)
+        .await;
+    let processed = match received {
+        Ok(mut messages) => match messages.pop() {
+            Some(msg) => Some(
+                consumer::process_message(
+                    consumer.clone(),
+                    target.clone(),
+                    msg,
+                    consumer.shutdown.clone(),
+                    RunSlot::none(),
+                )
+                .await,
+            ),
+            None => None,
+        },
+        Err(e) => return Err(e),
     };
-    Ok(Some(
-        consumer::process_message(app, target, settings, msg, shutdown, stats).await,
-    ))
+    if !consumer.shutdown.is_cancelled() {
+        let drained = outbox::run(
+            consumer.app.notifier.clone(),
+            vec![target.outbox.clone()],
+            DrainConfig {
+                max_in_flight: JOB_OUTBOX_ENTRIES as usize,
+                max_poll_interval: Duration::from_secs(1),
+                exit_when_empty: true,
+                max_entries: Some(JOB_OUTBOX_ENTRIES),
+            },
+            consumer.shutdown.clone(),
+        )
+        .await;
+        tracing::debug!(?drained, "outbox entries handled");
+    }
+    Ok(processed)
 }
 
 #[cfg(test)]

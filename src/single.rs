@@ -5,18 +5,38 @@
 //! the operator the outcome. Invalid input still produces a `task.failed`
 //! webhook when a webhook URL can be read from it, so a backend never waits
 //! forever on a task it sent with a typo.
+//!
+//! A webhook the in-process attempts cannot deliver goes to the client's
+//! outbox (`<client>-webhooks`) when storage settings and `WORKER_CLIENT` are
+//! given, where `worker deliver` (or any polling worker) retries it for about
+//! a day under the same `webhook-id`. Without them the outcome is only in the
+//! log and on stdout. Either way the exit code is the task's own outcome.
+//!
+//! On Azure Container Instances the Logic App also hands over the queue
+//! message `TASK_DATA` came from (`WORKER_MESSAGE_ID`, `WORKER_POP_RECEIPT`,
+//! `WORKER_DEQUEUE_COUNT`) and does not delete it. [`run_leased`] then takes
+//! over the lease and runs the message through the same consumer as job mode
+//! (renewal, report, then delete / retry / poison / release), so a container
+//! that dies before settling leaves the message to reappear: the ACI path is
+//! at-least-once like the others.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use url::Url;
 
 use crate::app::App;
+use crate::config::Secret;
+use crate::consumer::{self, Consumer, Processed, RunSlot, Target};
 use crate::execute::{Outcome, Status};
 use crate::handler::Retry;
+use crate::lease::settle_call;
+use crate::outbox::Outbox;
+use crate::queue::{Message, QueueError};
 use crate::task;
-use crate::webhook::Event;
+use crate::webhook::{count, results, Event};
 
 /// What single-task mode ended with.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,9 +45,15 @@ pub struct Report {
     pub succeeded: bool,
 }
 
-/// Decodes `raw`, runs it, notifies, and returns the report (also printed to
-/// stdout by `main`). `shutdown` cancels the running handler.
-pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
+/// Decodes `raw`, runs it, notifies (or hands the event to `outbox`), and
+/// returns the report (also printed to stdout by `main`). `shutdown` cancels
+/// the running handler and stops further webhook attempts.
+pub async fn run(
+    app: &App,
+    raw: &[u8],
+    outbox: Result<&Outbox, &str>,
+    shutdown: CancellationToken,
+) -> Report {
     let (task, encoding) = match task::decode(raw) {
         Ok(ok) => ok,
         Err(e) => {
@@ -42,7 +68,7 @@ pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
             );
             let event =
                 Event::from_outcome(&task_id, &task_type, salvage.client.as_deref(), 1, &outcome);
-            app.notify(salvage.webhook_url.as_ref(), &event).await;
+            report(app, salvage.webhook_url.as_ref(), &event, outbox, &shutdown).await;
             return Report {
                 event,
                 succeeded: false,
@@ -62,7 +88,7 @@ pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
             1,
             &outcome,
         );
-        app.notify(task.webhook_url.as_ref(), &event).await;
+        report(app, task.webhook_url.as_ref(), &event, outbox, &shutdown).await;
         Report {
             succeeded: outcome.status == Status::Succeeded,
             event,
@@ -70,4 +96,84 @@ pub async fn run(app: &App, raw: &[u8], shutdown: CancellationToken) -> Report {
     }
     .instrument(span)
     .await
+}
+
+/// Delivers `event` to `url`, or keeps it in the outbox; logs what happened.
+async fn report(
+    app: &App,
+    url: Option<&Url>,
+    event: &Event,
+    outbox: Result<&Outbox, &str>,
+    shutdown: &CancellationToken,
+) {
+    let Some(url) = url else { return };
+    let Err(e) = app.notifier.notify(url, event, shutdown).await else {
+        return;
+    };
+    let outbox = match outbox {
+        Ok(o) => o,
+        Err(why) => {
+            count(results::DROPPED);
+            tracing::error!(webhook_id = %event.webhook_id(), error = %e, no_outbox = why,
+                "webhook not delivered and there is no outbox to keep it: the outcome is only in this log");
+            return;
+        }
+    };
+    if let Err(qe) = outbox.hand_over(url, event, &e).await {
+        count(results::DROPPED);
+        tracing::error!(webhook_id = %event.webhook_id(), outbox = %outbox.queue.name(), error = %qe,
+            "webhook not delivered and the outbox cannot be written: the outcome is only in this log");
+    }
+}
+
+/// The queue message a Logic App started this container for.
+#[derive(Debug)]
+pub struct Handed {
+    pub message_id: String,
+    pub pop_receipt: Secret,
+    /// The attempt, as the Logic App counted it (it sees no dequeue count).
+    pub dequeue_count: u32,
+}
+
+/// Why a handed-over message could not be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOverError {
+    #[error("the message's lease was gone before the task started (the container started after WORKER_VISIBILITY_TIMEOUT's first lease ran out, or another attempt owns it); nothing was run, and the message will be run by the next attempt")]
+    LeaseGone,
+    #[error("cannot take over the message's lease: {0}")]
+    Queue(QueueError),
+}
+
+/// Takes over the lease on the handed-over message (one renewal, which also
+/// proves it is still ours), then processes it exactly as job mode does.
+pub async fn run_leased(
+    consumer: Arc<Consumer>,
+    target: Target,
+    handed: Handed,
+    raw: &[u8],
+) -> Result<Processed, TakeOverError> {
+    let visibility = consumer.settings.visibility_timeout;
+    let renewed = settle_call(|| {
+        target
+            .queue
+            .update_visibility(&handed.message_id, handed.pop_receipt.expose(), visibility)
+    })
+    .await;
+    let pop_receipt = match renewed {
+        Ok(r) => r,
+        Err(QueueError::LeaseLost { .. }) => return Err(TakeOverError::LeaseGone),
+        Err(e) => return Err(TakeOverError::Queue(e)),
+    };
+    tracing::info!(message_id = %handed.message_id, attempt = handed.dequeue_count,
+        visibility_s = visibility.as_secs(), "holding the queue message until the task is settled");
+    let msg = Message {
+        id: handed.message_id,
+        pop_receipt,
+        dequeue_count: handed.dequeue_count,
+        // Queue messages are text; TASK_DATA came from one.
+        text: String::from_utf8_lossy(raw).into_owned(),
+        insertion_time: None,
+    };
+    let cancel = consumer.shutdown.clone();
+    Ok(consumer::process_message(consumer, target, msg, cancel, RunSlot::none()).await)
 }

@@ -5,14 +5,16 @@
 //! with a secret, `webhook-signature: v1,<base64 HMAC-SHA256>` computed by the
 //! official `standardwebhooks` crate.
 //!
-//! The `webhook-id` is derived from the task id, event type and attempt, so it
-//! is the same on every retry of one notification *and* when a crashed worker's
-//! message is redelivered and reports the same attempt again: receivers can use
-//! it as their idempotency key.
+//! The `webhook-id` is derived from the task id and event type only, so it is
+//! the same on every retry of one notification, when a crashed worker's
+//! message is redelivered and run again, after a restart, from the outbox and
+//! in every mode: receivers use it as their idempotency key.
 //!
-//! A webhook that cannot be delivered is logged as an error and never changes
-//! the task's outcome: the work is done (or not) regardless of whether the
-//! backend heard about it.
+//! The notifier makes the *in-process* attempts (a few, seconds apart). What
+//! they cannot deliver the caller hands to the outbox ([`crate::outbox`]),
+//! which keeps trying for about a day; a webhook never changes the task's
+//! outcome. Every request passes the egress guard and the per-host
+//! [`HostGate`], so one slow backend never holds up another's deliveries.
 
 use std::time::Duration;
 
@@ -24,8 +26,11 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use url::Url;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::egress::{egress_error_in, EgressError, EgressPolicy};
 use crate::execute::{Outcome, Status};
+use crate::gate::HostGate;
 use crate::handlers::http::{error_chain, truncate};
 
 /// A Standard Webhooks signing secret: `whsec_` + base64 of 24–64 bytes.
@@ -80,7 +85,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
-            concurrency: 256,
+            concurrency: 512,
         }
     }
 }
@@ -149,21 +154,24 @@ impl Event {
         }
     }
 
-    /// `msg_` + 32 hex chars of SHA-256(task id, type, attempt).
+    /// See [`webhook_id`].
     pub fn webhook_id(&self) -> String {
-        let mut h = Sha256::new();
-        for part in [
-            self.data.task_id.as_bytes(),
-            self.kind.as_bytes(),
-            self.data.attempt.to_string().as_bytes(),
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        let digest = h.finalize();
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("msg_{hex}")
+        webhook_id(&self.data.task_id, self.kind)
     }
+}
+
+/// `msg_` + 32 hex chars of SHA-256(task id, event type): one id per task
+/// outcome, whatever the attempt, redelivery, worker or mode that reports it.
+/// Receivers use it as their idempotency key.
+pub fn webhook_id(task_id: &str, kind: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [task_id.as_bytes(), kind.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("msg_{hex}")
 }
 
 fn now_rfc3339() -> String {
@@ -175,14 +183,31 @@ fn now_rfc3339() -> String {
 /// Why a notification was not delivered.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
+    /// The URL may never be called: not worth retrying, ever.
     #[error("webhook URL refused by egress policy: {0}")]
     Refused(#[from] EgressError),
-    #[error("receiver answered HTTP {status} (not retried): {body}")]
+    #[error("receiver answered HTTP {status}: {body}")]
     Rejected { status: u16, body: String },
     #[error("gave up after {attempts} attempts; last error: {last}")]
     Exhausted { attempts: u32, last: String },
+    /// Shutdown began: no further attempt was made.
+    #[error("stopped by shutdown after {attempts} attempts; last error: {last}")]
+    Stopped { attempts: u32, last: String },
     #[error("cannot build HTTP client: {0}")]
     Client(String),
+}
+
+impl WebhookError {
+    /// Attempts made before giving up.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            WebhookError::Exhausted { attempts, .. } | WebhookError::Stopped { attempts, .. } => {
+                *attempts
+            }
+            WebhookError::Rejected { .. } => 1,
+            WebhookError::Refused(_) | WebhookError::Client(_) => 0,
+        }
+    }
 }
 
 /// A successful delivery.
@@ -193,12 +218,62 @@ pub struct Delivery {
     pub status: u16,
 }
 
+/// How one request ended, when it did not succeed.
+#[derive(Debug)]
+pub enum AttemptError {
+    Refused(EgressError),
+    /// 408, 429, 5xx, timeouts and connection errors: try again later.
+    Retryable {
+        last: String,
+        retry_after: Option<Duration>,
+    },
+    /// Any other non-2xx answer.
+    Rejected {
+        status: u16,
+        body: String,
+    },
+    Client(String),
+}
+
+impl AttemptError {
+    /// One line for logs and the outbox's attempt history.
+    pub fn describe(&self) -> String {
+        match self {
+            AttemptError::Refused(e) => format!("refused by egress policy: {e}"),
+            AttemptError::Retryable { last, .. } => last.clone(),
+            AttemptError::Rejected { status, body } if body.is_empty() => format!("HTTP {status}"),
+            AttemptError::Rejected { status, body } => format!("HTTP {status}: {body}"),
+            AttemptError::Client(e) => format!("cannot build HTTP client: {e}"),
+        }
+    }
+}
+
+/// Delivery results, as counted in `worker_webhook_deliveries_total{result}`.
+pub mod results {
+    /// The backend answered 2xx.
+    pub const DELIVERED: &str = "delivered";
+    /// An attempt failed and another one is scheduled.
+    pub const RETRIED: &str = "retried";
+    /// The in-process attempts are over; the event waits in the outbox.
+    pub const OUTBOXED: &str = "outboxed";
+    /// Given up on: the event is in `<client>-webhooks-poison`.
+    pub const POISONED: &str = "poisoned";
+    /// Neither delivered nor kept anywhere but the log (no outbox configured).
+    pub const DROPPED: &str = "dropped";
+}
+
+/// Counts one delivery result.
+pub fn count(result: &'static str) {
+    ::metrics::counter!(crate::exporter::names::WEBHOOKS, "result" => result).increment(1);
+}
+
 /// Sends task outcomes to webhooks; built once and shared by every mode.
 pub struct Notifier {
     policy: EgressPolicy,
     retry: RetryPolicy,
     signer: Option<standardwebhooks::Webhook>,
     client: tokio::sync::OnceCell<reqwest::Client>,
+    gate: HostGate,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -214,100 +289,178 @@ impl std::fmt::Debug for Notifier {
 impl Notifier {
     pub fn new(policy: EgressPolicy, retry: RetryPolicy, secret: Option<SigningSecret>) -> Self {
         let signer = secret.and_then(|s| standardwebhooks::Webhook::from_bytes(s.0).ok());
+        let gate = HostGate::new(retry.concurrency);
         Self {
             policy,
             retry,
             signer,
             client: tokio::sync::OnceCell::new(),
+            gate,
         }
     }
 
-    /// Delivers `event` to `url`, logging the result. Never fails the caller:
-    /// returns the delivery or the reason it did not happen.
-    pub async fn notify(&self, url: &Url, event: &Event) -> Result<Delivery, WebhookError> {
-        let result = self.deliver(url, event).await;
+    /// The per-request timeout, which bounds one attempt.
+    pub fn request_timeout(&self) -> Duration {
+        self.retry.timeout
+    }
+
+    /// Delivers `event` to `url` with the in-process attempts, logging the
+    /// result. After `stop` fires no new attempt starts (the first always
+    /// does). Never fails the caller: returns the delivery or the reason it
+    /// did not happen, for the caller to hand to the outbox.
+    pub async fn notify(
+        &self,
+        url: &Url,
+        event: &Event,
+        stop: &CancellationToken,
+    ) -> Result<Delivery, WebhookError> {
+        let result = self.deliver(url, event, stop).await;
         let target = redact_url(url);
-        let label = match &result {
-            Ok(_) => "delivered",
-            Err(WebhookError::Refused(_)) => "refused",
-            Err(_) => "failed",
-        };
-        ::metrics::counter!(crate::exporter::names::WEBHOOKS, "result" => label).increment(1);
         match &result {
             Ok(d) => {
+                count(results::DELIVERED);
                 tracing::info!(webhook = %target, webhook_id = %d.webhook_id, event = event.kind,
                 attempts = d.attempts, status = d.status, "webhook delivered")
             }
             Err(e) => {
-                tracing::error!(webhook = %target, event = event.kind, error = %e, "webhook not delivered")
+                tracing::warn!(webhook = %target, webhook_id = %event.webhook_id(), event = event.kind, error = %e, "webhook not delivered in-process")
             }
         }
         result
     }
 
-    async fn deliver(&self, url: &Url, event: &Event) -> Result<Delivery, WebhookError> {
-        self.policy.check(url)?;
-        let client = self
-            .client
-            .get_or_try_init(|| async { self.policy.client(self.retry.timeout, false) })
-            .await
-            .map_err(|e| WebhookError::Client(e.to_string()))?;
+    async fn deliver(
+        &self,
+        url: &Url,
+        event: &Event,
+        stop: &CancellationToken,
+    ) -> Result<Delivery, WebhookError> {
         let body = serde_json::to_string(event).map_err(|e| WebhookError::Client(e.to_string()))?;
         let webhook_id = event.webhook_id();
         let attempts = self.retry.attempts.max(1);
         let mut last = String::new();
         for attempt in 1..=attempts {
-            let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-            let mut req = client
-                .post(url.clone())
-                .header("content-type", "application/json")
-                .header("webhook-id", &webhook_id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .body(body.clone());
-            if let Some(signer) = &self.signer {
-                let sig = signer
-                    .sign(&webhook_id, timestamp, body.as_bytes())
-                    .map_err(|e| WebhookError::Client(e.to_string()))?;
-                req = req.header("webhook-signature", sig);
+            if attempt > 1 && stop.is_cancelled() {
+                return Err(WebhookError::Stopped {
+                    attempts: attempt - 1,
+                    last,
+                });
             }
-            let mut retry_after = None;
-            match req.send().await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    if resp.status().is_success() {
-                        return Ok(Delivery {
-                            webhook_id,
-                            attempts: attempt,
-                            status,
-                        });
-                    }
-                    retry_after = parse_retry_after(resp.headers());
-                    let text = truncate(&resp.text().await.unwrap_or_default(), 200);
-                    if !(status == 408 || status == 429 || (500..600).contains(&status)) {
-                        return Err(WebhookError::Rejected { status, body: text });
-                    }
-                    last = format!("HTTP {status}");
+            let retry_after = match self.send(url, &webhook_id, &body).await {
+                Ok(status) => {
+                    return Ok(Delivery {
+                        webhook_id,
+                        attempts: attempt,
+                        status,
+                    })
                 }
-                Err(e) => {
-                    if let Some(refused) = egress_error_in(&e) {
-                        return Err(WebhookError::Refused(refused));
-                    }
-                    // Without the URL: its query may hold a token (the
-                    // redacted form is already in the log line).
-                    last = error_chain(&e.without_url());
+                Err(AttemptError::Refused(e)) => return Err(WebhookError::Refused(e)),
+                Err(AttemptError::Client(e)) => return Err(WebhookError::Client(e)),
+                // The backend said no; the outbox asks again later, on its
+                // longer schedule, rather than hammering it now.
+                Err(AttemptError::Rejected { status, body }) => {
+                    return Err(WebhookError::Rejected { status, body })
                 }
-            }
+                Err(AttemptError::Retryable {
+                    last: l,
+                    retry_after,
+                }) => {
+                    last = l;
+                    retry_after
+                }
+            };
             if attempt < attempts {
+                count(results::RETRIED);
                 let delay = retry_after.map_or_else(
                     || self.retry.backoff(attempt),
                     |d| d.min(self.retry.max_backoff),
                 );
                 tracing::warn!(attempt, error = %last, delay_ms = delay.as_millis() as u64, "webhook attempt failed; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => {
+                        return Err(WebhookError::Stopped { attempts: attempt, last });
+                    }
+                }
             }
         }
         Err(WebhookError::Exhausted { attempts, last })
     }
+
+    /// One signed POST of `body` under `webhook_id`, with a fresh timestamp
+    /// and signature, through the egress guard and the per-host gate. No retry.
+    pub async fn send(&self, url: &Url, webhook_id: &str, body: &str) -> Result<u16, AttemptError> {
+        self.policy.check(url).map_err(AttemptError::Refused)?;
+        let client = self
+            .client
+            .get_or_try_init(|| async { self.policy.client(self.retry.timeout, false) })
+            .await
+            .map_err(|e| AttemptError::Client(e.to_string()))?;
+        let host = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or_default()
+        );
+        let _pass = self.gate.enter(&host).await;
+        let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut req = client
+            .post(url.clone())
+            .header("content-type", "application/json")
+            .header("webhook-id", webhook_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .body(body.to_owned());
+        if let Some(signer) = &self.signer {
+            let sig = signer
+                .sign(webhook_id, timestamp, body.as_bytes())
+                .map_err(|e| AttemptError::Client(e.to_string()))?;
+            req = req.header("webhook-signature", sig);
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                if resp.status().is_success() {
+                    return Ok(status);
+                }
+                let retry_after = parse_retry_after(resp.headers());
+                let text = truncate(&read_capped(resp, ERROR_BODY_LIMIT).await, 200);
+                if status == 408 || status == 429 || (500..600).contains(&status) {
+                    Err(AttemptError::Retryable {
+                        last: format!("HTTP {status}"),
+                        retry_after,
+                    })
+                } else {
+                    Err(AttemptError::Rejected { status, body: text })
+                }
+            }
+            Err(e) => {
+                if let Some(refused) = egress_error_in(&e) {
+                    return Err(AttemptError::Refused(refused));
+                }
+                // Without the URL: its query may hold a token (the redacted
+                // form is in the log line).
+                Err(AttemptError::Retryable {
+                    last: error_chain(&e.without_url()),
+                    retry_after: None,
+                })
+            }
+        }
+    }
+}
+
+/// Most bytes of an error response read (for the log line).
+const ERROR_BODY_LIMIT: usize = 4096;
+
+/// Reads at most `limit` bytes of a response body: a hostile backend cannot
+/// make the worker buffer an endless error page.
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < limit {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk[..chunk.len().min(limit - buf.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -363,14 +516,28 @@ mod tests {
     }
 
     #[test]
-    fn webhook_id_is_stable_per_task_event_and_attempt() {
+    fn webhook_id_depends_on_task_and_event_only() {
         let o = Outcome::failed("x", crate::handler::Retry::Transient, Duration::ZERO);
         let a = Event::from_outcome("t1", "echo", None, 1, &o);
-        let b = Event::from_outcome("t1", "echo", None, 1, &o);
-        let c = Event::from_outcome("t1", "echo", None, 2, &o);
-        assert_eq!(a.webhook_id(), b.webhook_id());
-        assert_ne!(a.webhook_id(), c.webhook_id());
+        let b = Event::from_outcome("t1", "sleep", Some("acme"), 7, &o);
+        assert_eq!(
+            a.webhook_id(),
+            b.webhook_id(),
+            "attempt and mode do not matter"
+        );
+        let ok = Outcome {
+            status: Status::Succeeded,
+            result: None,
+            error: None,
+            retry: crate::handler::Retry::Transient,
+            duration: Duration::ZERO,
+        };
+        let c = Event::from_outcome("t1", "echo", None, 1, &ok);
+        assert_ne!(a.webhook_id(), c.webhook_id(), "one id per event type");
+        let d = Event::from_outcome("t2", "echo", None, 1, &o);
+        assert_ne!(a.webhook_id(), d.webhook_id());
         assert!(a.webhook_id().starts_with("msg_") && a.webhook_id().len() == 36);
+        assert_eq!(webhook_id("t1", "task.failed"), a.webhook_id());
     }
 
     #[test]

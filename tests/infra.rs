@@ -9,16 +9,24 @@
 //!   binary reads, or a documented handler pass-through variable;
 //! - secrets travel as `secureValue`, never as a plain `value`;
 //! - the Logic App hands the queue message text to the container as `TASK_DATA`;
-//! - queue names follow the binary's `<client>-tasks` / `<client>-tasks-poison`;
+//! - queue names follow the binary's `<client>-tasks` / `<client>-tasks-poison`
+//!   and `<client>-webhooks` / `<client>-webhooks-poison`, and no template
+//!   accepts a client name longer than the binary does;
+//! - task container groups get what single-task mode needs to write the webhook
+//!   outbox (client, storage account, identity client id), and the drain
+//!   workflow peeks `<client>-webhooks` and starts `worker deliver
+//!   --exit-when-empty` in a group shaped like a task group;
 //! - restart policy, CPU, memory and task timeout defaults are the documented ones;
 //! - the Key Vault entry names map one-to-one onto environment variable names,
 //!   in the vault, in the Logic App and in the manual test template;
 //! - the Container Apps job runs `WORKER_MODE=job` with managed-identity queue
-//!   auth, scales on `<client>-tasks`, takes secrets only as Key Vault
+//!   auth, scales on `<client>-tasks` and on the due entries of
+//!   `<client>-webhooks`, takes secrets only as Key Vault
 //!   references named by the vault module, leaves retries to the queue
 //!   (`replicaRetryLimit` 0, `parallelism` 1), and stops a replica only after
 //!   the worker's own task timeout plus a margin that covers a webhook with
-//!   all its retries (checkov cannot compare the two expressions; this can).
+//!   all its retries and one outbox batch (checkov cannot compare the two
+//!   expressions; this can).
 
 // A panic with a message is how every function here reports a template that
 // does not match; functions outside #[test] fns are test code all the same.
@@ -537,15 +545,45 @@ fn container_env_entries() -> Vec<EnvEntry> {
     entries
 }
 
-/// The workflow definition of the queue-triggered Logic App.
-fn trigger_definition() -> Value {
+/// The definition of the workflow declared as `symbol` in logic-app-trigger.bicep.
+fn workflow_definition(symbol: &str) -> Value {
     let bicep = Bicep::load("infra/aci/logic-app-trigger.bicep");
     let workflows = bicep.resources_of("Microsoft.Logic/workflows");
-    let trigger = workflows
+    let workflow = workflows
         .iter()
-        .find(|w| w.symbol == "trigger")
-        .expect("workflow `trigger` in logic-app-trigger.bicep");
-    trigger.body.at(&["properties", "definition"]).clone()
+        .find(|w| w.symbol == symbol)
+        .unwrap_or_else(|| panic!("workflow `{symbol}` in logic-app-trigger.bicep"));
+    workflow.body.at(&["properties", "definition"]).clone()
+}
+
+/// The workflow definition of the queue-triggered Logic App.
+fn trigger_definition() -> Value {
+    workflow_definition("trigger")
+}
+
+/// Name -> `value` or `secureValue` of each environment variable in a list.
+fn env_map(list: &Value) -> BTreeMap<String, Value> {
+    list.items()
+        .iter()
+        .map(|item| {
+            let name = item
+                .get("name")
+                .and_then(Value::literal)
+                .unwrap_or_else(|| panic!("env entry without literal name: {item:?}"));
+            let value = item
+                .get("value")
+                .or_else(|| item.get("secureValue"))
+                .unwrap_or_else(|| panic!("{name} has no value"));
+            (name.to_owned(), value.clone())
+        })
+        .collect()
+}
+
+/// The one container of a group body's `properties`.
+fn only_container(properties: &Value) -> &Value {
+    let containers = properties.at(&["containers"]).items();
+    assert_eq!(containers.len(), 1, "one container per group");
+    &containers[0]
 }
 
 /// `entryNames` in keyvault.bicep: environment variable -> Key Vault entry name.
@@ -653,15 +691,23 @@ fn logic_app_passes_the_message_text_as_task_data() {
 #[test]
 fn queue_names_follow_the_worker_convention() {
     // The binary documents its names with a <client> placeholder.
-    let help = format!("{}\n{}", binary_help(&[]), binary_help(&["poison"]));
-    assert!(
-        help.contains("<client>-tasks-poison"),
-        "`worker --help` no longer names <client>-tasks-poison:\n{help}"
+    let help = format!(
+        "{}\n{}\n{}",
+        binary_help(&[]),
+        binary_help(&["poison"]),
+        binary_help(&["poison", "list"])
     );
-    assert!(
-        help.contains("<client>-tasks"),
-        "`worker --help` no longer names <client>-tasks"
-    );
+    for name in [
+        "<client>-tasks",
+        "<client>-tasks-poison",
+        "<client>-webhooks",
+        "<client>-webhooks-poison",
+    ] {
+        assert!(
+            help.contains(name),
+            "`worker --help` no longer names {name}:\n{help}"
+        );
+    }
     let as_template = |s: &str| s.replace("<client>", "${client}");
     let tasks = as_template("<client>-tasks");
     let poison = as_template("<client>-tasks-poison");
@@ -675,6 +721,14 @@ fn queue_names_follow_the_worker_convention() {
         storage.var("poisonQueueName").template(),
         Some(poison.as_str())
     );
+    assert_eq!(
+        storage.var("webhooksQueueName").template(),
+        Some(as_template("<client>-webhooks").as_str())
+    );
+    assert_eq!(
+        storage.var("webhooksPoisonQueueName").template(),
+        Some(as_template("<client>-webhooks-poison").as_str())
+    );
     let queues: BTreeSet<String> = storage
         .resources_of("Microsoft.Storage/storageAccounts/queueServices/queues")
         .iter()
@@ -685,7 +739,16 @@ fn queue_names_follow_the_worker_convention() {
         .collect();
     assert_eq!(
         queues,
-        BTreeSet::from(["tasksQueueName".to_owned(), "poisonQueueName".to_owned()])
+        BTreeSet::from(
+            [
+                "tasksQueueName",
+                "poisonQueueName",
+                "webhooksQueueName",
+                "webhooksPoisonQueueName"
+            ]
+            .map(str::to_owned)
+        ),
+        "the deployment creates the task queues and the webhook outbox with its poison queue"
     );
 
     let logic = Bicep::load("infra/aci/logic-app-trigger.bicep");
@@ -767,6 +830,10 @@ fn restart_policy_sizes_and_timeout_are_the_documented_defaults() {
         resources[0].body.at(&["properties"]).clone(),
         trigger_definition()
             .action("Create_group")
+            .at(&["inputs", "body", "properties"])
+            .clone(),
+        workflow_definition("deliver")
+            .action("Create_deliver_group")
             .at(&["inputs", "body", "properties"])
             .clone(),
     ];
@@ -855,44 +922,43 @@ fn key_vault_entry_names_map_environment_variables() {
         &Value::Expr("keyVault.outputs.entryNames".into())
     );
 
-    // The Logic App reads each secure variable from the entry of the same name.
-    let definition = trigger_definition();
-    let entries = container_env_entries();
-    let mut fetched = 0;
-    for entry in entries
-        .iter()
-        .filter(|e| e.file == "infra/aci/logic-app-trigger.bicep")
-    {
-        let Some(secure) = &entry.secure_value else {
-            continue;
-        };
-        let action = format!("Get_{}", entry.name);
-        assert_eq!(
-            secure.literal(),
-            Some(format!("@{{body('{action}')?['value']}}").as_str()),
-            "{} must come from action {action}",
-            entry.name
-        );
-        let uri = definition
-            .action(&action)
-            .at(&["inputs", "uri"])
-            .template()
-            .expect("uri")
-            .to_owned();
-        assert!(
-            uri.contains(&format!("secrets/${{vaultEntryNames.{}}}?", entry.name)),
-            "{action} reads {uri}"
-        );
-        assert!(
-            names.contains_key(&entry.name),
-            "{} has no vault entry",
-            entry.name
-        );
-        fetched += 1;
+    // Each workflow that creates groups reads each secure variable from the
+    // entry of the same name, with an action of its own.
+    for workflow in ["trigger", "deliver"] {
+        let definition = workflow_definition(workflow);
+        let mut lists = Vec::new();
+        definition.find_all("environmentVariables", &mut lists);
+        assert!(!lists.is_empty(), "workflow {workflow} creates no group");
+        let mut fetched = 0;
+        for item in lists.iter().flat_map(|l| l.items()) {
+            let name = item.at(&["name"]).literal().expect("literal name");
+            let Some(secure) = item.get("secureValue") else {
+                continue;
+            };
+            let action = format!("Get_{name}");
+            assert_eq!(
+                secure.literal(),
+                Some(format!("@{{body('{action}')?['value']}}").as_str()),
+                "{workflow}: {name} must come from action {action}"
+            );
+            let uri = definition
+                .action(&action)
+                .at(&["inputs", "uri"])
+                .template()
+                .expect("uri")
+                .to_owned();
+            assert!(
+                uri.contains(&format!("secrets/${{vaultEntryNames.{name}}}?")),
+                "{workflow}: {action} reads {uri}"
+            );
+            assert!(names.contains_key(name), "{name} has no vault entry");
+            fetched += 1;
+        }
+        assert!(fetched >= 1, "workflow {workflow} fetches no secret at all");
     }
-    assert!(fetched >= 1, "the Logic App fetches no secret at all");
 
     // The manual template reads the same entries for the same variables.
+    let entries = container_env_entries();
     let manual = Bicep::load("infra/aci/worker-container.bicep");
     let params = manual
         .module("../modules/container-group.bicep")
@@ -922,6 +988,465 @@ fn key_vault_entry_names_map_environment_variables() {
     );
 }
 
+/// What the task containers need to write an undelivered webhook to the
+/// outbox themselves: the client, the storage account and the client id of
+/// their user-assigned identity (Entra ID; no storage key in a task group).
+const OUTBOX_WRITER_ENV: &[(&str, &str)] = &[
+    ("WORKER_CLIENT", "client"),
+    ("AZURE_STORAGE_ACCOUNT", "storageAccountName"),
+    ("AZURE_CLIENT_ID", "identityClientId"),
+];
+
+/// The image's entrypoint (Dockerfile); ACI's `command` replaces it.
+const IMAGE_BINARY: &str = "/usr/local/bin/worker";
+
+#[test]
+fn task_containers_can_write_the_webhook_outbox() {
+    let binary = binary_env_vars();
+    for (var, _) in OUTBOX_WRITER_ENV {
+        assert!(
+            binary.get(*var).is_some_and(|v| !v.secret),
+            "`worker env-vars` lists no plain {var}"
+        );
+    }
+    let group = Bicep::load("infra/modules/container-group.bicep");
+    let groups = group.resources_of("Microsoft.ContainerInstance/containerGroups");
+    let bodies = [
+        (
+            "infra/modules/container-group.bicep",
+            groups[0].body.clone(),
+        ),
+        (
+            "infra/aci/logic-app-trigger.bicep Create_group",
+            trigger_definition()
+                .action("Create_group")
+                .at(&["inputs", "body"])
+                .clone(),
+        ),
+    ];
+    for (what, body) in &bodies {
+        let env = env_map(
+            only_container(body.at(&["properties"])).at(&["properties", "environmentVariables"]),
+        );
+        for (var, expr) in OUTBOX_WRITER_ENV {
+            assert_eq!(
+                env.get(*var),
+                Some(&Value::Expr((*expr).into())),
+                "{what}: {var} must be `{expr}`"
+            );
+        }
+        for absent in [
+            "AZURE_STORAGE_CONNECTION_STRING",
+            "AZURE_STORAGE_QUEUE_ENDPOINT",
+        ] {
+            assert!(
+                !env.contains_key(absent),
+                "{what}: the container reaches the outbox with its identity; {absent} must not be set"
+            );
+        }
+        // AZURE_CLIENT_ID selects the identity the group carries.
+        let identity = body.at(&["identity"]);
+        assert_eq!(identity.at(&["type"]).literal(), Some("UserAssigned"));
+        assert!(
+            identity
+                .at(&["userAssignedIdentities"])
+                .get("${identityId}")
+                .is_some(),
+            "{what}: the group carries the worker identity"
+        );
+    }
+    for param in ["identityClientId", "client", "storageAccountName"] {
+        assert!(
+            group.params.contains_key(param),
+            "container-group.bicep: no `{param}`"
+        );
+    }
+
+    // The manual template fills them from the same identity and account.
+    let manual = Bicep::load("infra/aci/worker-container.bicep");
+    let params = manual
+        .module("../modules/container-group.bicep")
+        .body
+        .at(&["params"]);
+    for (param, expr) in [
+        ("identityClientId", "identity.properties.clientId"),
+        ("identityId", "identity.id"),
+        ("client", "client"),
+        ("storageAccountName", "storageAccountName"),
+    ] {
+        assert_eq!(
+            params.get(param),
+            Some(&Value::Expr(expr.into())),
+            "worker-container.bicep passes {param}"
+        );
+    }
+
+    // main.bicep: the identity's client id and the account reach the Logic
+    // App, and the identity may write (and create) the outbox queues.
+    let main = Bicep::load("infra/aci/main.bicep");
+    let logic = main.module("logic-app-trigger.bicep").body.at(&["params"]);
+    for (param, expr) in [
+        ("identityClientId", "identity.outputs.clientId"),
+        ("identityId", "identity.outputs.id"),
+        ("storageAccountName", "storage.outputs.accountName"),
+    ] {
+        assert_eq!(
+            logic.get(param),
+            Some(&Value::Expr(expr.into())),
+            "main.bicep passes {param} to the Logic App"
+        );
+    }
+    let granted = main
+        .module("../modules/storage.bicep")
+        .body
+        .at(&["params", "queueDataContributorPrincipalIds"])
+        .items();
+    assert!(
+        granted.contains(&Value::Expr("identity.outputs.principalId".into())),
+        "the worker identity needs Storage Queue Data Contributor to write the outbox"
+    );
+}
+
+#[test]
+fn deliver_workflow_peeks_the_outbox_and_starts_worker_deliver() {
+    let help = binary_help(&["deliver"]);
+    assert!(
+        help.contains("<client>-webhooks") && help.contains("--exit-when-empty"),
+        "`worker deliver --help` no longer offers --exit-when-empty on <client>-webhooks:\n{help}"
+    );
+    let logic = Bicep::load("infra/aci/logic-app-trigger.bicep");
+    assert_eq!(
+        logic.var("webhooksQueueName").template(),
+        Some("${client}-webhooks")
+    );
+    let definition = workflow_definition("deliver");
+
+    // A recurrence, never two runs at once.
+    let triggers = match definition.at(&["triggers"]) {
+        Value::Object(t) => t.clone(),
+        other => panic!("triggers: {other:?}"),
+    };
+    assert_eq!(triggers.len(), 1);
+    let trigger = &triggers[0].1;
+    assert_eq!(trigger.at(&["type"]).literal(), Some("Recurrence"));
+    assert_eq!(
+        trigger.at(&["recurrence", "interval"]),
+        &Value::Expr("deliverIntervalMinutes".into())
+    );
+    assert_eq!(
+        trigger.at(&["recurrence", "frequency"]).literal(),
+        Some("Minute")
+    );
+    assert_eq!(
+        trigger.at(&["runtimeConfiguration", "concurrency", "runs"]),
+        &Value::Num(1)
+    );
+    assert!(logic.param_min("deliverIntervalMinutes") >= 1);
+
+    // Peek (no dequeue, no visibility change) at one visible entry of the
+    // outbox, with the workflow identity.
+    let peek = definition.action("Peek_outbox");
+    assert_eq!(peek.at(&["type"]).literal(), Some("Http"));
+    assert_eq!(peek.at(&["inputs", "method"]).literal(), Some("GET"));
+    assert_eq!(
+        peek.at(&["inputs", "uri"]).template(),
+        Some(
+            "${storage.properties.primaryEndpoints.queue}${webhooksQueueName}/messages?peekonly=true&numofmessages=1"
+        )
+    );
+    assert_eq!(
+        peek.at(&["inputs", "headers", "x-ms-version"]),
+        &Value::Expr("queueApiVersion".into())
+    );
+    let version = logic
+        .var("queueApiVersion")
+        .literal()
+        .expect("literal version");
+    assert!(
+        version.len() == 10 && version.as_bytes()[4] == b'-',
+        "x-ms-version {version} is a yyyy-mm-dd date"
+    );
+    assert_eq!(
+        peek.at(&["inputs", "authentication"]),
+        &Value::Expr("storageAuth".into())
+    );
+    let auth = logic.var("storageAuth");
+    assert_eq!(auth.at(&["type"]).literal(), Some("ManagedServiceIdentity"));
+    assert_eq!(
+        auth.at(&["audience"]).literal(),
+        Some("https://storage.azure.com/")
+    );
+
+    // 200 with a message: due; 404: the outbox does not exist, nothing to do;
+    // anything else fails the run.
+    let route = definition.action("Route_peek");
+    assert!(route
+        .at(&["runAfter", "Peek_outbox"])
+        .items()
+        .contains(&Value::Str {
+            text: "Failed".into(),
+            interpolated: false
+        }));
+    let cases = match route.at(&["cases"]) {
+        Value::Object(c) => c.clone(),
+        other => panic!("cases: {other:?}"),
+    };
+    let case = |code: i64| {
+        cases
+            .iter()
+            .map(|(_, c)| c)
+            .find(|c| c.at(&["case"]) == &Value::Num(code))
+            .unwrap_or_else(|| panic!("Route_peek has no case {code}"))
+    };
+    let mut marks = Vec::new();
+    case(200).find_all("Mark_due", &mut marks);
+    assert_eq!(marks.len(), 1, "a peeked message marks the outbox due");
+    let peeked = format!("{:?}", case(200));
+    assert!(
+        peeked.contains("count(/QueueMessagesList/QueueMessage)"),
+        "the 200 case counts peeked messages"
+    );
+    assert_eq!(
+        case(404).at(&["actions"]),
+        &Value::Object(Vec::new()),
+        "a missing outbox means nothing to deliver"
+    );
+    let mut fails = Vec::new();
+    route.at(&["default"]).find_all("runStatus", &mut fails);
+    assert_eq!(fails.len(), 1, "an unreadable outbox fails the run");
+
+    // The group: same image, identity, registry credentials and size as a
+    // task group, restart policy Never, running `worker deliver --exit-when-empty`.
+    assert_eq!(
+        logic.var("deliverGroupName").template(),
+        Some("${client}-webhooks-deliver")
+    );
+    let create = definition.action("Create_deliver_group");
+    assert_eq!(create.at(&["inputs", "method"]).literal(), Some("PUT"));
+    assert!(create
+        .at(&["inputs", "uri"])
+        .template()
+        .is_some_and(|u| u.contains("/${deliverGroupName}?")));
+    let deliver_body = create.at(&["inputs", "body"]);
+    let task_body = trigger_definition()
+        .action("Create_group")
+        .at(&["inputs", "body"])
+        .clone();
+    for key in ["location", "identity"] {
+        assert_eq!(deliver_body.at(&[key]), task_body.at(&[key]), "{key}");
+    }
+    for key in [
+        "osType",
+        "sku",
+        "restartPolicy",
+        "imageRegistryCredentials",
+        "diagnostics",
+    ] {
+        assert_eq!(
+            deliver_body.at(&["properties", key]),
+            task_body.at(&["properties", key]),
+            "properties.{key}"
+        );
+    }
+    let deliver_container = only_container(deliver_body.at(&["properties"]));
+    let task_container = only_container(task_body.at(&["properties"]));
+    for key in ["image", "resources"] {
+        assert_eq!(
+            deliver_container.at(&["properties", key]),
+            task_container.at(&["properties", key]),
+            "container {key}"
+        );
+    }
+    let command: Vec<&str> = deliver_container
+        .at(&["properties", "command"])
+        .items()
+        .iter()
+        .map(|c| c.literal().expect("literal command"))
+        .collect();
+    assert_eq!(command, [IMAGE_BINARY, "deliver", "--exit-when-empty"]);
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+            .expect("Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("ENTRYPOINT [\"{IMAGE_BINARY}\"]")),
+        "the image's binary is no longer {IMAGE_BINARY}"
+    );
+
+    // Its environment is the task group's without the task: the same client,
+    // account, identity and webhook settings, and the signing secret.
+    let deliver_env = env_map(deliver_container.at(&["properties", "environmentVariables"]));
+    let task_env = env_map(task_container.at(&["properties", "environmentVariables"]));
+    assert!(!deliver_env.contains_key("TASK_DATA"));
+    for (name, value) in &deliver_env {
+        assert_eq!(
+            task_env.get(name),
+            Some(value),
+            "the deliver group sets {name} as the task groups do"
+        );
+    }
+    for name in task_env.keys() {
+        let needed = name.starts_with("WORKER_WEBHOOK_")
+            || OUTBOX_WRITER_ENV.iter().any(|(v, _)| v == name)
+            || name == "WORKER_LOG_FORMAT";
+        if needed {
+            assert!(
+                deliver_env.contains_key(name),
+                "the deliver group lacks {name}"
+            );
+        }
+    }
+    assert!(deliver_env.contains_key("WORKER_WEBHOOK_SECRET"));
+
+    // Secrets stay out of the run history; tags let the cleanup workflow
+    // find the group, and mark it as the deliver group.
+    assert_eq!(
+        create.at(&["runtimeConfiguration"]),
+        &Value::Expr("secureInputsAndOutputs".into())
+    );
+    let tags = create.at(&["inputs", "body", "tags"]).clone();
+    let Value::Expr(tags) = tags else {
+        panic!("tags are not union(workerTags, ...): {tags:?}")
+    };
+    assert!(
+        tags.starts_with("union(workerTags,") && tags.contains("'worker-role': 'deliver'"),
+        "deliver group tags: {tags}"
+    );
+    let worker_tags = logic.var("workerTags");
+    assert_eq!(
+        worker_tags.at(&["managed-by"]).literal(),
+        Some("worker-task")
+    );
+    let cleanup_filter = workflow_definition("cleanup")
+        .action("Worker_groups")
+        .at(&["inputs", "where"])
+        .template()
+        .expect("where")
+        .to_owned();
+    assert!(
+        cleanup_filter.contains("'managed-by'], 'worker-task')")
+            && cleanup_filter.contains("'worker-client'], '${client}')"),
+        "the cleanup workflow no longer selects groups tagged like the deliver group: {cleanup_filter}"
+    );
+
+    // A finished deliver group is deleted before the next one starts, and
+    // only a group tagged as the deliver group.
+    let delete = definition.action("Delete_finished_deliver_group");
+    assert_eq!(delete.at(&["inputs", "method"]).literal(), Some("DELETE"));
+    assert!(format!("{:?}", definition.action("Is_deliver_group")).contains("worker-role"));
+
+    // Roles of the deliver workflow: the launcher role, read access to the
+    // outbox queue only, and the webhook secret only.
+    let assignments: Vec<&Resource> = logic
+        .resources_of("Microsoft.Authorization/roleAssignments")
+        .into_iter()
+        .filter(|r| {
+            r.body.at(&["properties", "principalId"])
+                == &Value::Expr("deliver.identity.principalId".into())
+        })
+        .collect();
+    let grants: BTreeSet<(String, String)> = assignments
+        .iter()
+        .map(|r| {
+            let scope = match r.body.get("scope") {
+                Some(Value::Expr(s)) => s.clone(),
+                None => "resourceGroup".into(),
+                other => panic!("scope {other:?}"),
+            };
+            let role = match r.body.at(&["properties", "roleDefinitionId"]) {
+                Value::Expr(e) => e.clone(),
+                other => panic!("role {other:?}"),
+            };
+            (scope, role)
+        })
+        .collect();
+    let by_id = |var: &str| {
+        format!("subscriptionResourceId('Microsoft.Authorization/roleDefinitions', {var})")
+    };
+    assert_eq!(
+        grants,
+        BTreeSet::from([
+            ("resourceGroup".to_owned(), "launcherRole.id".to_owned()),
+            ("outboxQueue".to_owned(), by_id("queueDataReaderRoleId")),
+            ("webhookSecretEntry".to_owned(), by_id("secretsUserRoleId")),
+        ])
+    );
+    // Storage Queue Data Reader (read and peek messages).
+    assert_eq!(
+        logic.var("queueDataReaderRoleId").literal(),
+        Some("19e7f393-937e-4f77-808e-94535e297925")
+    );
+    let outbox = logic
+        .resources
+        .iter()
+        .find(|r| r.symbol == "outboxQueue")
+        .expect("resource outboxQueue");
+    assert!(outbox.existing);
+    assert_eq!(
+        outbox.body.get("name"),
+        Some(&Value::Expr("webhooksQueueName".into()))
+    );
+    let secret = logic
+        .resources
+        .iter()
+        .find(|r| r.symbol == "webhookSecretEntry")
+        .expect("resource webhookSecretEntry");
+    assert_eq!(
+        secret.body.get("name"),
+        Some(&Value::Expr("vaultEntryNames.WORKER_WEBHOOK_SECRET".into()))
+    );
+
+    // main.bicep wires the interval through.
+    let main = Bicep::load("infra/aci/main.bicep");
+    assert_eq!(
+        main.module("logic-app-trigger.bicep")
+            .body
+            .at(&["params", "deliverIntervalMinutes"]),
+        &Value::Expr("deliverIntervalMinutes".into())
+    );
+    assert_eq!(
+        main.param_int_default("deliverIntervalMinutes"),
+        logic.param_int_default("deliverIntervalMinutes")
+    );
+}
+
+#[test]
+fn client_names_fit_the_binarys_limit() {
+    // The binary names its limit when a client name is too long.
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(["--client", &"c".repeat(64), "check"])
+        .output()
+        .expect("run `worker check`");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let limit: i64 = text
+        .split("at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("`worker check` does not state the client name limit:\n{text}"));
+    assert!(limit >= 2, "limit {limit}");
+    for file in FILES {
+        let bicep = Bicep::load(file);
+        if !bicep.params.contains_key("client") {
+            continue;
+        }
+        let max = match bicep
+            .param_decorators
+            .get("client")
+            .and_then(|d| d.get("maxLength"))
+        {
+            Some(Value::Num(n)) => *n,
+            other => panic!("{file}: param `client` has no numeric @maxLength ({other:?})"),
+        };
+        assert!(
+            max <= limit,
+            "{file}: client may be {max} characters, the binary accepts at most {limit}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The Container Apps job (infra/containerapps).
 
@@ -938,6 +1463,15 @@ const WEBHOOK_MAX_BACKOFF_TEXT: &str = "capped at 30 s";
 /// and settling it when the queue answers normally (a few calls of at most
 /// 10 s each).
 const RECEIVE_AND_SETTLE_ALLOWANCE_SECS: i64 = 60;
+
+/// Most due outbox entries one job execution delivers after settling its
+/// task message (job mode); the outbox scale rule starts one execution per
+/// this many entries.
+const JOB_OUTBOX_BATCH: i64 = 32;
+
+/// Time for the outbox batch's queue calls beyond the deliveries themselves
+/// (one receive, then one delete or visibility update per entry).
+const OUTBOX_QUEUE_ALLOWANCE_SECS: i64 = 60;
 
 /// The worker warns about a lease shorter than this (config::timing_warnings).
 const SHORTEST_QUIET_VISIBILITY_SECS: i64 = 60;
@@ -1127,29 +1661,34 @@ fn container_apps_job_variables_are_read_by_the_binary_or_passed_to_handlers() {
 }
 
 #[test]
-fn container_apps_job_scales_on_the_client_tasks_queue() {
-    let help = binary_help(&[]);
-    assert!(
-        help.contains("<client>-tasks"),
-        "`worker --help` no longer names <client>-tasks"
-    );
+fn container_apps_job_scales_on_the_tasks_queue_and_the_webhook_outbox() {
+    let help = format!("{}\n{}", binary_help(&[]), binary_help(&["deliver"]));
+    for name in ["<client>-tasks", "<client>-webhooks"] {
+        assert!(
+            help.contains(name),
+            "`worker --help` no longer names {name}"
+        );
+    }
     let job = Job::load();
     assert_eq!(
         job.bicep.var("tasksQueueName").template(),
         Some("${client}-tasks"),
         "the scaler must watch the queue the worker consumes"
     );
+    assert_eq!(
+        job.bicep.var("webhooksQueueName").template(),
+        Some("${client}-webhooks"),
+        "the scaler must watch the outbox the worker drains"
+    );
 
     let scale = job
         .configuration()
         .at(&["eventTriggerConfig", "scale"])
         .clone();
-    let rules = scale.at(&["rules"]).items();
-    assert_eq!(rules.len(), 1, "one scale rule");
     assert_eq!(
-        rules[0],
-        Value::Expr(
-            "scalerAuth == 'identity' ? scaleRuleWithIdentity : scaleRuleWithConnectionString"
+        scale.at(&["rules"]),
+        &Value::Expr(
+            "scalerAuth == 'identity' ? scaleRulesWithIdentity : scaleRulesWithConnectionString"
                 .into()
         )
     );
@@ -1158,53 +1697,98 @@ fn container_apps_job_scales_on_the_client_tasks_queue() {
         Some("identity")
     );
 
-    let metadata = job.bicep.var("scaleRuleMetadata");
+    // Tasks: one execution per message; messages that running executions
+    // hold leased still count (the default strategy), because the scaler
+    // subtracts running executions.
+    let tasks = job.bicep.var("tasksRuleMetadata");
     assert_eq!(
-        metadata.get("queueName"),
+        tasks.get("queueName"),
         Some(&Value::Expr("tasksQueueName".into()))
     );
     assert_eq!(
-        metadata.get("queueLength").and_then(Value::literal),
+        tasks.get("queueLength").and_then(Value::literal),
         Some("1"),
         "one execution per message"
     );
-    // The scaler counts the queue of the account the worker reads.
-    assert_eq!(
-        metadata.get("accountName"),
-        Some(&job.env_value("AZURE_STORAGE_ACCOUNT"))
+    assert!(
+        tasks.get("queueLengthStrategy").is_none(),
+        "the tasks rule counts leased messages too"
     );
-
-    for rule in ["scaleRuleWithIdentity", "scaleRuleWithConnectionString"] {
-        let rule_body = job.bicep.var(rule);
+    // Outbox: one execution per batch an execution delivers, counting only
+    // entries that are due (an entry waits invisible for its next attempt).
+    let outbox = job.bicep.var("outboxRuleMetadata");
+    assert_eq!(
+        outbox.get("queueName"),
+        Some(&Value::Expr("webhooksQueueName".into()))
+    );
+    assert_eq!(
+        outbox.get("queueLength").and_then(Value::literal),
+        Some(JOB_OUTBOX_BATCH.to_string().as_str()),
+        "one execution per outbox batch"
+    );
+    assert_eq!(
+        outbox.get("queueLengthStrategy").and_then(Value::literal),
+        Some("visibleonly"),
+        "entries waiting for their next attempt must not start executions"
+    );
+    // Both count queues of the account the worker reads.
+    for metadata in [tasks, outbox] {
         assert_eq!(
-            rule_body.get("type").and_then(Value::literal),
-            Some("azure-queue"),
-            "{rule}"
-        );
-        assert_eq!(
-            rule_body.get("metadata"),
-            Some(&Value::Expr("scaleRuleMetadata".into())),
-            "{rule}"
+            metadata.get("accountName"),
+            Some(&job.env_value("AZURE_STORAGE_ACCOUNT"))
         );
     }
-    let with_identity = job.bicep.var("scaleRuleWithIdentity");
-    assert_eq!(
-        with_identity.get("identity"),
-        Some(&Value::Expr("identityId".into()))
-    );
-    assert!(with_identity.get("auth").is_none());
+
+    // The same two rules in both authentication variants.
+    let connection_auth = job.bicep.var("connectionStringAuth").items();
+    assert_eq!(connection_auth.len(), 1);
+    for variant in ["scaleRulesWithIdentity", "scaleRulesWithConnectionString"] {
+        let rules = job.bicep.var(variant).items();
+        let metadata: Vec<&Value> = rules.iter().map(|r| r.at(&["metadata"])).collect();
+        assert_eq!(
+            metadata,
+            [
+                &Value::Expr("tasksRuleMetadata".into()),
+                &Value::Expr("outboxRuleMetadata".into())
+            ],
+            "{variant}: one rule on the tasks queue, one on the outbox"
+        );
+        let names: BTreeSet<String> = rules
+            .iter()
+            .map(|r| job.resolve_literal(r.at(&["name"])))
+            .collect();
+        assert_eq!(names.len(), 2, "{variant}: rule names are distinct");
+        for rule in rules {
+            assert_eq!(
+                rule.get("type").and_then(Value::literal),
+                Some("azure-queue"),
+                "{variant}"
+            );
+            if variant == "scaleRulesWithIdentity" {
+                assert_eq!(
+                    rule.get("identity"),
+                    Some(&Value::Expr("identityId".into()))
+                );
+                assert!(rule.get("auth").is_none());
+            } else {
+                assert!(rule.get("identity").is_none());
+                assert_eq!(
+                    rule.get("auth"),
+                    Some(&Value::Expr("connectionStringAuth".into()))
+                );
+            }
+        }
+    }
 
     // The fallback reads the connection string from the vault entry of
     // AZURE_STORAGE_CONNECTION_STRING, through a job secret.
-    let with_secret = job.bicep.var("scaleRuleWithConnectionString");
-    assert!(with_secret.get("identity").is_none());
-    let auth = with_secret.at(&["auth"]).items();
-    assert_eq!(auth.len(), 1);
     assert_eq!(
-        auth[0].get("triggerParameter").and_then(Value::literal),
+        connection_auth[0]
+            .get("triggerParameter")
+            .and_then(Value::literal),
         Some("connection")
     );
-    let secret_name = job.resolve_literal(auth[0].at(&["secretRef"]));
+    let secret_name = job.resolve_literal(connection_auth[0].at(&["secretRef"]));
     let secrets = job.secrets();
     let secret = secrets
         .get(&secret_name)
@@ -1245,7 +1829,8 @@ fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
 
     // replicaTimeout = taskTimeoutSeconds + settleMarginSeconds, with the
     // margin's lower bound covering a webhook delivered with every retry
-    // (binary defaults, which the job does not override) plus the queue calls.
+    // (binary defaults, which the job does not override), the queue calls,
+    // and one batch of outbox deliveries.
     assert_eq!(
         config.at(&["replicaTimeout"]),
         &Value::Expr("replicaTimeoutSeconds".into())
@@ -1269,6 +1854,7 @@ fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
         "WORKER_WEBHOOK_MAX_ATTEMPTS",
         "WORKER_WEBHOOK_TIMEOUT",
         "WORKER_WEBHOOK_INITIAL_BACKOFF",
+        "WORKER_WEBHOOK_CONCURRENCY",
     ] {
         assert!(
             !env_names.contains(webhook_var),
@@ -1284,13 +1870,21 @@ fn container_apps_job_leaves_retries_and_the_timeout_to_the_worker() {
     let attempts = default_of("WORKER_WEBHOOK_MAX_ATTEMPTS");
     let webhook_worst = attempts * default_of("WORKER_WEBHOOK_TIMEOUT")
         + (attempts - 1.0) * WEBHOOK_MAX_BACKOFF_SECS as f64;
-    let needed = webhook_worst + RECEIVE_AND_SETTLE_ALLOWANCE_SECS as f64;
+    // Then one outbox batch: one attempt per entry, each bounded by the
+    // webhook timeout, run concurrently with at most three quarters of the
+    // concurrency on one host (all entries may share a host; gate.rs).
+    let total = default_of("WORKER_WEBHOOK_CONCURRENCY");
+    let per_host = (total - (total / 4.0).floor()).min(total - 1.0).max(1.0);
+    let outbox_rounds = (JOB_OUTBOX_BATCH as f64 / per_host).ceil();
+    let outbox_worst =
+        outbox_rounds * default_of("WORKER_WEBHOOK_TIMEOUT") + OUTBOX_QUEUE_ALLOWANCE_SECS as f64;
+    let needed = webhook_worst + RECEIVE_AND_SETTLE_ALLOWANCE_SECS as f64 + outbox_worst;
     for file in [JOB_TEMPLATE, JOB_MAIN] {
         let bicep = Bicep::load(file);
         let min_margin = bicep.param_min("settleMarginSeconds");
         assert!(
             min_margin as f64 >= needed,
-            "{file}: settleMarginSeconds may be {min_margin} s, but a webhook with every retry plus settlement needs {needed} s"
+            "{file}: settleMarginSeconds may be {min_margin} s, but a webhook with every retry plus settlement plus an outbox batch needs {needed} s"
         );
         assert!(bicep.param_int_default("settleMarginSeconds") >= min_margin);
         assert!(bicep.param_min("taskTimeoutSeconds") >= 1);

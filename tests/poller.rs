@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use common::azurite::Azurite;
 use common::consume::{event_for, events, hook, task, Client};
-use common::receiver::Receiver;
+use common::receiver::{Receiver, Reply};
 
 /// Generous bound for webhooks that should already have been sent.
 const ARRIVAL: Duration = Duration::from_secs(30);
@@ -604,22 +604,30 @@ async fn metrics_and_health_are_served() {
         Some(&h),
     ))
     .await;
+    // A backend that is down: its outcome goes to the outbox.
+    let down = Receiver::start([Reply::status(503)]);
+    c.send_task(&task("m-down", "echo", json!(0), Some(&hook(&down))))
+        .await;
 
     let mut w = c
         .worker()
         .arg("poll")
         .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .env("WORKER_WEBHOOK_MAX_ATTEMPTS", "1")
         .spawn();
     w.wait_for_log("serving /metrics and /healthz");
     let base = format!("http://{}", metrics_addr(&w.logs()));
     events(&rx, 4, ARRIVAL);
+    down.recv(ARRIVAL).expect("the down backend is tried");
 
     let http = reqwest::Client::new();
     let queue = format!("{}-tasks", c.name);
     let wanted = [
-        r#"worker_tasks_total{task_type="echo",outcome="succeeded"} 3"#.to_owned(),
+        r#"worker_tasks_total{task_type="echo",outcome="succeeded"} 4"#.to_owned(),
         r#"worker_tasks_total{task_type="fail",outcome="poisoned"} 1"#.to_owned(),
-        format!(r#"worker_messages_received_total{{queue="{queue}"}} 4"#),
+        r#"worker_webhook_deliveries_total{result="delivered"} 4"#.to_owned(),
+        r#"worker_webhook_deliveries_total{result="outboxed"} 1"#.to_owned(),
+        format!(r#"worker_messages_received_total{{queue="{queue}"}} 5"#),
         format!(r#"worker_messages_poisoned_total{{queue="{queue}"}} 1"#),
         "worker_tasks_in_flight 0".to_owned(),
     ];

@@ -18,7 +18,11 @@
 // poisoned + deleted. Only when the queue itself fails does a message stay,
 // and it comes back after the visibility timeout.
 //
-// A second workflow deletes finished groups (they count against the ACI quota).
+// The task containers get WORKER_CLIENT, the storage account and the client id
+// of their identity, so a webhook they cannot deliver lands in the outbox
+// <client>-webhooks instead of being lost. A second workflow drains that
+// outbox with a `worker deliver` group (see `deliver` below), a third deletes
+// finished groups (they count against the ACI quota).
 
 @minLength(2)
 @maxLength(20)
@@ -35,8 +39,11 @@ param vaultEntryNames object
 
 param registryLoginServer string
 
-@description('Resource id of the user-assigned identity that pulls the image.')
+@description('Resource id of the user-assigned identity of the worker containers: pulls the image and reaches the queues.')
 param identityId string
+
+@description('Client id of that identity (AZURE_CLIENT_ID in the containers).')
+param identityClientId string
 
 @description('Full image reference, e.g. myregistry.azurecr.io/worker:<git sha>.')
 param image string
@@ -57,7 +64,7 @@ param actionGroupId string
   'Enabled'
   'Disabled'
 ])
-@description('Start Disabled until the first image is in the registry.')
+@description('State of the queue trigger and of the outbox drain. Start Disabled until the first image is in the registry.')
 param triggerState string = 'Disabled'
 
 @minValue(10)
@@ -67,6 +74,11 @@ param triggerIntervalSeconds int = 30
 @minValue(300)
 @maxValue(3600)
 param visibilityTimeoutSeconds int = 900
+
+@description('Minutes between two peeks at the webhook outbox (each run is billed, idle or not).')
+@minValue(1)
+@maxValue(15)
+param deliverIntervalMinutes int = 5
 
 @description('Finished groups older than this are deleted by the cleanup workflow.')
 @minValue(1)
@@ -78,13 +90,21 @@ param maxGroupAgeHours int = 12
 
 var tasksQueueName = '${client}-tasks'
 var poisonQueueName = '${client}-tasks-poison'
+var webhooksQueueName = '${client}-webhooks'
+var deliverGroupName = '${client}-webhooks-deliver'
 var aciApiVersion = '2023-05-01'
+var queueApiVersion = '2021-08-06'
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+var queueDataReaderRoleId = '19e7f393-937e-4f77-808e-94535e297925'
 var secretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
 var groupsUrl = '${environment().resourceManager}subscriptions/${subscription().subscriptionId}/resourceGroups/${resourceGroup().name}/providers/Microsoft.ContainerInstance/containerGroups'
 var armAuth = {
   type: 'ManagedServiceIdentity'
   audience: environment().resourceManager
+}
+var storageAuth = {
+  type: 'ManagedServiceIdentity'
+  audience: 'https://storage.azure.com/'
 }
 var vaultAuth = {
   type: 'ManagedServiceIdentity'
@@ -121,8 +141,24 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
 }
 
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' existing = {
+  parent: storage
+  name: 'default'
+}
+
+// Created by the storage module (and by the worker when missing).
+resource outboxQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
+  parent: queueService
+  name: webhooksQueueName
+}
+
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
   name: keyVaultName
+}
+
+resource webhookSecretEntry 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
+  parent: vault
+  name: vaultEntryNames.WORKER_WEBHOOK_SECRET
 }
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2022-10-01' existing = {
@@ -523,6 +559,21 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                                       name: 'WORKER_TASK_TIMEOUT'
                                       value: string(taskTimeoutSeconds)
                                     }
+                                    // A webhook the container cannot deliver
+                                    // goes to <client>-webhooks, written with
+                                    // the group's identity (no storage key).
+                                    {
+                                      name: 'WORKER_CLIENT'
+                                      value: client
+                                    }
+                                    {
+                                      name: 'AZURE_STORAGE_ACCOUNT'
+                                      value: storageAccountName
+                                    }
+                                    {
+                                      name: 'AZURE_CLIENT_ID'
+                                      value: identityClientId
+                                    }
                                     {
                                       name: 'WORKER_WEBHOOK_SECRET'
                                       secureValue: '@{body(\'Get_WORKER_WEBHOOK_SECRET\')?[\'value\']}'
@@ -807,8 +858,494 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
   }
 }
 
-// Both workflows manage container groups in this resource group and nothing
-// else: read/write/delete groups, and attach the runtime identity to them.
+// Drains the webhook outbox. A task container that cannot deliver its webhook
+// writes the event to <client>-webhooks, invisible until its next attempt is
+// due; someone has to run `worker deliver` then. Every `deliverIntervalMinutes`
+// this workflow peeks the outbox (peek changes nothing: no dequeue count, no
+// visibility) and, when an entry is due and no deliver group is running,
+// starts the group <client>-webhooks-deliver running
+// `worker deliver --exit-when-empty` (same image and identity as the task
+// groups; it exits once nothing is due). A finished deliver group is deleted
+// first, so every drain starts with the current image and secret. Runs never
+// overlap (trigger concurrency 1).
+resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
+  name: 'la-${client}-worker-deliver'
+  location: location
+  tags: tags
+  identity: {
+    type: 'SystemAssigned'
+  }
+  properties: {
+    state: triggerState
+    definition: {
+      '$schema': 'https://schema.management.azure.com/providers/Microsoft.Logic/schemas/2016-06-01/workflowdefinition.json#'
+      contentVersion: '1.0.0.0'
+      parameters: {
+        logAnalyticsKey: {
+          type: 'SecureString'
+          defaultValue: ''
+        }
+      }
+      triggers: {
+        Every_few_minutes: {
+          type: 'Recurrence'
+          recurrence: {
+            frequency: 'Minute'
+            interval: deliverIntervalMinutes
+          }
+          runtimeConfiguration: {
+            concurrency: {
+              runs: 1
+            }
+          }
+        }
+      }
+      actions: {
+        Init_due: {
+          type: 'InitializeVariable'
+          runAfter: {}
+          inputs: {
+            variables: [
+              {
+                name: 'due'
+                type: 'boolean'
+                value: false
+              }
+            ]
+          }
+        }
+        Init_start: {
+          type: 'InitializeVariable'
+          runAfter: {
+            Init_due: [
+              'Succeeded'
+            ]
+          }
+          inputs: {
+            variables: [
+              {
+                name: 'start'
+                type: 'boolean'
+                value: false
+              }
+            ]
+          }
+        }
+        // Visible entries only: one that waits for its next attempt is
+        // invisible and does not show up here.
+        Peek_outbox: {
+          type: 'Http'
+          runAfter: {
+            Init_start: [
+              'Succeeded'
+            ]
+          }
+          inputs: {
+            method: 'GET'
+            uri: '${storage.properties.primaryEndpoints.queue}${webhooksQueueName}/messages?peekonly=true&numofmessages=1'
+            headers: {
+              'x-ms-version': queueApiVersion
+            }
+            authentication: storageAuth
+          }
+          retryPolicy: {
+            type: 'exponential'
+            count: 3
+            interval: 'PT10S'
+          }
+        }
+        // 200 with an empty <QueueMessagesList />: nothing due. 404: the
+        // outbox does not exist (yet), so nothing was ever deferred. Anything
+        // else (403: the role is missing) fails the run.
+        Route_peek: {
+          type: 'Switch'
+          runAfter: {
+            Peek_outbox: [
+              'Succeeded'
+              'Failed'
+            ]
+          }
+          expression: '@coalesce(outputs(\'Peek_outbox\')?[\'statusCode\'], 0)'
+          cases: {
+            Peeked: {
+              case: 200
+              actions: {
+                If_entry_due: {
+                  type: 'If'
+                  runAfter: {}
+                  expression: {
+                    and: [
+                      {
+                        greater: [
+                          '@xpath(xml(body(\'Peek_outbox\')), \'count(/QueueMessagesList/QueueMessage)\')'
+                          0
+                        ]
+                      }
+                    ]
+                  }
+                  actions: {
+                    Mark_due: {
+                      type: 'SetVariable'
+                      runAfter: {}
+                      inputs: {
+                        name: 'due'
+                        value: true
+                      }
+                    }
+                  }
+                  else: {
+                    actions: {}
+                  }
+                }
+              }
+            }
+            No_outbox: {
+              case: 404
+              actions: {}
+            }
+          }
+          default: {
+            actions: {
+              Fail_peek: {
+                type: 'Terminate'
+                runAfter: {}
+                inputs: {
+                  runStatus: 'Failed'
+                  runError: {
+                    code: 'OutboxUnreadable'
+                    message: 'Peeking ${webhooksQueueName} failed: check the Storage Queue Data Reader role of this workflow on the queue.'
+                  }
+                }
+              }
+            }
+          }
+        }
+        // The variables decide; `Failed` is accepted too because a handled
+        // 404 inside a branch may mark the branch Failed (as in the trigger).
+        Check_deliver_group: {
+          type: 'If'
+          runAfter: {
+            Route_peek: [
+              'Succeeded'
+              'Failed'
+            ]
+          }
+          expression: {
+            and: [
+              {
+                equals: [
+                  '@variables(\'due\')'
+                  true
+                ]
+              }
+            ]
+          }
+          actions: {
+            Look_up_deliver_group: {
+              type: 'Http'
+              runAfter: {}
+              inputs: {
+                method: 'GET'
+                uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
+                authentication: armAuth
+              }
+              retryPolicy: {
+                type: 'exponential'
+                count: 3
+                interval: 'PT10S'
+              }
+            }
+            Route_group: {
+              type: 'Switch'
+              runAfter: {
+                Look_up_deliver_group: [
+                  'Succeeded'
+                  'Failed'
+                ]
+              }
+              expression: '@coalesce(outputs(\'Look_up_deliver_group\')?[\'statusCode\'], 0)'
+              cases: {
+                Exists: {
+                  case: 200
+                  actions: {
+                    Is_deliver_group: {
+                      type: 'If'
+                      runAfter: {}
+                      expression: {
+                        and: [
+                          {
+                            equals: [
+                              '@body(\'Look_up_deliver_group\')?[\'tags\']?[\'worker-role\']'
+                              'deliver'
+                            ]
+                          }
+                        ]
+                      }
+                      actions: {
+                        // Running or pending: it drains what is due; come back
+                        // next time. Finished: delete it and start afresh (a
+                        // PUT on the existing group would not run it again).
+                        If_finished: {
+                          type: 'If'
+                          runAfter: {}
+                          expression: {
+                            and: [
+                              {
+                                contains: [
+                                  '@createArray(\'Succeeded\', \'Failed\', \'Stopped\')'
+                                  '@body(\'Look_up_deliver_group\')?[\'properties\']?[\'instanceView\']?[\'state\']'
+                                ]
+                              }
+                            ]
+                          }
+                          actions: {
+                            Delete_finished_deliver_group: {
+                              type: 'Http'
+                              runAfter: {}
+                              inputs: {
+                                method: 'DELETE'
+                                uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
+                                authentication: armAuth
+                              }
+                              retryPolicy: {
+                                type: 'exponential'
+                                count: 3
+                                interval: 'PT10S'
+                              }
+                            }
+                            Mark_restart: {
+                              type: 'SetVariable'
+                              runAfter: {
+                                Delete_finished_deliver_group: [
+                                  'Succeeded'
+                                ]
+                              }
+                              inputs: {
+                                name: 'start'
+                                value: true
+                              }
+                            }
+                            Fail_delete: {
+                              type: 'Terminate'
+                              runAfter: {
+                                Delete_finished_deliver_group: [
+                                  'Failed'
+                                  'TimedOut'
+                                ]
+                              }
+                              inputs: {
+                                runStatus: 'Failed'
+                                runError: {
+                                  code: 'DeleteFailed'
+                                  message: 'Deleting the finished container group ${deliverGroupName} failed; the next run tries again.'
+                                }
+                              }
+                            }
+                          }
+                          else: {
+                            actions: {}
+                          }
+                        }
+                      }
+                      else: {
+                        actions: {
+                          // A task group took the name (task id
+                          // "webhooks-deliver"): never touch it.
+                          Fail_name_taken: {
+                            type: 'Terminate'
+                            runAfter: {}
+                            inputs: {
+                              runStatus: 'Failed'
+                              runError: {
+                                code: 'NameCollision'
+                                message: 'Container group ${deliverGroupName} exists but is no deliver group; the outbox waits until it is gone.'
+                              }
+                            }
+                          }
+                        }
+                      }
+                    }
+                  }
+                }
+                Absent: {
+                  case: 404
+                  actions: {
+                    Mark_start: {
+                      type: 'SetVariable'
+                      runAfter: {}
+                      inputs: {
+                        name: 'start'
+                        value: true
+                      }
+                    }
+                  }
+                }
+              }
+              default: {
+                actions: {
+                  Fail_lookup: {
+                    type: 'Terminate'
+                    runAfter: {}
+                    inputs: {
+                      runStatus: 'Failed'
+                      runError: {
+                        code: 'LookupFailed'
+                        message: 'Looking up container group ${deliverGroupName} failed.'
+                      }
+                    }
+                  }
+                }
+              }
+            }
+          }
+          else: {
+            actions: {}
+          }
+        }
+        Start_deliver_group: {
+          type: 'If'
+          runAfter: {
+            Check_deliver_group: [
+              'Succeeded'
+              'Failed'
+            ]
+          }
+          expression: {
+            and: [
+              {
+                equals: [
+                  '@variables(\'start\')'
+                  true
+                ]
+              }
+            ]
+          }
+          actions: {
+            // `worker deliver` runs no handler: the webhook secret is the
+            // only secret it needs.
+            Get_WORKER_WEBHOOK_SECRET: {
+              type: 'Http'
+              runAfter: {}
+              inputs: {
+                method: 'GET'
+                uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.WORKER_WEBHOOK_SECRET}?api-version=7.4'
+                authentication: vaultAuth
+              }
+              runtimeConfiguration: secureInputsAndOutputs
+            }
+            Create_deliver_group: {
+              type: 'Http'
+              runAfter: {
+                Get_WORKER_WEBHOOK_SECRET: [
+                  'Succeeded'
+                ]
+              }
+              runtimeConfiguration: secureInputsAndOutputs
+              retryPolicy: {
+                type: 'exponential'
+                count: 4
+                interval: 'PT15S'
+                minimumInterval: 'PT10S'
+                maximumInterval: 'PT2M'
+              }
+              inputs: {
+                method: 'PUT'
+                uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
+                authentication: armAuth
+                body: {
+                  location: location
+                  tags: union(workerTags, {
+                    'worker-role': 'deliver'
+                    'worker-created': '@{utcNow()}'
+                  })
+                  identity: {
+                    type: 'UserAssigned'
+                    userAssignedIdentities: {
+                      '${identityId}': {}
+                    }
+                  }
+                  properties: {
+                    osType: 'Linux'
+                    sku: 'Standard'
+                    restartPolicy: 'Never'
+                    imageRegistryCredentials: [
+                      {
+                        server: registryLoginServer
+                        identity: identityId
+                      }
+                    ]
+                    containers: [
+                      {
+                        name: 'worker'
+                        properties: {
+                          image: image
+                          // ACI's command replaces the image's entrypoint.
+                          command: [
+                            '/usr/local/bin/worker'
+                            'deliver'
+                            '--exit-when-empty'
+                          ]
+                          resources: {
+                            requests: {
+                              cpu: json(cpuCores)
+                              memoryInGB: json(memoryInGb)
+                            }
+                          }
+                          environmentVariables: [
+                            {
+                              name: 'WORKER_LOG_FORMAT'
+                              value: 'json'
+                            }
+                            {
+                              name: 'WORKER_CLIENT'
+                              value: client
+                            }
+                            {
+                              name: 'AZURE_STORAGE_ACCOUNT'
+                              value: storageAccountName
+                            }
+                            {
+                              name: 'AZURE_CLIENT_ID'
+                              value: identityClientId
+                            }
+                            {
+                              name: 'WORKER_WEBHOOK_SECRET'
+                              secureValue: '@{body(\'Get_WORKER_WEBHOOK_SECRET\')?[\'value\']}'
+                            }
+                          ]
+                        }
+                      }
+                    ]
+                    diagnostics: {
+                      logAnalytics: {
+                        workspaceId: workspace.properties.customerId
+                        workspaceKey: '@{parameters(\'logAnalyticsKey\')}'
+                        logType: 'ContainerInstanceLogs'
+                      }
+                    }
+                  }
+                }
+              }
+            }
+          }
+          else: {
+            actions: {}
+          }
+        }
+      }
+      outputs: {}
+    }
+    parameters: {
+      logAnalyticsKey: {
+        value: workspace.listKeys().primarySharedKey
+      }
+    }
+  }
+}
+
+// The three workflows manage container groups in this resource group and
+// nothing else: read/write/delete groups, and attach the runtime identity to
+// them.
 resource launcherRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(resourceGroup().id, 'worker-task-launcher')
   properties: {
@@ -846,6 +1383,37 @@ resource cleanupLauncher 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
   properties: {
     roleDefinitionId: launcherRole.id
     principalId: cleanup.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource deliverLauncher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(resourceGroup().id, deliver.id, 'worker-task-launcher')
+  properties: {
+    roleDefinitionId: launcherRole.id
+    principalId: deliver.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// Peek at the outbox and nothing else: read-only, on that one queue.
+resource deliverOutboxReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(outboxQueue.id, deliver.id, queueDataReaderRoleId)
+  scope: outboxQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', queueDataReaderRoleId)
+    principalId: deliver.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The deliver group needs the webhook secret only.
+resource deliverSecret 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(webhookSecretEntry.id, deliver.id, secretsUserRoleId)
+  scope: webhookSecretEntry
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', secretsUserRoleId)
+    principalId: deliver.identity.principalId
     principalType: 'ServicePrincipal'
   }
 }
@@ -893,6 +1461,20 @@ resource triggerDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-pr
 resource cleanupDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
   name: 'to-log-analytics'
   scope: cleanup
+  properties: {
+    workspaceId: workspace.id
+    logs: [
+      {
+        category: 'WorkflowRuntime'
+        enabled: true
+      }
+    ]
+  }
+}
+
+resource deliverDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: deliver
   properties: {
     workspaceId: workspace.id
     logs: [
@@ -1013,8 +1595,47 @@ resource failedCleanupAlert 'Microsoft.Insights/metricAlerts@2018-03-01' = {
   }
 }
 
+// A drain that fails again and again (role missing, image gone, quota) leaves
+// webhooks in the outbox until their schedule runs out and they are poisoned.
+resource failedDeliverAlert 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: 'alert-${client}-worker-deliver-failed-runs'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'The outbox drain keeps failing: webhooks wait in ${webhooksQueueName} and end in ${webhooksQueueName}-poison when their schedule runs out.'
+    severity: 3
+    enabled: true
+    scopes: [
+      deliver.id
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT1H'
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'RunsFailed'
+          metricNamespace: 'Microsoft.Logic/workflows'
+          metricName: 'RunsFailed'
+          operator: 'GreaterThan'
+          threshold: 2
+          timeAggregation: 'Total'
+        }
+      ]
+    }
+    actions: [
+      {
+        actionGroupId: actionGroupId
+      }
+    ]
+  }
+}
+
 output triggerWorkflowName string = trigger.name
 output cleanupWorkflowName string = cleanup.name
+output deliverWorkflowName string = deliver.name
 output triggerPrincipalId string = trigger.identity.principalId
 output tasksQueueName string = tasksQueueName
 output poisonQueueName string = poisonQueueName
+output webhooksQueueName string = webhooksQueueName

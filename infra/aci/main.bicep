@@ -1,7 +1,9 @@
 // Everything the ACI path needs for one client, in one resource group:
 // queues, registry, runtime identity, Key Vault, monitoring and budget
 // (shared modules under infra/modules, reused by the Container Apps path),
-// plus the Logic App that turns each queue message into a container group.
+// plus the Logic Apps that turn each queue message into a container group,
+// drain the webhook outbox with a `worker deliver` group, and delete finished
+// groups.
 //
 // Deploy (see README.md next to this file):
 //   az deployment group create -g <rg> -f infra/aci/main.bicep -p @main.parameters.json
@@ -43,7 +45,7 @@ param budgetStartDate string = utcNow('yyyy-MM-01')
   'Enabled'
   'Disabled'
 ])
-@description('Queue trigger state. Disabled until the first image has been pushed and the manual test passed.')
+@description('State of the queue trigger and of the outbox drain. Disabled until the first image has been pushed and the manual test passed.')
 param triggerState string = 'Disabled'
 
 @description('Trigger visibility timeout in seconds (covers lookup, create retries and delete).')
@@ -54,6 +56,11 @@ param visibilityTimeoutSeconds int = 900
 @description('Seconds between trigger polls; each poll is billed, idle or not.')
 @minValue(10)
 param triggerIntervalSeconds int = 30
+
+@description('Minutes between two peeks at the webhook outbox <client>-webhooks; each run is billed, idle or not.')
+@minValue(1)
+@maxValue(15)
+param deliverIntervalMinutes int = 5
 
 @description('Finished container groups older than this many hours are deleted.')
 @minValue(1)
@@ -91,6 +98,10 @@ module storage '../modules/storage.bicep' = {
     accountName: storageAccountName
     location: location
     tags: allTags
+    // Task and deliver containers write and drain the webhook outbox.
+    queueDataContributorPrincipalIds: [
+      identity.outputs.principalId
+    ]
   }
 }
 
@@ -162,6 +173,7 @@ module trigger 'logic-app-trigger.bicep' = {
     vaultEntryNames: keyVault.outputs.entryNames
     registryLoginServer: registry.outputs.loginServer
     identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
     image: '${registry.outputs.loginServer}/worker:${imageTag}'
     cpuCores: cpuCores
     memoryInGb: memoryInGb
@@ -171,6 +183,7 @@ module trigger 'logic-app-trigger.bicep' = {
     triggerState: triggerState
     triggerIntervalSeconds: triggerIntervalSeconds
     visibilityTimeoutSeconds: visibilityTimeoutSeconds
+    deliverIntervalMinutes: deliverIntervalMinutes
     finishedRetentionHours: finishedRetentionHours
   }
 }
@@ -178,6 +191,7 @@ module trigger 'logic-app-trigger.bicep' = {
 output storageAccountName string = storage.outputs.accountName
 output tasksQueueName string = storage.outputs.tasksQueueName
 output poisonQueueName string = storage.outputs.poisonQueueName
+output webhooksQueueName string = storage.outputs.webhooksQueueName
 output registryName string = registry.outputs.registryName
 output registryLoginServer string = registry.outputs.loginServer
 output identityName string = identity.outputs.name
@@ -186,3 +200,4 @@ output keyVaultName string = keyVault.outputs.vaultName
 output workspaceName string = monitoring.outputs.workspaceName
 output triggerWorkflowName string = trigger.outputs.triggerWorkflowName
 output cleanupWorkflowName string = trigger.outputs.cleanupWorkflowName
+output deliverWorkflowName string = trigger.outputs.deliverWorkflowName

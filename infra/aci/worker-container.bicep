@@ -5,7 +5,8 @@
 //
 //   az deployment group create -g <rg> -f infra/aci/worker-container.bicep \
 //     -p client=<client> imageTag=<sha> registryName=... identityName=... \
-//        keyVaultName=... workspaceName=...   (all four are outputs of main.bicep)
+//        keyVaultName=... workspaceName=... storageAccountName=...
+//        (all five are outputs of main.bicep)
 
 @minLength(2)
 @maxLength(20)
@@ -18,6 +19,7 @@ param registryName string
 param identityName string
 param keyVaultName string
 param workspaceName string
+param storageAccountName string
 
 @description('The task envelope, as a queue message would hold it (JSON or base64 JSON).')
 param taskData string = '{"task_id":"manual-echo-1","task_type":"echo","payload":{"hello":"from aci"}}'
@@ -64,6 +66,9 @@ module group '../modules/container-group.bicep' = {
     image: '${registry.properties.loginServer}/worker:${imageTag}'
     registryLoginServer: registry.properties.loginServer
     identityId: identity.id
+    identityClientId: identity.properties.clientId
+    client: client
+    storageAccountName: storageAccountName
     cpuCores: cpuCores
     memoryInGb: memoryInGb
     taskData: taskData

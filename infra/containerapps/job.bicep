@@ -1,23 +1,32 @@
 // The Container Apps path: an environment that logs to Log Analytics and an
 // event-driven job that runs `worker` in job mode.
 //
-// The platform only counts messages: KEDA's azure-queue scaler polls
-// <client>-tasks and starts one execution per message (queueLength 1, one
-// replica each). The platform never hands a message to a container and never
-// retries one. Each execution's container leases one message itself
-// (WORKER_MODE=job), renews the lease at half-life while the task runs,
-// settles it (delete / retry after backoff / poison) and exits 0 or 1.
+// The platform only counts messages: KEDA's azure-queue scaler polls two
+// queues and starts executions (one replica each). The platform never hands
+// a message to a container and never retries one.
+//   <client>-tasks     one execution per message (queueLength 1); messages
+//                      leased by running executions still count, so each
+//                      running execution accounts for its own message.
+//   <client>-webhooks  the webhook outbox: one execution per 32 entries that
+//                      are due (queueLength 32, queueLengthStrategy
+//                      visibleonly: entries wait invisible until their next
+//                      attempt and must not start executions before then).
+// Each execution's container (WORKER_MODE=job) leases at most one task
+// message itself, renews the lease at half-life while the task runs, settles
+// it (delete / retry after backoff / poison), then delivers up to 32 due
+// outbox entries and exits 0 or 1. So an execution started for the outbox
+// does useful work even when <client>-tasks is empty.
 // Retries therefore come from the queue's dequeue count, so the platform's
 // own retry is off (replicaRetryLimit 0): a replica exiting 1 has already put
 // its message back with a delay, or moved it to <client>-tasks-poison.
 //
 // replicaTimeout is WORKER_TASK_TIMEOUT plus a margin for start-up, webhook
-// delivery and settlement, so the worker's own timeout always fires first and
-// reports `task.timed_out`; the platform's kill is only a backstop.
-// tests/infra.rs checks that relation by reading this file.
+// delivery, settlement and the outbox batch, so the worker's own timeout
+// always fires first and reports `task.timed_out`; the platform's kill is
+// only a backstop. tests/infra.rs checks that relation by reading this file.
 //
 // Secrets are Key Vault references resolved by the job's user-assigned
-// identity; the queue is reached with the same identity (Entra ID), so the
+// identity; the queues are reached with the same identity (Entra ID), so the
 // container holds no storage key at all.
 
 @minLength(2)
@@ -33,7 +42,7 @@ param jobName string = 'job-${client}-worker'
 param location string = resourceGroup().location
 param tags object = {}
 
-@description('Storage account holding <client>-tasks (storage module output accountName).')
+@description('Storage account holding <client>-tasks and <client>-webhooks (storage module output accountName).')
 param storageAccountName string
 
 @description('Key Vault URI, ending in a slash (keyvault module output vaultUri).')
@@ -63,9 +72,9 @@ param memoryInGb string = '2'
 @minValue(1)
 param taskTimeoutSeconds int = 1800
 
-@description('Seconds on top of the task timeout before the platform stops a replica: start-up, webhook delivery with retries, settlement.')
-@minValue(240)
-param settleMarginSeconds int = 300
+@description('Seconds on top of the task timeout before the platform stops a replica: start-up, webhook delivery with retries, settlement, one batch of up to 32 outbox deliveries.')
+@minValue(300)
+param settleMarginSeconds int = 360
 
 @description('WORKER_VISIBILITY_TIMEOUT: the lease on the message, renewed at half-life while the task runs; also how long a crashed execution keeps its message hidden.')
 @minValue(60)
@@ -92,36 +101,67 @@ param pollingIntervalSeconds int = 30
   'identity'
   'connectionString'
 ])
-@description('How the scaler reads the queue length: the job identity (Entra ID), or the connection string from Key Vault.')
+@description('How the scaler reads the queue lengths: the job identity (Entra ID), or the connection string from Key Vault.')
 param scalerAuth string = 'identity'
 
 param workspaceName string
 
 var tasksQueueName = '${client}-tasks'
+var webhooksQueueName = '${client}-webhooks'
 var replicaTimeoutSeconds = taskTimeoutSeconds + settleMarginSeconds
 var connectionStringSecretName = 'azure-storage-connection-string'
-var scaleRuleMetadata = {
+// One execution per task message. The default strategy (all) also counts
+// the messages running executions hold leased; KEDA's default job scaling
+// subtracts running executions from the count, so a visible-only count would
+// start too few.
+var tasksRuleMetadata = {
   accountName: storageAccountName
   queueName: tasksQueueName
   queueLength: '1'
 }
-var scaleRuleWithIdentity = {
-  name: 'tasks-queue'
-  type: 'azure-queue'
-  metadata: scaleRuleMetadata
-  identity: identityId
+// One execution per 32 due outbox entries (what one execution delivers).
+// visibleonly peeks, so entries still waiting for their next attempt do not
+// count; from 32 visible entries on, KEDA falls back to counting every entry.
+var outboxRuleMetadata = {
+  accountName: storageAccountName
+  queueName: webhooksQueueName
+  queueLength: '32'
+  queueLengthStrategy: 'visibleonly'
 }
-var scaleRuleWithConnectionString = {
-  name: 'tasks-queue'
-  type: 'azure-queue'
-  metadata: scaleRuleMetadata
-  auth: [
-    {
-      secretRef: connectionStringSecretName
-      triggerParameter: 'connection'
-    }
-  ]
-}
+var connectionStringAuth = [
+  {
+    secretRef: connectionStringSecretName
+    triggerParameter: 'connection'
+  }
+]
+var scaleRulesWithIdentity = [
+  {
+    name: 'tasks-queue'
+    type: 'azure-queue'
+    metadata: tasksRuleMetadata
+    identity: identityId
+  }
+  {
+    name: 'webhooks-queue'
+    type: 'azure-queue'
+    metadata: outboxRuleMetadata
+    identity: identityId
+  }
+]
+var scaleRulesWithConnectionString = [
+  {
+    name: 'tasks-queue'
+    type: 'azure-queue'
+    metadata: tasksRuleMetadata
+    auth: connectionStringAuth
+  }
+  {
+    name: 'webhooks-queue'
+    type: 'azure-queue'
+    metadata: outboxRuleMetadata
+    auth: connectionStringAuth
+  }
+]
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2022-10-01' existing = {
   name: workspaceName
@@ -173,9 +213,7 @@ resource job 'Microsoft.App/jobs@2025-01-01' = {
           minExecutions: 0
           maxExecutions: maxExecutions
           pollingInterval: pollingIntervalSeconds
-          rules: [
-            scalerAuth == 'identity' ? scaleRuleWithIdentity : scaleRuleWithConnectionString
-          ]
+          rules: scalerAuth == 'identity' ? scaleRulesWithIdentity : scaleRulesWithConnectionString
         }
       }
       registries: [

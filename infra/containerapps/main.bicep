@@ -5,9 +5,9 @@
 //
 // The one identity gets every role the job needs: AcrPull (pull the image),
 // Key Vault Secrets User (resolve the secret references) and Storage Queue
-// Data Contributor (the worker leases, deletes and poisons messages, and the
-// scaler reads the queue length), so the worker runs without a connection
-// string.
+// Data Contributor (the worker leases, deletes and poisons messages, writes
+// and drains the webhook outbox, and the scaler reads the queue lengths), so
+// the worker runs without a connection string.
 //
 // Deploy (see README.md next to this file):
 //   az deployment group create -g <rg> -f infra/containerapps/main.bicep -p @main.parameters.json
@@ -35,9 +35,9 @@ param memoryInGb string = '2'
 @minValue(1)
 param taskTimeoutSeconds int = 1800
 
-@description('Seconds the platform waits beyond the task timeout before it stops a replica.')
-@minValue(240)
-param settleMarginSeconds int = 300
+@description('Seconds the platform waits beyond the task timeout before it stops a replica (start-up, webhook retries, settlement, one outbox batch).')
+@minValue(300)
+param settleMarginSeconds int = 360
 
 @description('WORKER_VISIBILITY_TIMEOUT in seconds (the lease, renewed at half-life).')
 @minValue(60)
@@ -213,6 +213,7 @@ module job 'job.bicep' = if (deployJob) {
 output storageAccountName string = storage.outputs.accountName
 output tasksQueueName string = storage.outputs.tasksQueueName
 output poisonQueueName string = storage.outputs.poisonQueueName
+output webhooksQueueName string = storage.outputs.webhooksQueueName
 output registryName string = registry.outputs.registryName
 output registryLoginServer string = registry.outputs.loginServer
 output identityName string = identity.outputs.name

@@ -1,6 +1,9 @@
 // One worker task as an Azure Container Instances group: one container, run
 // once (restart policy Never), image pulled through the runtime identity,
 // secrets as secure environment variables, stdout/stderr to Log Analytics.
+// The same identity writes a webhook the container cannot deliver to the
+// outbox <client>-webhooks (WORKER_CLIENT, AZURE_STORAGE_ACCOUNT,
+// AZURE_CLIENT_ID; it holds Storage Queue Data Contributor on the account).
 //
 // This is the shape the Logic App creates for every queue message
 // (infra/aci/logic-app-trigger.bicep writes the same body as JSON);
@@ -25,8 +28,19 @@ param image string
 
 param registryLoginServer string
 
-@description('Resource id of the user-assigned identity holding AcrPull.')
+@description('Resource id of the user-assigned identity holding AcrPull and Storage Queue Data Contributor.')
 param identityId string
+
+@description('Client id of that identity (AZURE_CLIENT_ID).')
+param identityClientId string
+
+@description('Client name (WORKER_CLIENT): the outbox is <client>-webhooks.')
+@minLength(2)
+@maxLength(20)
+param client string
+
+@description('Storage account holding the queues (AZURE_STORAGE_ACCOUNT).')
+param storageAccountName string
 
 @description('vCPU cores (a decimal string, e.g. 1 or 0.5).')
 param cpuCores string = '1'
@@ -99,6 +113,18 @@ resource group 'Microsoft.ContainerInstance/containerGroups@2023-05-01' = {
             {
               name: 'WORKER_TASK_TIMEOUT'
               value: string(taskTimeoutSeconds)
+            }
+            {
+              name: 'WORKER_CLIENT'
+              value: client
+            }
+            {
+              name: 'AZURE_STORAGE_ACCOUNT'
+              value: storageAccountName
+            }
+            {
+              name: 'AZURE_CLIENT_ID'
+              value: identityClientId
             }
             {
               name: 'WORKER_WEBHOOK_SECRET'

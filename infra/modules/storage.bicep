@@ -1,11 +1,16 @@
-// Storage account holding the task queues.
+// Storage account holding the task queues and the webhook outbox.
 //
-// The worker's naming convention lives here and nowhere else in the templates:
-// tasks arrive on `<client>-tasks`, and messages that can never succeed are
-// moved verbatim to `<client>-tasks-poison` (the same names the binary derives
-// from WORKER_CLIENT). tests/infra.rs checks both names against that rule.
+// The worker's naming convention lives here: tasks arrive on `<client>-tasks`,
+// and messages that can never succeed are moved verbatim to
+// `<client>-tasks-poison`. Webhook outcomes that could not be delivered at
+// once wait in `<client>-webhooks` (the outbox; each entry stays invisible
+// until its next attempt is due), and the ones given up on end in
+// `<client>-webhooks-poison`. These are the names the binary derives from
+// WORKER_CLIENT; it would create the two outbox queues itself when missing,
+// but creating all four here lets the scaler and the Logic App find them from
+// the start. tests/infra.rs checks the names against that rule.
 
-@description('Client name; queues are <client>-tasks and <client>-tasks-poison.')
+@description('Client name; queues are <client>-tasks, <client>-tasks-poison, <client>-webhooks and <client>-webhooks-poison.')
 @minLength(2)
 @maxLength(20)
 param client string
@@ -18,11 +23,13 @@ param accountName string
 param location string = resourceGroup().location
 param tags object = {}
 
-@description('Principal ids granted Storage Queue Data Contributor on the account (Logic App, job identity).')
+@description('Principal ids granted Storage Queue Data Contributor on the account (the worker identity).')
 param queueDataContributorPrincipalIds array = []
 
 var tasksQueueName = '${client}-tasks'
 var poisonQueueName = '${client}-tasks-poison'
+var webhooksQueueName = '${client}-webhooks'
+var webhooksPoisonQueueName = '${client}-webhooks-poison'
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -79,6 +86,16 @@ resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@202
   name: poisonQueueName
 }
 
+resource webhooksQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: webhooksQueueName
+}
+
+resource webhooksPoisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: webhooksPoisonQueueName
+}
+
 resource queueContributors 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in queueDataContributorPrincipalIds: {
   name: guid(account.id, principalId, queueDataContributorRoleId)
   scope: account
@@ -94,3 +111,5 @@ output accountId string = account.id
 output queueEndpoint string = account.properties.primaryEndpoints.queue
 output tasksQueueName string = tasksQueue.name
 output poisonQueueName string = poisonQueue.name
+output webhooksQueueName string = webhooksQueue.name
+output webhooksPoisonQueueName string = webhooksPoisonQueue.name

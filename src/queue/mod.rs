@@ -40,7 +40,8 @@ use azure_core::http::{
 use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
 use azure_storage_queue::models::{
     QueueClientGetPropertiesResultHeaders, QueueClientPeekMessagesOptions,
-    QueueClientReceiveMessagesOptions, QueueClientSendMessageOptions, QueueMessage,
+    QueueClientReceiveMessagesOptions, QueueClientSendMessageOptions,
+    QueueClientUpdateMessageOptions, QueueMessage,
 };
 use azure_storage_queue::{QueueClient, QueueServiceClient, QueueServiceClientOptions};
 
@@ -480,13 +481,40 @@ impl Queue {
         pop_receipt: &str,
         visibility: Duration,
     ) -> Result<String, QueueError> {
+        self.update(id, pop_receipt, visibility, None).await
+    }
+
+    /// Like [`Queue::update_visibility`], replacing the message text as well
+    /// when `text` is given (the outbox records each attempt this way).
+    pub async fn update(
+        &self,
+        id: &str,
+        pop_receipt: &str,
+        visibility: Duration,
+        text: Option<&str>,
+    ) -> Result<String, QueueError> {
+        let options = match text {
+            None => None,
+            Some(t) => Some(QueueClientUpdateMessageOptions {
+                queue_message: Some(
+                    QueueMessage {
+                        message_text: Some(t.to_owned()),
+                    }
+                    .try_into()
+                    .map_err(|e: azure_core::Error| QueueError::Other {
+                        detail: format!("cannot encode the message: {}", describe_azure_error(&e)),
+                    })?,
+                ),
+                ..Default::default()
+            }),
+        };
         let rsp = self
             .client
             .update_message(
                 id,
                 pop_receipt,
                 secs_i32(visibility, 0, MAX_VISIBILITY.as_secs()),
-                None,
+                options,
             )
             .await
             .map_err(|e| self.classify("update message visibility", e))?;

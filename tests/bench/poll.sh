@@ -40,8 +40,13 @@ fi
 
 WORK=$(mktemp -d)
 AZ_PID=
+# Never fails: under set -e a failing `wait` (143, Azurite's SIGTERM) would end
+# the trap before rm and turn the script's status into 143.
 cleanup() {
-    [ -n "$AZ_PID" ] && kill "$AZ_PID" 2>/dev/null && wait "$AZ_PID" 2>/dev/null
+    if [ -n "$AZ_PID" ]; then
+        kill "$AZ_PID" 2>/dev/null || true
+        wait "$AZ_PID" 2>/dev/null || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -1,9 +1,11 @@
-//! Queue load tool for `tests/bench/poll.sh`, built on the library's own
-//! queue client (`worker::queue`) so that it speaks to the service exactly as
-//! the worker does.
+//! Queue load tool for `tests/bench/poll.sh` and `tests/bench/webhook.sh`,
+//! built on the library's own queue client (`worker::queue`) so that it speaks
+//! to the service exactly as the worker does.
 //!
-//! - `fill QUEUE N [C]`: creates QUEUE and sends N `echo` envelopes, C at a
-//!   time (default 32), so that filling does not dominate a benchmark round.
+//! - `fill QUEUE N [C] [WEBHOOK_URL]`: creates QUEUE and sends N `echo`
+//!   envelopes, C at a time (default 32), so that filling does not dominate a
+//!   benchmark round; with WEBHOOK_URL, each envelope carries it as its
+//!   `webhook_url`.
 //! - `drain QUEUE [B]`: the ceiling for polling mode: receive up to B (default
 //!   32) messages, delete them all concurrently, repeat until a receive comes
 //!   back empty. No task is decoded or run; this is what the SDK and the
@@ -21,8 +23,7 @@ use anyhow::{bail, Context};
 use worker::config::Secret;
 use worker::queue::{Queue, QueueService, StorageSettings};
 
-const USAGE: &str =
-    "usage: queue-load fill QUEUE N [CONCURRENCY] | drain QUEUE [BATCH] | count QUEUE";
+const USAGE: &str = "usage: queue-load fill QUEUE N [CONCURRENCY] [WEBHOOK_URL] | drain QUEUE [BATCH] | count QUEUE";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -45,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     })?
     .queue(queue)?;
     match cmd {
-        "fill" => fill(queue, num(2, 0)?, num(3, 32)?).await,
+        "fill" => fill(queue, num(2, 0)?, num(3, 32)?, arg(4)).await,
         "drain" => drain(queue, u8::try_from(num(2, 32)?.clamp(1, 32))?).await,
         "count" => {
             println!("{}", queue.approximate_count().await?);
@@ -63,13 +64,23 @@ fn report(messages: u64, started: Instant) {
     );
 }
 
-async fn fill(queue: Queue, n: u64, concurrency: u64) -> anyhow::Result<()> {
+async fn fill(
+    queue: Queue,
+    n: u64,
+    concurrency: u64,
+    webhook_url: Option<&str>,
+) -> anyhow::Result<()> {
+    // `,"webhook_url":"…"` (JSON-escaped) or nothing.
+    let hook: Arc<str> = match webhook_url {
+        Some(url) => format!(r#","webhook_url":{}"#, serde_json::to_string(url)?).into(),
+        None => "".into(),
+    };
     queue.create_if_missing().await?;
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut senders = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (queue, next) = (queue.clone(), next.clone());
+        let (queue, next, hook) = (queue.clone(), next.clone(), hook.clone());
         senders.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -77,7 +88,7 @@ async fn fill(queue: Queue, n: u64, concurrency: u64) -> anyhow::Result<()> {
                     return Ok::<_, worker::queue::QueueError>(());
                 }
                 let text = format!(
-                    r#"{{"task_id":"bench-{i}","task_type":"echo","payload":{{"i":{i}}}}}"#
+                    r#"{{"task_id":"bench-{i}","task_type":"echo","payload":{{"i":{i}}}{hook}}}"#
                 );
                 queue.send(&text, None, None).await?;
             }

@@ -1,0 +1,304 @@
+//! A received message's lease, from receive to settlement.
+//!
+//! The service hands out a new pop receipt on every visibility update, and
+//! only the newest one can delete or release the message. [`Lease`] is the
+//! one owner of that receipt: it renews the visibility at half-life from the
+//! moment it is taken until the message is settled, through the handler run
+//! *and* the webhook delivery that follows it, and each settlement
+//! ([`Lease::delete`], [`Lease::poison`], [`Lease::retry_in`],
+//! [`Lease::release`]) first stops the renewal, waiting for an update in
+//! flight so its receipt is not lost, then uses the newest receipt. Nothing
+//! else touches a pop receipt of a consumed message.
+//!
+//! A settlement call that keeps failing leaves the message to its visibility
+//! timeout: it reappears and is processed again, which is the at-least-once
+//! safety net.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::queue::{Message, Queue, QueueError};
+
+/// How a message was settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Deleted after its outcome was delivered (or handed to the outbox).
+    Succeeded,
+    /// Left on the queue for another attempt.
+    Retried,
+    /// Moved to the poison queue.
+    Poisoned,
+    /// Made visible again at once (shutdown).
+    Released,
+    /// The lease was lost; the message belongs to someone else now.
+    LeaseLost,
+    /// A queue call kept failing; the message will reappear when its lease expires.
+    Unsettled,
+}
+
+/// What settling did: the settlement and how often the lease was renewed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub settlement: Settlement,
+    pub renewals: u64,
+}
+
+/// A message held invisible by periodic renewal until it is settled.
+pub struct Lease {
+    queue: Queue,
+    id: String,
+    receipt: Arc<Mutex<String>>,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    renewal: JoinHandle<u64>,
+}
+
+impl Lease {
+    /// Starts renewing `msg`'s lease every `visibility / 2`. When the lease is
+    /// lost, `on_lost` is cancelled too (the running handler stops: its work
+    /// is another worker's now).
+    pub fn start(
+        queue: Queue,
+        msg: &Message,
+        visibility: Duration,
+        on_lost: CancellationToken,
+    ) -> Self {
+        let receipt = Arc::new(Mutex::new(msg.pop_receipt.clone()));
+        let stop = CancellationToken::new();
+        let lost = CancellationToken::new();
+        let renewal = tokio::spawn(
+            renew(
+                queue.clone(),
+                msg.id.clone(),
+                receipt.clone(),
+                visibility,
+                stop.clone(),
+                lost.clone(),
+                on_lost,
+            )
+            .instrument(tracing::Span::current()),
+        );
+        Self {
+            queue,
+            id: msg.id.clone(),
+            receipt,
+            stop,
+            lost,
+            renewal,
+        }
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Stops renewing; `None` when the lease was lost meanwhile.
+    async fn end(self) -> (Option<(Queue, String, String)>, u64) {
+        self.stop.cancel();
+        let renewals = self.renewal.await.unwrap_or(0);
+        if self.lost.is_cancelled() {
+            return (None, renewals);
+        }
+        let receipt = self.receipt.lock().await.clone();
+        (Some((self.queue, self.id, receipt)), renewals)
+    }
+
+    /// Deletes the message: everything it owed the outside world is done.
+    pub async fn delete(self) -> Settled {
+        let (held, renewals) = self.end().await;
+        let settlement = match held {
+            None => lost(),
+            Some((queue, id, receipt)) => delete(&queue, &id, &receipt).await,
+        };
+        Settled {
+            settlement,
+            renewals,
+        }
+    }
+
+    /// Makes the message visible again after `delay`, for another attempt.
+    pub async fn retry_in(self, delay: Duration) -> Settled {
+        let (held, renewals) = self.end().await;
+        let settlement = match held {
+            None => lost(),
+            Some((queue, id, receipt)) => {
+                match settle_call(|| queue.update_visibility(&id, &receipt, delay)).await {
+                    Ok(_) => Settlement::Retried,
+                    Err(e) => unsettled(&e, "schedule the retry"),
+                }
+            }
+        };
+        Settled {
+            settlement,
+            renewals,
+        }
+    }
+
+    /// Makes the message visible again at once, for another worker; `why`
+    /// is logged when that worked.
+    pub async fn release(self, why: &str) -> Settled {
+        let (held, renewals) = self.end().await;
+        let settlement = match held {
+            None => lost(),
+            Some((queue, id, receipt)) => release(&queue, &id, &receipt, why).await,
+        };
+        Settled {
+            settlement,
+            renewals,
+        }
+    }
+
+    /// Copies `text` (the message as received) verbatim to `poison`, creating
+    /// it when missing, then deletes the original. Never deletes unless the
+    /// copy was accepted.
+    pub async fn poison(self, poison: &Queue, text: &str) -> Settled {
+        let (held, renewals) = self.end().await;
+        let settlement = match held {
+            None => lost(),
+            Some((queue, id, receipt)) => match send_creating(poison, text, None).await {
+                Ok(copy) => {
+                    tracing::error!(poison_queue = %poison.name(), poison_message_id = %copy,
+                        message_id = %id, "message moved to the poison queue");
+                    match delete(&queue, &id, &receipt).await {
+                        Settlement::Succeeded => Settlement::Poisoned,
+                        other => other,
+                    }
+                }
+                Err(e) => unsettled(&e, "copy the message to the poison queue"),
+            },
+        };
+        Settled {
+            settlement,
+            renewals,
+        }
+    }
+}
+
+/// Releases a message that was received but will not be started (it arrived
+/// after shutdown began); no lease was taken on it.
+pub async fn release_unstarted(queue: &Queue, msg: &Message) -> Settlement {
+    let why = "received while stopping; released without running it";
+    release(queue, &msg.id, &msg.pop_receipt, why).await
+}
+
+/// Sends `text` to `queue`, creating the queue when it does not exist yet
+/// (poison queues and outboxes appear on first use). Returns the new
+/// message's id. Retried like a settlement call.
+pub async fn send_creating(
+    queue: &Queue,
+    text: &str,
+    initial_visibility: Option<Duration>,
+) -> Result<String, QueueError> {
+    settle_call(|| async {
+        let sent = match queue.send(text, initial_visibility, Some(-1)).await {
+            Err(QueueError::QueueNotFound { .. }) => {
+                queue.create_if_missing().await?;
+                queue.send(text, initial_visibility, Some(-1)).await
+            }
+            other => other,
+        };
+        sent.map(|s| s.message_id)
+    })
+    .await
+}
+
+/// Renews the visibility at half-life until stopped; returns how many times.
+/// The update in flight is never cancelled: its new receipt must be kept.
+async fn renew(
+    queue: Queue,
+    id: String,
+    receipt: Arc<Mutex<String>>,
+    visibility: Duration,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    on_lost: CancellationToken,
+) -> u64 {
+    let half = (visibility / 2).max(Duration::from_millis(500));
+    let mut renewed = 0;
+    let mut wait = half;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return renewed,
+        }
+        let current = receipt.lock().await.clone();
+        match queue.update_visibility(&id, &current, visibility).await {
+            Ok(new_receipt) => {
+                *receipt.lock().await = new_receipt;
+                renewed += 1;
+                wait = half;
+                tracing::debug!(visibility_s = visibility.as_secs(), "lease renewed");
+            }
+            Err(QueueError::LeaseLost { detail }) => {
+                tracing::warn!(%detail, "lease lost; cancelling the task");
+                lost.cancel();
+                on_lost.cancel();
+                return renewed;
+            }
+            Err(e) => {
+                // Retry well before the lease runs out.
+                wait = (visibility / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "lease renewal failed; retrying");
+            }
+        }
+    }
+}
+
+/// Retries a settlement call a few times on transient errors.
+pub async fn settle_call<T, F, Fut>(mut op: F) -> Result<T, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "queue call failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn lost() -> Settlement {
+    tracing::warn!(
+        "lease lost before settling; not settling (the message is another worker's now and will be delivered again)"
+    );
+    Settlement::LeaseLost
+}
+
+fn unsettled(e: &QueueError, what: &str) -> Settlement {
+    if let QueueError::LeaseLost { detail } = e {
+        tracing::warn!(%detail, "could not {what}: lease lost; the message will be delivered again");
+        return Settlement::LeaseLost;
+    }
+    tracing::error!(error = %e, "could not {what}; the message reappears when its lease expires");
+    Settlement::Unsettled
+}
+
+async fn delete(queue: &Queue, id: &str, receipt: &str) -> Settlement {
+    match settle_call(|| queue.delete(id, receipt)).await {
+        Ok(()) => Settlement::Succeeded,
+        Err(e) => unsettled(&e, "delete the message"),
+    }
+}
+
+async fn release(queue: &Queue, id: &str, receipt: &str, why: &str) -> Settlement {
+    match settle_call(|| queue.update_visibility(id, receipt, Duration::ZERO)).await {
+        Ok(_) => {
+            tracing::info!(queue = %queue.name(), message_id = %id, "{why}");
+            Settlement::Released
+        }
+        Err(e) => unsettled(&e, "release the message"),
+    }
+}

@@ -1,0 +1,486 @@
+//! The webhook outbox: outcomes whose backend did not answer in time, kept in
+//! the storage account the tasks already live in until it does.
+//!
+//! When the notifier's in-process attempts are used up (or shutdown cuts them
+//! short), the event goes to the queue `<client>-webhooks` as an [`Entry`]:
+//! URL, the exact body, the `webhook-id` and the attempt history. Only after
+//! that write succeeded is the task's own message settled, so an outcome is
+//! always either delivered, in the outbox, or still on the tasks queue (where
+//! a redelivery runs the task and reports it again, under the same id).
+//!
+//! An entry is invisible until its next attempt is due: the message's
+//! visibility timeout is the timer (up to 7 days per step), so waiting costs
+//! nothing and survives any restart. [`run`] drains the outbox (polling mode
+//! beside the task queues, job mode after its task, `worker deliver` on its
+//! own): one attempt per due entry, through the same notifier (egress guard,
+//! signing with a fresh timestamp, per-host gate). A failed attempt rewrites
+//! the entry with one more attempt recorded and hides it for the next delay of
+//! `WORKER_WEBHOOK_OUTBOX_SCHEDULE`; after the last one, or at once for a URL
+//! the egress guard refuses, the entry goes to `<client>-webhooks-poison`,
+//! where `worker poison list|replay --webhooks` finds it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use url::Url;
+
+use crate::lease::{send_creating, settle_call};
+use crate::queue::{Message, Queue, QueueError, MAX_BATCH};
+use crate::webhook::{count, redact_url, results, AttemptError, Event, Notifier, WebhookError};
+
+/// Largest entry, as the service counts it (XML-escaped): queue messages
+/// hold 64 KiB.
+const MAX_ENTRY: usize = 60 * 1024;
+/// Receives of one entry beyond its recorded attempts (crashed deliverers)
+/// before it is given up on.
+const CRASH_SLACK: u32 = 5;
+/// Least time an entry stays leased while its one attempt runs.
+const MIN_LEASE: Duration = Duration::from_secs(300);
+/// How often the drain loop samples each outbox's depth for the metric.
+const DEPTH_EVERY: Duration = Duration::from_secs(30);
+
+/// One undelivered event. Serialized as the outbox message's text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Format version.
+    pub v: u8,
+    pub webhook_id: String,
+    pub event_type: String,
+    pub task_id: String,
+    pub url: String,
+    /// The exact body of every attempt (signed afresh each time).
+    pub body: String,
+    /// Attempts made so far, in-process ones included.
+    pub attempts: u32,
+    /// How many of those the outbox made: the position in the schedule.
+    pub outbox_attempts: u32,
+    /// When the outcome was first handed to the outbox (RFC 3339).
+    pub outboxed_at: String,
+    pub last_error: String,
+}
+
+impl Entry {
+    /// The entry for `event`, undelivered after `attempts` with `last_error`.
+    /// A body too large for a queue message loses its `result` (replaced by
+    /// a note), so the outcome itself still reaches the backend.
+    pub fn new(url: &Url, event: &Event, attempts: u32, last_error: String) -> Self {
+        let body = serde_json::to_string(event).unwrap_or_default();
+        let mut entry = Self::with_body(url, event, attempts, last_error, body);
+        let size = xml_len(&entry.to_text());
+        if size > MAX_ENTRY {
+            let mut slim = event.clone();
+            slim.data.result = Some(serde_json::json!({
+                "truncated": true,
+                "reason": format!("the outcome ({size} bytes as a queue message) is too large for the webhook outbox; the result was left out of this delivery"),
+            }));
+            slim.data.error = slim.data.error.map(|e| e.chars().take(4096).collect());
+            entry.body = serde_json::to_string(&slim).unwrap_or_default();
+        }
+        entry
+    }
+
+    fn with_body(
+        url: &Url,
+        event: &Event,
+        attempts: u32,
+        last_error: String,
+        body: String,
+    ) -> Self {
+        Self {
+            v: 1,
+            webhook_id: event.webhook_id(),
+            event_type: event.kind.to_owned(),
+            task_id: event.data.task_id.clone(),
+            url: url.to_string(),
+            body,
+            attempts,
+            outbox_attempts: 0,
+            outboxed_at: now_rfc3339(),
+            last_error,
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("not an outbox entry: {e}"))
+    }
+}
+
+/// Length of `s` once XML-escaped, which is what the service's size limit counts.
+fn xml_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\'' => 6,
+            b'&' => 5,
+            b'<' | b'>' => 4,
+            _ => 1,
+        })
+        .sum()
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A client's outbox and its poison queue, with the retry schedule.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    pub queue: Queue,
+    pub poison: Queue,
+    /// Delay before each outbox attempt; its length is the number of attempts.
+    pub schedule: Arc<[Duration]>,
+}
+
+impl Outbox {
+    /// Hands over an event the notifier could not deliver: into the outbox,
+    /// due after the first scheduled delay (at once when shutdown cut the
+    /// in-process attempts short), or, for a URL the egress guard refuses,
+    /// straight to the poison queue. `Ok` means the event is durably kept.
+    pub async fn hand_over(
+        &self,
+        url: &Url,
+        event: &Event,
+        why: &WebhookError,
+    ) -> Result<(), QueueError> {
+        let entry = Entry::new(url, event, why.attempts(), why.to_string());
+        if let WebhookError::Refused(_) = why {
+            self.bury(&entry, &entry.to_text()).await?;
+            return Ok(());
+        }
+        let delay = match why {
+            WebhookError::Stopped { .. } => Duration::ZERO,
+            _ => self.schedule.first().copied().unwrap_or(Duration::ZERO),
+        };
+        let id = send_creating(&self.queue, &entry.to_text(), Some(delay)).await?;
+        count(results::OUTBOXED);
+        tracing::warn!(outbox = %self.queue.name(), outbox_message_id = %id, webhook_id = %entry.webhook_id,
+            task_id = %entry.task_id, next_attempt_in_s = delay.as_secs(), "webhook handed to the outbox");
+        Ok(())
+    }
+
+    /// Gives up on an entry: `text` goes to the poison queue.
+    async fn bury(&self, entry: &Entry, text: &str) -> Result<(), QueueError> {
+        let id = send_creating(&self.poison, text, None).await?;
+        count(results::POISONED);
+        tracing::error!(poison_queue = %self.poison.name(), poison_message_id = %id, webhook_id = %entry.webhook_id,
+            task_id = %entry.task_id, attempts = entry.attempts, last_error = %entry.last_error,
+            "webhook given up on; replay it with `worker poison replay --webhooks`");
+        Ok(())
+    }
+}
+
+/// How the drain loop runs.
+#[derive(Clone, Debug)]
+pub struct DrainConfig {
+    /// Entries being delivered at once (they also pass the notifier's gate).
+    pub max_in_flight: usize,
+    /// Longest pause between polls of an empty outbox.
+    pub max_poll_interval: Duration,
+    /// Return once every outbox answered empty and nothing is in flight.
+    pub exit_when_empty: bool,
+    /// Return after this many entries were taken.
+    pub max_entries: Option<u64>,
+}
+
+/// What a drain did.
+#[derive(Debug, Default)]
+pub struct DrainStats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub poisoned: AtomicU64,
+    pub queue_errors: AtomicU64,
+}
+
+impl DrainStats {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+struct Poll {
+    outbox: Outbox,
+    next: Instant,
+    backoff: Duration,
+    empty_since_settle: bool,
+    depth_at: Instant,
+}
+
+/// Drains `outboxes` until `shutdown` fires (or the stop conditions in `cfg`
+/// hold), then waits for the entries in flight (each is one bounded request).
+pub async fn run(
+    notifier: Arc<Notifier>,
+    outboxes: Vec<Outbox>,
+    cfg: DrainConfig,
+    shutdown: CancellationToken,
+) -> Arc<DrainStats> {
+    let stats = Arc::new(DrainStats::default());
+    let slots = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    let tracker = TaskTracker::new();
+    let lease = (notifier.request_timeout() * 3).max(MIN_LEASE);
+    let now = Instant::now();
+    let mut polls: Vec<Poll> = outboxes
+        .into_iter()
+        .map(|outbox| Poll {
+            outbox,
+            next: now,
+            backoff: Duration::ZERO,
+            empty_since_settle: false,
+            depth_at: now,
+        })
+        .collect();
+    let mut taken: u64 = 0;
+    let mut cursor = 0;
+    let settled = Arc::new(tokio::sync::Notify::new());
+    while !polls.is_empty() && !shutdown.is_cancelled() {
+        if cfg.max_entries.is_some_and(|m| taken >= m) {
+            break;
+        }
+        let idle = slots.available_permits() == cfg.max_in_flight.max(1);
+        if cfg.exit_when_empty && idle && polls.iter().all(|p| p.empty_since_settle) {
+            break;
+        }
+        let n = polls.len();
+        let i = (0..n)
+            .map(|k| (cursor + k) % n)
+            .min_by_key(|&i| polls[i].next)
+            .unwrap_or(0);
+        cursor = (i + 1) % n;
+        let due = polls[i].next;
+        if due > Instant::now() || slots.available_permits() == 0 {
+            tokio::select! {
+                () = tokio::time::sleep_until(due.max(Instant::now() + Duration::from_millis(1))) => {}
+                () = settled.notified() => {}
+                () = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        let poll = &mut polls[i];
+        if poll.depth_at <= Instant::now() {
+            poll.depth_at = Instant::now() + DEPTH_EVERY;
+            if let Ok(depth) = poll.outbox.queue.approximate_count().await {
+                ::metrics::gauge!(crate::exporter::names::OUTBOX_DEPTH, "queue" => poll.outbox.queue.name().to_owned())
+                    .set(depth as f64);
+            }
+        }
+        let free = slots.available_permits() as u64;
+        let remaining = cfg.max_entries.map_or(u64::MAX, |m| m - taken);
+        let want = free.min(remaining).min(u64::from(MAX_BATCH)).max(1) as u8;
+        match poll.outbox.queue.receive(want, lease).await {
+            Ok(batch) if batch.is_empty() => {
+                poll.empty_since_settle = slots.available_permits() == cfg.max_in_flight.max(1);
+                poll.backoff = (poll.backoff * 2)
+                    .max(Duration::from_millis(100))
+                    .min(cfg.max_poll_interval);
+                poll.next = Instant::now() + poll.backoff;
+            }
+            Ok(batch) => {
+                poll.empty_since_settle = false;
+                poll.backoff = Duration::ZERO;
+                poll.next = Instant::now();
+                for msg in batch {
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        // Cannot happen (we asked for at most `free`); the
+                        // entry reappears when its lease ends.
+                        continue;
+                    };
+                    taken += 1;
+                    let (notifier, outbox, stats, settled) = (
+                        notifier.clone(),
+                        poll.outbox.clone(),
+                        stats.clone(),
+                        settled.clone(),
+                    );
+                    let span = tracing::info_span!("outbox", queue = %outbox.queue.name(), message_id = %msg.id);
+                    tracker.spawn(
+                        async move {
+                            deliver_entry(&notifier, &outbox, msg, &stats).await;
+                            drop(permit);
+                            settled.notify_one();
+                        }
+                        .instrument(span),
+                    );
+                }
+            }
+            // Nothing was ever outboxed for this client yet.
+            Err(QueueError::QueueNotFound { .. }) => {
+                poll.empty_since_settle = slots.available_permits() == cfg.max_in_flight.max(1);
+                poll.backoff = cfg.max_poll_interval;
+                poll.next = Instant::now() + poll.backoff;
+            }
+            Err(e) => {
+                DrainStats::inc(&stats.queue_errors);
+                poll.empty_since_settle = false;
+                poll.backoff = (poll.backoff * 2)
+                    .max(Duration::from_millis(100))
+                    .min(Duration::from_secs(10));
+                poll.next = Instant::now() + poll.backoff;
+                tracing::warn!(queue = %poll.outbox.queue.name(), error = %e, retry_in_ms = poll.backoff.as_millis() as u64, "outbox receive failed; retrying");
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+    stats
+}
+
+/// One attempt at one entry, then delete, reschedule or poison it.
+pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, stats: &DrainStats) {
+    let mut entry = match Entry::parse(&msg.text) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "outbox message is not an entry; moving it to the poison queue");
+            let junk = Entry {
+                v: 0,
+                webhook_id: "-".into(),
+                event_type: "-".into(),
+                task_id: "-".into(),
+                url: String::new(),
+                body: String::new(),
+                attempts: 0,
+                outbox_attempts: 0,
+                outboxed_at: String::new(),
+                last_error: e,
+            };
+            return give_up(outbox, &msg, &junk, &msg.text, stats).await;
+        }
+    };
+    let schedule_len = u32::try_from(outbox.schedule.len()).unwrap_or(u32::MAX);
+    if msg.dequeue_count > schedule_len.saturating_add(CRASH_SLACK) {
+        entry.last_error = format!(
+            "taken {} times without a recorded result (deliverers crashed); last error: {}",
+            msg.dequeue_count, entry.last_error
+        );
+        let text = entry.to_text();
+        return give_up(outbox, &msg, &entry, &text, stats).await;
+    }
+    let url = match Url::parse(&entry.url) {
+        Ok(u) => u,
+        Err(e) => {
+            entry.last_error = format!("the entry's URL is invalid: {e}");
+            let text = entry.to_text();
+            return give_up(outbox, &msg, &entry, &text, stats).await;
+        }
+    };
+    entry.attempts += 1;
+    let result = notifier.send(&url, &entry.webhook_id, &entry.body).await;
+    let target = redact_url(&url);
+    let error = match result {
+        Ok(status) => {
+            count(results::DELIVERED);
+            DrainStats::inc(&stats.delivered);
+            tracing::info!(webhook = %target, webhook_id = %entry.webhook_id, task_id = %entry.task_id,
+                event = %entry.event_type, attempts = entry.attempts, status, "webhook delivered from the outbox");
+            if let Err(e) = settle_call(|| outbox.queue.delete(&msg.id, &msg.pop_receipt)).await {
+                // Delivered, but it will be delivered again (same id) when
+                // the entry reappears: harmless for an idempotent receiver.
+                tracing::warn!(error = %e, "could not delete a delivered outbox entry; it will be delivered again");
+            }
+            return;
+        }
+        Err(e) => e,
+    };
+    entry.last_error = error.describe();
+    entry.outbox_attempts += 1;
+    if matches!(error, AttemptError::Refused(_)) || entry.outbox_attempts >= schedule_len {
+        let text = entry.to_text();
+        return give_up(outbox, &msg, &entry, &text, stats).await;
+    }
+    let delay = outbox
+        .schedule
+        .get(entry.outbox_attempts as usize)
+        .copied()
+        .unwrap_or(Duration::ZERO);
+    let text = entry.to_text();
+    match settle_call(|| {
+        outbox
+            .queue
+            .update(&msg.id, &msg.pop_receipt, delay, Some(&text))
+    })
+    .await
+    {
+        Ok(_) => {
+            count(results::RETRIED);
+            DrainStats::inc(&stats.retried);
+            tracing::warn!(webhook = %target, webhook_id = %entry.webhook_id, task_id = %entry.task_id,
+                attempts = entry.attempts, error = %entry.last_error, next_attempt_in_s = delay.as_secs(),
+                "outbox delivery failed; rescheduled");
+        }
+        Err(e) => {
+            DrainStats::inc(&stats.queue_errors);
+            tracing::warn!(error = %e, "could not reschedule an outbox entry; it reappears when its lease ends");
+        }
+    }
+}
+
+/// Moves an entry (as `text`) to the poison queue, then deletes it from the
+/// outbox; never deletes unless the copy was accepted.
+async fn give_up(outbox: &Outbox, msg: &Message, entry: &Entry, text: &str, stats: &DrainStats) {
+    match outbox.bury(entry, text).await {
+        Ok(()) => {
+            DrainStats::inc(&stats.poisoned);
+            if let Err(e) = settle_call(|| outbox.queue.delete(&msg.id, &msg.pop_receipt)).await {
+                tracing::warn!(error = %e, "could not delete a poisoned outbox entry; it may be poisoned twice");
+            }
+        }
+        Err(e) => {
+            DrainStats::inc(&stats.queue_errors);
+            tracing::error!(error = %e, "could not move an outbox entry to the poison queue; it reappears when its lease ends");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::execute::{Outcome, Status};
+
+    fn event(result: serde_json::Value) -> Event {
+        let outcome = Outcome {
+            status: Status::Succeeded,
+            result: Some(result),
+            error: None,
+            retry: crate::handler::Retry::Transient,
+            duration: Duration::from_millis(5),
+        };
+        Event::from_outcome("t1", "echo", Some("acme"), 2, &outcome)
+    }
+
+    #[test]
+    fn entry_round_trips_and_keeps_the_id_and_body() {
+        let url = Url::parse("https://h.example/hook?token=x").unwrap();
+        let ev = event(serde_json::json!({"a": 1}));
+        let e = Entry::new(&url, &ev, 5, "HTTP 503".into());
+        assert_eq!(e.webhook_id, ev.webhook_id());
+        assert_eq!(e.body, serde_json::to_string(&ev).unwrap());
+        assert_eq!(Entry::parse(&e.to_text()).unwrap(), e);
+        assert!(Entry::parse("{\"task_id\":\"t1\"}").is_err());
+    }
+
+    #[test]
+    fn a_huge_result_is_left_out_but_the_outcome_kept() {
+        let url = Url::parse("https://h.example/hook").unwrap();
+        let ev = event(serde_json::json!({"blob": "x".repeat(100_000)}));
+        let e = Entry::new(&url, &ev, 1, String::new());
+        assert!(xml_len(&e.to_text()) < MAX_ENTRY, "{}", e.to_text().len());
+        let body: serde_json::Value = serde_json::from_str(&e.body).unwrap();
+        assert_eq!(body["type"], "task.succeeded");
+        assert_eq!(body["data"]["result"]["truncated"], true);
+        assert_eq!(e.webhook_id, ev.webhook_id());
+    }
+}
