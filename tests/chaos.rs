@@ -77,7 +77,7 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let mut az = Azurite::start_persistent();
     let c = rt
-        .block_on(tokio::time::timeout(QUEUE_BOUND, Client::new(&az, "chaos")))
+        .block_on(async { tokio::time::timeout(QUEUE_BOUND, Client::new(&az, "chaos")).await })
         .expect("create the client's queues on Azurite");
     let svc = az.service();
     let outbox = svc.queue(&format!("{}-webhooks", c.name)).unwrap();
@@ -231,6 +231,7 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     );
     println!("{}", timeline.join("\n"));
     println!("{summary}");
+    println!("{}", paths_taken(&fleet.logs));
     if problems.is_empty() {
         return;
     }
@@ -662,6 +663,33 @@ impl Check {
     }
 }
 
+/// How often the workers logged the lines that show which paths the chaos
+/// took (runs, outbox hand-overs and deliveries, cancellations, lost leases).
+fn paths_taken(logs: &[(String, String)]) -> String {
+    let counts: Vec<String> = [
+        "task started",
+        "webhook delivered",
+        "webhook handed to the outbox",
+        "webhook delivered from the outbox",
+        "outbox delivery failed; rescheduled",
+        "the outbox cannot be written; keeping the task message",
+        "grace period over",
+        "lease lost",
+        "could not",
+        "receive failed; retrying",
+    ]
+    .iter()
+    .map(|needle| {
+        let n: usize = logs
+            .iter()
+            .map(|(_, log)| log.lines().filter(|l| l.contains(needle)).count())
+            .sum();
+        format!("{n} \"{needle}\"")
+    })
+    .collect();
+    format!("worker log lines: {}", counts.join(", "))
+}
+
 fn describe_hit(h: &Hit) -> String {
     format!(
         "{:7.2}s {:?} webhook-id={} type={} task={} body={}",
@@ -683,7 +711,7 @@ fn call<T>(
     rt: &tokio::runtime::Runtime,
     fut: impl std::future::Future<Output = Result<T, QueueError>>,
 ) -> Result<T, QueueError> {
-    rt.block_on(tokio::time::timeout(CALL_BOUND, fut))
+    rt.block_on(async { tokio::time::timeout(CALL_BOUND, fut).await })
         .unwrap_or_else(|_| {
             Err(QueueError::Transient {
                 detail: format!("no answer within {CALL_BOUND:?}"),
