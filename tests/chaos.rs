@@ -186,8 +186,10 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
                 .map(|ms| ms.into_iter().map(|m| m.text).collect())
                 .unwrap_or_default();
             problems.push(format!(
-                "{what} `{}` holds {n} messages at the end; visible ones: {texts:#?}",
-                q.name()
+                "{what} `{}` holds {n} messages at the end ({} visible, the rest leased or \
+                 not due yet); visible ones: {texts:#?}",
+                q.name(),
+                texts.len()
             ));
         }
     }
@@ -198,7 +200,7 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     let missing = check.missing.clone();
     if !missing.is_empty() {
         problems.push(format!(
-            "{} of {TASKS} tasks never had task.succeeded accepted (lost outcomes): {missing:?}",
+            "{} of {TASKS} tasks never had task.succeeded accepted by the end: {missing:?}",
             missing.len()
         ));
     }
@@ -251,9 +253,24 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     .expect("write plan.txt");
     let mut evidence = String::new();
     for id in missing.iter().take(5) {
-        let _ = writeln!(evidence, "--- worker log lines for {id}:");
+        // The task's lines, and those of the outbox entries it was handed
+        // over as (a deliverer logs the entry's message id, not the task's).
+        let mut needles = vec![id.clone()];
+        for (_, log) in &fleet.logs {
+            needles.extend(
+                log.lines()
+                    .filter(|l| l.contains(id.as_str()))
+                    .filter_map(|l| l.split("outbox_message_id=").nth(1))
+                    .filter_map(|rest| rest.split_whitespace().next())
+                    .map(str::to_owned),
+            );
+        }
+        let _ = writeln!(evidence, "--- worker log lines for {needles:?}:");
         for (name, log) in &fleet.logs {
-            for line in log.lines().filter(|l| l.contains(id.as_str())).take(20) {
+            let lines = log
+                .lines()
+                .filter(|l| needles.iter().any(|n| l.contains(n.as_str())));
+            for line in lines.take(30) {
                 let _ = writeln!(evidence, "{name}: {line}");
             }
         }
