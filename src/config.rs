@@ -304,6 +304,10 @@ pub struct Options {
 /// the in-process attempts, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (about 28 h).
 pub const DEFAULT_OUTBOX_SCHEDULE: &str = "5m,30m,2h,5h,10h,10h";
 
+/// Longest single delay: the longest a queue message can stay invisible
+/// (7 days, the service's limit on a visibility timeout).
+const MAX_SCHEDULE_STEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A list of delays, one per outbox attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Schedule(pub Vec<Duration>);
@@ -333,7 +337,7 @@ pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
             _ => return Err(format!("`{part}`: the unit must be s, m, h or d")),
         };
         let d = Duration::from_secs(n.saturating_mul(unit_secs));
-        if d.is_zero() || d > crate::queue::MAX_VISIBILITY {
+        if d.is_zero() || d > MAX_SCHEDULE_STEP {
             return Err(format!(
                 "`{part}`: each delay must be between 1s and 7d (the longest a queue message can stay invisible)"
             ));
@@ -413,6 +417,20 @@ impl Options {
         }
         if self.max_dequeue_count == 1 {
             w.push("WORKER_MAX_DEQUEUE_COUNT=1: a failed task is never retried".into());
+        }
+        if self.webhook_timeout > self.shutdown_grace + 5.0 {
+            w.push(format!(
+                "WORKER_WEBHOOK_TIMEOUT={}s is longer than WORKER_SHUTDOWN_GRACE={}s plus 5s: after SIGTERM a webhook request in flight may hold the exit that long (raise the platform's kill timeout, or lower the webhook timeout)",
+                self.webhook_timeout, self.shutdown_grace
+            ));
+        }
+        if f64::from(self.visibility_timeout) / 2.0 > self.task_timeout * 10.0
+            && self.visibility_timeout > 600
+        {
+            w.push(format!(
+                "WORKER_VISIBILITY_TIMEOUT={}s is long for WORKER_TASK_TIMEOUT={}s: a worker that dies hides its message that long before another attempt",
+                self.visibility_timeout, self.task_timeout
+            ));
         }
         let outbox = self.webhook_outbox_schedule.total();
         if outbox < Duration::from_secs(86_400) {

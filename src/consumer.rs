@@ -70,7 +70,8 @@ pub struct Processed {
     pub settlement: Settlement,
     /// The task's outcome, when it was decoded (and possibly run).
     pub status: Option<Status>,
-    /// `unknown` when the message was not a valid task.
+    /// `unknown` when the message was not a valid task or its type is not
+    /// registered (it is a metric label).
     pub task_type: String,
     /// Handler run time, when the handler ran.
     pub duration: Option<Duration>,
@@ -346,7 +347,7 @@ async fn process(
                     // delivery backlog is full, which is the backpressure.
                     let pending = consumer.backlog.clone().acquire_owned().await.ok();
                     drop(slot);
-                    let reported = report(consumer, target, url, event).await;
+                    let reported = report(consumer, target, url, event, &cancel).await;
                     drop(pending);
                     consumer.freed.notify_one();
                     reported
@@ -372,11 +373,17 @@ async fn process(
 
 /// Delivers `event`, or hands it to the outbox. `false` when neither worked:
 /// the task message must then stay, so a redelivery reports again.
-async fn report(consumer: &Consumer, target: &Target, url: &url::Url, event: &Event) -> bool {
+async fn report(
+    consumer: &Consumer,
+    target: &Target,
+    url: &url::Url,
+    event: &Event,
+    abort: &CancellationToken,
+) -> bool {
     let Err(e) = consumer
         .app
         .notifier
-        .notify(url, event, &consumer.shutdown)
+        .notify(url, event, &consumer.shutdown, abort)
         .await
     else {
         return true;
@@ -456,7 +463,7 @@ async fn run(
             event: Some(event_for(&outcome)),
             webhook: task.webhook_url.clone(),
             status: Status::Failed,
-            task_type: task.task_type.clone(),
+            task_type: metric_label(consumer, &task.task_type),
             duration: None,
         };
     }
@@ -493,8 +500,18 @@ async fn run(
         webhook: task.webhook_url.clone(),
         then,
         status: outcome.status,
-        task_type: task.task_type.clone(),
+        task_type: metric_label(consumer, &task.task_type),
         duration: Some(outcome.duration),
+    }
+}
+
+/// The task type as a metric label: only registered types, so that messages
+/// (which anyone with queue access writes) cannot grow the label set.
+fn metric_label(consumer: &Consumer, task_type: &str) -> String {
+    if consumer.app.registry.get(task_type).is_some() {
+        task_type.to_owned()
+    } else {
+        "unknown".to_owned()
     }
 }
 

@@ -13,6 +13,18 @@
 //! A settlement call that keeps failing leaves the message to its visibility
 //! timeout: it reappears and is processed again, which is the at-least-once
 //! safety net.
+//!
+//! Every call can lose its answer (the SDK then tries again, and so does
+//! [`settle_call`] on transient errors). What that means, call by call:
+//!
+//! | call | a lost answer means | so the worker |
+//! |---|---|---|
+//! | receive | messages leased to nobody we know of | nothing to do: they reappear after the visibility timeout (the poller never drops a receive in flight at shutdown) |
+//! | renew | the service may hold a newer receipt than ours | the next renewal gets `PopReceiptMismatch`: treated as a lost lease, the task is cancelled and runs again later |
+//! | release / retry | it may have worked, with a receipt we never saw | a retry gets `PopReceiptMismatch`; the message is visible (or will be) either way |
+//! | delete | it may have worked | a retry gets `404 MessageNotFound`: counted as deleted |
+//! | poison copy | a copy may exist | a retry may leave two copies in the poison queue (never none: the original is deleted only after a copy was acknowledged) |
+//! | send (enqueue, outbox) | a message may exist | a retry may send it twice: receivers dedupe on task id / `webhook-id` |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,7 +246,7 @@ async fn renew(
                 wait = half;
                 tracing::debug!(visibility_s = visibility.as_secs(), "lease renewed");
             }
-            Err(QueueError::LeaseLost { detail }) => {
+            Err(QueueError::LeaseLost { detail, .. }) => {
                 tracing::warn!(%detail, "lease lost; cancelling the task");
                 lost.cancel();
                 on_lost.cancel();
@@ -278,7 +290,7 @@ fn lost() -> Settlement {
 }
 
 fn unsettled(e: &QueueError, what: &str) -> Settlement {
-    if let QueueError::LeaseLost { detail } = e {
+    if let QueueError::LeaseLost { detail, .. } = e {
         tracing::warn!(%detail, "could not {what}: lease lost; the message will be delivered again");
         return Settlement::LeaseLost;
     }
@@ -286,9 +298,18 @@ fn unsettled(e: &QueueError, what: &str) -> Settlement {
     Settlement::Unsettled
 }
 
+/// Deletes with the newest receipt. What a lost answer means: the SDK (and
+/// `settle_call`) try again, and a retry of a delete that had worked finds
+/// the message gone (`404 MessageNotFound`). A message that is gone is what a
+/// delete wants, so that counts as done; only a receipt mismatch (someone
+/// else received the message meanwhile) is a lost lease.
 async fn delete(queue: &Queue, id: &str, receipt: &str) -> Settlement {
     match settle_call(|| queue.delete(id, receipt)).await {
         Ok(()) => Settlement::Succeeded,
+        Err(QueueError::LeaseLost { gone: true, detail }) => {
+            tracing::info!(%detail, "message already gone when deleting it (an earlier try worked); counted as deleted");
+            Settlement::Succeeded
+        }
         Err(e) => unsettled(&e, "delete the message"),
     }
 }

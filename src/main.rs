@@ -118,8 +118,14 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         _ => None,
     };
     let registry = build_registry(&opts)?;
-    let notifier = Notifier::new(opts.egress(), opts.webhook_retry(), secret);
+    // A secret that cannot sign refuses to start (exit 2): never unsigned webhooks.
+    let notifier = Notifier::new(opts.egress(), opts.webhook_retry(), secret)
+        .unwrap_or_else(|e| usage_error(e));
     let app = Arc::new(App::new(registry, notifier, opts.task_timeout()));
+    // Checked in every mode that runs tasks or delivers webhooks.
+    for w in opts.timing_warnings() {
+        tracing::warn!("{w}");
+    }
     if let Some(raw) = single_input {
         // One task needs no thread pool; a current-thread runtime starts faster
         // and keeps the container's memory small.
@@ -197,9 +203,6 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
                     "cannot receive from {queue} (check WORKER_CLIENT / WORKER_QUEUE_NAME and the storage settings)"
                 ))),
             };
-        }
-        for w in opts.timing_warnings() {
-            tracing::warn!("{w}");
         }
         let health = Arc::new(Health::new(exporter::health_threshold(Duration::from_secs_f64(opts.max_poll_interval))));
         if let Some(addr) = opts.metrics_addr {

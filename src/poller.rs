@@ -36,6 +36,10 @@ pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Cap on the pause after failing queue calls: the service should be picked
 /// up again promptly once it is back.
 pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(10);
+/// What settling may take after the grace period, so that SIGTERM to exit
+/// stays within WORKER_SHUTDOWN_GRACE plus a few seconds whatever is running
+/// (the platforms' kill budgets are checked against this in tests/infra.rs).
+pub const SETTLE_MARGIN: Duration = Duration::from_secs(4);
 /// Least time a receive in flight at shutdown gets to bring its answer.
 const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 
@@ -118,6 +122,19 @@ pub async fn run(
     let shutdown = consumer.shutdown.clone();
     let stats = consumer.stats.clone();
     let finished = consumer.freed.clone();
+    // Cancelled WORKER_SHUTDOWN_GRACE after the signal, wherever the loop is
+    // then: running tasks are cancelled (and released), webhook requests in
+    // flight are given up (and handed to the outbox).
+    let tasks_cancel = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, grace_over, grace) =
+            (shutdown.clone(), tasks_cancel.clone(), cfg.shutdown_grace);
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            grace_over.cancel();
+        }
+    });
     let drain = tokio::spawn(outbox::run(
         consumer.app.notifier.clone(),
         targets.iter().map(|t| t.outbox.clone()).collect(),
@@ -134,9 +151,6 @@ pub async fn run(
     // When the last task was settled: "empty" only counts for receives after
     // it, since a settled task may have made its message visible again.
     let last_settled = Arc::new(std::sync::Mutex::new(Instant::now()));
-    // Cancelled only when the grace period is over: tasks keep running through
-    // the first phase of shutdown.
-    let tasks_cancel = CancellationToken::new();
     let now = Instant::now();
     let mut slots: Vec<Slot> = targets
         .into_iter()
@@ -302,27 +316,43 @@ pub async fn run(
 
     tracker.close();
     if !tracker.is_empty() {
-        let grace = if shutdown.is_cancelled() {
-            cfg.shutdown_grace
-        } else {
-            Duration::MAX
-        };
+        // Without a signal (--exit-when-empty, --max-tasks) the tasks finish
+        // in their own time; a signal starts the grace whenever it comes.
         tracing::info!(
             in_flight = tracker.len(),
-            grace_s = grace.as_secs_f64().min(1e9),
-            "waiting for running tasks"
+            grace_s = cfg.shutdown_grace.as_secs_f64(),
+            "waiting for running tasks (and their webhooks)"
         );
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                in_flight = tracker.len(),
-                "grace period over; cancelling running tasks and releasing their messages"
-            );
-            tasks_cancel.cancel();
-            tracker.wait().await;
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = tasks_cancel.cancelled() => {
+                tracing::warn!(
+                    in_flight = tracker.len(),
+                    "grace period over; cancelling running tasks (their messages are released) and handing pending webhooks to the outbox"
+                );
+                if tokio::time::timeout(SETTLE_MARGIN, tracker.wait()).await.is_err() {
+                    tracing::error!(
+                        unsettled = tracker.len(),
+                        "messages not settled within the shutdown budget; they reappear when their leases expire"
+                    );
+                }
+            }
         }
     }
-    if let Err(e) = drain.await {
-        tracing::error!(error = %e, "the outbox loop failed");
+    let mut drain = drain;
+    tokio::select! {
+        joined = &mut drain => {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "the outbox loop failed");
+            }
+        }
+        () = async {
+            tasks_cancel.cancelled().await;
+            tokio::time::sleep(SETTLE_MARGIN).await;
+        } => {
+            // Entries still in flight reappear when their short leases expire.
+            drain.abort();
+        }
     }
     summary_task.abort();
     let summary = Summary::of(&stats);

@@ -107,7 +107,10 @@ async fn report(
     shutdown: &CancellationToken,
 ) {
     let Some(url) = url else { return };
-    let Err(e) = app.notifier.notify(url, event, shutdown).await else {
+    // Without a held message there is nothing to redeliver: the attempt in
+    // flight is never abandoned.
+    let never = CancellationToken::new();
+    let Err(e) = app.notifier.notify(url, event, shutdown, &never).await else {
         return;
     };
     let outbox = match outbox {

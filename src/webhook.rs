@@ -287,16 +287,27 @@ impl std::fmt::Debug for Notifier {
 }
 
 impl Notifier {
-    pub fn new(policy: EgressPolicy, retry: RetryPolicy, secret: Option<SigningSecret>) -> Self {
-        let signer = secret.and_then(|s| standardwebhooks::Webhook::from_bytes(s.0).ok());
+    /// Fails when a secret was given but cannot sign: webhooks must never
+    /// go out unsigned because of a bad key.
+    pub fn new(
+        policy: EgressPolicy,
+        retry: RetryPolicy,
+        secret: Option<SigningSecret>,
+    ) -> Result<Self, String> {
+        let signer = match secret {
+            None => None,
+            Some(s) => Some(standardwebhooks::Webhook::from_bytes(s.0).map_err(|e| {
+                format!("WORKER_WEBHOOK_SECRET (--webhook-secret) cannot be used to sign: {e}")
+            })?),
+        };
         let gate = HostGate::new(retry.concurrency);
-        Self {
+        Ok(Self {
             policy,
             retry,
             signer,
             client: tokio::sync::OnceCell::new(),
             gate,
-        }
+        })
     }
 
     /// The per-request timeout, which bounds one attempt.
@@ -306,15 +317,17 @@ impl Notifier {
 
     /// Delivers `event` to `url` with the in-process attempts, logging the
     /// result. After `stop` fires no new attempt starts (the first always
-    /// does). Never fails the caller: returns the delivery or the reason it
-    /// did not happen, for the caller to hand to the outbox.
+    /// does); `abort` also gives up the attempt in flight (the shutdown
+    /// budget is over). Never fails the caller: returns the delivery or the
+    /// reason it did not happen, for the caller to hand to the outbox.
     pub async fn notify(
         &self,
         url: &Url,
         event: &Event,
         stop: &CancellationToken,
+        abort: &CancellationToken,
     ) -> Result<Delivery, WebhookError> {
-        let result = self.deliver(url, event, stop).await;
+        let result = self.deliver(url, event, stop, abort).await;
         let target = redact_url(url);
         match &result {
             Ok(d) => {
@@ -334,6 +347,7 @@ impl Notifier {
         url: &Url,
         event: &Event,
         stop: &CancellationToken,
+        abort: &CancellationToken,
     ) -> Result<Delivery, WebhookError> {
         let body = serde_json::to_string(event).map_err(|e| WebhookError::Client(e.to_string()))?;
         let webhook_id = event.webhook_id();
@@ -346,7 +360,16 @@ impl Notifier {
                     last,
                 });
             }
-            let retry_after = match self.send(url, &webhook_id, &body).await {
+            let sent = tokio::select! {
+                sent = self.send(url, &webhook_id, &body) => sent,
+                () = abort.cancelled() => {
+                    return Err(WebhookError::Stopped {
+                        attempts: attempt - 1,
+                        last: "the shutdown budget ran out during the request".into(),
+                    });
+                }
+            };
+            let retry_after = match sent {
                 Ok(status) => {
                     return Ok(Delivery {
                         webhook_id,

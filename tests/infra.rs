@@ -888,9 +888,11 @@ fn key_vault_entry_names_map_environment_variables() {
             "{env} is in the vault but is neither a secret the binary reads nor a handler pass-through variable"
         );
     }
-    // Every secret the binary reads has a vault entry.
+    // Every secret the binary reads has a vault entry, except the pop
+    // receipt: one per message, handed over by the trigger, never stored.
     for (env, var) in &binary {
-        if var.secret {
+        let per_message = MESSAGE_COORDINATES.iter().any(|(v, _)| v == env);
+        if var.secret && !per_message {
             assert!(
                 names.contains_key(env),
                 "the binary reads secret {env}, but the vault has no entry for it"
@@ -935,6 +937,11 @@ fn key_vault_entry_names_map_environment_variables() {
             let Some(secure) = item.get("secureValue") else {
                 continue;
             };
+            // The message's coordinates are secure too, but come from the
+            // trigger (checked in logic_app_hands_the_message_to_the_group).
+            if MESSAGE_COORDINATES.iter().any(|(var, _)| *var == name) {
+                continue;
+            }
             let action = format!("Get_{name}");
             assert_eq!(
                 secure.literal(),
@@ -1443,6 +1450,995 @@ fn client_names_fit_the_binarys_limit() {
         assert!(
             max <= limit,
             "{file}: client may be {max} characters, the binary accepts at most {limit}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The message hand-over (infra/aci): the queue message of a task started on
+// ACI stays in the queue until the worker inside the group has settled it.
+
+const LOGIC_APP: &str = "infra/aci/logic-app-trigger.bicep";
+
+/// What the trigger hands a task group next to TASK_DATA: the coordinates of
+/// the message, so the worker can take its lease over and settle it. Secure
+/// values all: the pop receipt is a handle on the message, and a plain value
+/// is returned by every read of the group.
+const MESSAGE_COORDINATES: &[(&str, &str)] = &[
+    ("WORKER_MESSAGE_ID", "@{triggerBody()?['MessageId']}"),
+    ("WORKER_POP_RECEIPT", "@{triggerBody()?['PopReceipt']}"),
+    ("WORKER_DEQUEUE_COUNT", "@{outputs('Next_attempt')}"),
+];
+
+/// Outcomes of a trigger run that move the message to the poison queue: what
+/// can never succeed, and a message whose attempts are used up.
+const POISON_OUTCOMES: &[&str] = &[
+    "InvalidTask",
+    "NameCollision",
+    "AttemptsExhausted",
+    "ReceiveLimit",
+];
+
+/// Outcomes that leave the message to a worker: an attempt was started, or
+/// one is still running.
+const HANDED_OVER_OUTCOMES: &[&str] = &["Started", "Waiting"];
+
+/// Every named action under an `actions` object, at any depth (scopes,
+/// branches, cases), in no particular order.
+fn actions_in(actions: &Value, out: &mut Vec<(String, Value)>) {
+    let Value::Object(entries) = actions else {
+        panic!("actions is not an object: {actions:?}")
+    };
+    for (name, action) in entries {
+        out.push((name.clone(), action.clone()));
+        if let Some(inner) = action.get("actions") {
+            actions_in(inner, out);
+        }
+        if let Some(inner) = action.get("else").and_then(|e| e.get("actions")) {
+            actions_in(inner, out);
+        }
+        if let Some(Value::Object(cases)) = action.get("cases") {
+            for (_, case) in cases {
+                actions_in(case.at(&["actions"]), out);
+            }
+        }
+        if let Some(inner) = action.get("default").and_then(|d| d.get("actions")) {
+            actions_in(inner, out);
+        }
+    }
+}
+
+fn action_names(actions: &Value) -> BTreeSet<String> {
+    let mut all = Vec::new();
+    actions_in(actions, &mut all);
+    all.into_iter().map(|(name, _)| name).collect()
+}
+
+/// A var of `bicep` when `v` names one (`inputs: deleteMessageInputs`),
+/// otherwise `v` itself.
+fn resolve<'a>(bicep: &'a Bicep, v: &'a Value) -> &'a Value {
+    match v {
+        Value::Expr(name) if bicep.vars.contains_key(name) => resolve(bicep, bicep.var(name)),
+        other => other,
+    }
+}
+
+/// The quoted words of a Logic Apps `createArray('a', 'b')` expression.
+fn created_array(expression: &str) -> BTreeSet<String> {
+    let inner = expression
+        .strip_prefix("@createArray(")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("not a createArray: {expression}"));
+    inner
+        .split(',')
+        .map(|w| w.trim().trim_matches('\'').to_owned())
+        .collect()
+}
+
+/// The value a SetVariable action assigns, as text.
+fn assigned(action: &Value) -> String {
+    let value = action.at(&["inputs", "value"]);
+    match value {
+        Value::Bool(b) => b.to_string(),
+        other => other
+            .template()
+            .unwrap_or_else(|| panic!("assigns {other:?}"))
+            .to_owned(),
+    }
+}
+
+#[test]
+fn logic_app_hands_the_message_to_the_group() {
+    let binary = binary_env_vars();
+    let bicep = Bicep::load(LOGIC_APP);
+    let definition = trigger_definition();
+    let create = definition.action("Create_group");
+    let container = only_container(create.at(&["inputs", "body", "properties"]));
+    let items = container
+        .at(&["properties", "environmentVariables"])
+        .items();
+    for (var, expression) in MESSAGE_COORDINATES {
+        let found: Vec<&Value> = items
+            .iter()
+            .filter(|i| i.get("name").and_then(Value::literal) == Some(*var))
+            .collect();
+        assert_eq!(found.len(), 1, "Create_group sets {var} once");
+        assert!(
+            found[0].get("value").is_none(),
+            "{var} must be a secureValue: plain values are returned by every read of the group"
+        );
+        assert_eq!(
+            found[0].get("secureValue").and_then(Value::literal),
+            Some(*expression),
+            "{var}"
+        );
+    }
+    // The worker's cap is the Logic App's cap.
+    let env = env_map(container.at(&["properties", "environmentVariables"]));
+    assert_eq!(
+        env.get("WORKER_MAX_DEQUEUE_COUNT"),
+        Some(&Value::Expr("string(maxDequeueCount)".into()))
+    );
+    let default_cap: i64 = binary["WORKER_MAX_DEQUEUE_COUNT"]
+        .default
+        .as_deref()
+        .and_then(|d| d.parse().ok())
+        .expect("WORKER_MAX_DEQUEUE_COUNT default");
+    let main = Bicep::load("infra/aci/main.bicep");
+    for file in [&bicep, &main] {
+        assert_eq!(
+            file.param_int_default("maxDequeueCount"),
+            default_cap,
+            "{}: maxDequeueCount vs the binary's WORKER_MAX_DEQUEUE_COUNT",
+            file.file.display()
+        );
+        assert!(file.param_min("maxDequeueCount") >= 1);
+    }
+    let passed = main.module("logic-app-trigger.bicep").body.at(&["params"]);
+    for param in ["maxDequeueCount", "visibilityTimeoutSeconds"] {
+        assert_eq!(
+            passed.get(param),
+            Some(&Value::Expr(param.into())),
+            "main.bicep passes {param}"
+        );
+    }
+
+    // The pop receipt stays out of the run history: the create hides its
+    // inputs, and the trigger, whose outputs carry every message's receipt,
+    // hides its outputs.
+    let hidden = bicep.var("secureInputsAndOutputs");
+    let parts: Vec<&str> = hidden
+        .at(&["secureData", "properties"])
+        .items()
+        .iter()
+        .filter_map(Value::literal)
+        .collect();
+    assert_eq!(parts, ["inputs", "outputs"]);
+    assert_eq!(
+        create.at(&["runtimeConfiguration"]),
+        &Value::Expr("secureInputsAndOutputs".into())
+    );
+    assert_eq!(
+        definition
+            .at(&["triggers", "When_there_are_messages_in_a_queue"])
+            .get("runtimeConfiguration"),
+        Some(&Value::Expr("secureInputsAndOutputs".into())),
+        "the queue trigger's outputs hold the pop receipts"
+    );
+}
+
+#[test]
+fn logic_app_deletes_a_message_only_when_it_poisons_it() {
+    let bicep = Bicep::load(LOGIC_APP);
+    let definition = trigger_definition();
+    let actions = definition.at(&["actions"]);
+
+    // Every action that deletes a message of the tasks queue.
+    let mut all = Vec::new();
+    actions_in(actions, &mut all);
+    let deletes: BTreeSet<String> = all
+        .iter()
+        .filter(|(_, action)| {
+            let method = action
+                .get("inputs")
+                .map(|inputs| resolve(&bicep, inputs))
+                .and_then(|inputs| inputs.get("method"))
+                .and_then(Value::literal);
+            action.at(&["type"]).literal() == Some("ApiConnection") && method == Some("delete")
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    assert_eq!(
+        deletes,
+        BTreeSet::from(["Delete_poisoned_message".to_owned()]),
+        "the trigger deletes a task message only after copying it to poison"
+    );
+    let delete_path = resolve(
+        &bicep,
+        definition.action("Delete_poisoned_message").at(&["inputs"]),
+    )
+    .at(&["path"])
+    .template()
+    .expect("path")
+    .to_owned();
+    assert!(delete_path.contains("${tasksQueueName}") && delete_path.contains("/messages/"));
+
+    // It sits in Settle's poison branch, after the copy, and nowhere near the
+    // create.
+    let settle = definition.action("Settle");
+    let poison_branch = action_names(settle.at(&["actions"]));
+    assert!(poison_branch.contains("Delete_poisoned_message"));
+    assert!(poison_branch.contains("Move_to_poison"));
+    assert_eq!(
+        definition
+            .action("Delete_poisoned_message")
+            .at(&["runAfter", "Move_to_poison"])
+            .items(),
+        [Value::Str {
+            text: "Succeeded".into(),
+            interpolated: false
+        }]
+    );
+    let handle = action_names(definition.action("Handle").at(&["actions"]));
+    assert!(handle.contains("Create_group"));
+    assert!(handle.is_disjoint(&deletes));
+    assert!(action_names(settle.at(&["else", "actions"])).is_disjoint(&deletes));
+
+    // The poison branch runs for exactly the poison outcomes.
+    let condition = settle.at(&["expression", "and"]).items()[0].at(&["contains"]);
+    let listed = created_array(condition.items()[0].literal().expect("literal list"));
+    assert_eq!(
+        listed,
+        POISON_OUTCOMES.iter().map(|o| o.to_string()).collect(),
+        "Settle's poison branch"
+    );
+    assert_eq!(
+        condition.items()[1].literal(),
+        Some("@variables('outcome')")
+    );
+
+    // Outcomes: permanent until the task is known to be valid; after that,
+    // Handle sets only handed-over or transient outcomes itself, and the
+    // poison ones only as the Decision's verdict on what the lookup found.
+    let init = definition
+        .action("Init_outcome")
+        .at(&["inputs", "variables"])
+        .items()[0]
+        .clone();
+    assert_eq!(init.at(&["value"]).literal(), Some("InvalidTask"));
+    let mark_valid = definition.action("Mark_valid");
+    assert!(mark_valid.at(&["runAfter"]).get("Group_name").is_some());
+    assert!(definition
+        .action("Look_up_group")
+        .at(&["runAfter"])
+        .get("Mark_valid")
+        .is_some());
+    let mut set_outcome = Vec::new();
+    actions_in(
+        definition.action("Handle").at(&["actions"]),
+        &mut set_outcome,
+    );
+    let mut handed_over = BTreeSet::new();
+    for (name, action) in &set_outcome {
+        if action.at(&["type"]).literal() != Some("SetVariable")
+            || action.at(&["inputs", "name"]).literal() != Some("outcome")
+        {
+            continue;
+        }
+        let value = assigned(action);
+        if value == "@{outputs('Decision')}" {
+            continue;
+        }
+        assert!(
+            !POISON_OUTCOMES.contains(&value.as_str()),
+            "{name} sets the poison outcome {value} directly"
+        );
+        if HANDED_OVER_OUTCOMES.contains(&value.as_str()) {
+            handed_over.insert(value);
+        }
+    }
+    assert_eq!(handed_over.len(), HANDED_OVER_OUTCOMES.len());
+    assert_eq!(assigned(definition.action("Mark_started")), "Started");
+    assert_eq!(
+        definition
+            .action("Mark_started")
+            .at(&["runAfter", "Create_group"])
+            .items(),
+        [Value::Str {
+            text: "Succeeded".into(),
+            interpolated: false
+        }]
+    );
+    let decision = definition
+        .action("Decision")
+        .at(&["inputs"])
+        .template()
+        .expect("Decision is one expression")
+        .to_owned();
+    for outcome in ["NameCollision", "AttemptsExhausted", "ReceiveLimit"] {
+        assert!(
+            decision.contains(&format!("'{outcome}'")),
+            "Decision never says {outcome}"
+        );
+    }
+    // Anything else ends the run Failed and leaves the message.
+    let keep = settle.at(&["else", "actions"]).clone();
+    let mut kept = Vec::new();
+    actions_in(&keep, &mut kept);
+    assert!(kept
+        .iter()
+        .any(|(_, a)| a.at(&["type"]).literal() == Some("Terminate")));
+    let keep_condition = definition
+        .action("If_not_started")
+        .at(&["expression", "and"])
+        .items()[0]
+        .at(&["not", "contains"])
+        .items()[0]
+        .literal()
+        .expect("literal list")
+        .to_owned();
+    assert_eq!(
+        created_array(&keep_condition),
+        HANDED_OVER_OUTCOMES.iter().map(|o| o.to_string()).collect()
+    );
+}
+
+#[test]
+fn logic_app_counts_attempts_in_tags_and_caps_them() {
+    let bicep = Bicep::load(LOGIC_APP);
+    let definition = trigger_definition();
+
+    // The earlier group's tags: the attempt it ran and the message it held.
+    let previous = definition.action("Previous").at(&["inputs"]).clone();
+    assert_eq!(
+        previous.at(&["attempt"]).literal(),
+        Some("@int(coalesce(body('Look_up_group')?['tags']?['worker-attempt'], '0'))")
+    );
+    assert_eq!(
+        previous.at(&["sameMessage"]).literal(),
+        Some("@equals(body('Look_up_group')?['tags']?['worker-message-id'], triggerBody()?['MessageId'])")
+    );
+    assert_eq!(
+        definition.action("Next_attempt").at(&["inputs"]).literal(),
+        Some("@if(and(equals(outputs('Previous')?['status'], 200), outputs('Previous')?['sameMessage']), add(outputs('Previous')?['attempt'], 1), 1)"),
+        "the next attempt of this message, or the first of a new one"
+    );
+
+    // The group created carries the count and the message in its tags, and
+    // the worker gets the same count.
+    let Value::Expr(tags) = definition
+        .action("Create_group")
+        .at(&["inputs", "body", "tags"])
+    else {
+        panic!("Create_group tags are not union(workerTags, ...)")
+    };
+    for tag in [
+        "'worker-attempt': '@{outputs(\\'Next_attempt\\')}'",
+        "'worker-message-id': '@{triggerBody()?[\\'MessageId\\']}'",
+        "'worker-task-id': '@{take(body(\\'Parse_task\\')?[\\'task_id\\'], 256)}'",
+    ] {
+        assert!(tags.contains(tag), "Create_group tags lack {tag}: {tags}");
+    }
+
+    // The cap: attempts 1..=maxDequeueCount run the task; attempt
+    // maxDequeueCount + 1 runs nothing (the worker poisons the message and
+    // sends task.failed, as job mode does for a message delivered too often);
+    // a message back after that one goes to poison here, and its group is
+    // deleted once the message is.
+    let decision = definition
+        .action("Decision")
+        .at(&["inputs"])
+        .template()
+        .expect("Decision")
+        .to_owned();
+    assert!(decision.contains(
+        "if(greater(outputs('Previous')?['attempt'], ${maxDequeueCount}), 'AttemptsExhausted', 'replace')"
+    ));
+    assert!(decision.starts_with(
+        "@if(greater(int(coalesce(triggerBody()?['DequeueCount'], '0')), ${receiveLimit}), 'ReceiveLimit'"
+    ));
+    assert_eq!(
+        bicep.var("receiveLimit"),
+        &Value::Expr("maxDequeueCount * 4".into()),
+        "the receive limit is a backstop above the attempt cap"
+    );
+    let exhausted = definition.action("If_exhausted");
+    assert!(format!("{:?}", exhausted.at(&["expression"])).contains("AttemptsExhausted"));
+    assert_eq!(
+        definition
+            .action("Delete_exhausted_group")
+            .at(&["inputs", "method"])
+            .literal(),
+        Some("DELETE")
+    );
+    assert!(exhausted
+        .at(&["runAfter"])
+        .get("Delete_poisoned_message")
+        .is_some());
+
+    // Duplicates guard: a running group is never replaced, and another
+    // task's group never touched; both are decided before any replace.
+    let first_replace = decision.find("'replace'").expect("Decision replaces");
+    for guard in [
+        "if(equals(outputs('Previous')?['state'], 'Running'), 'wait'",
+        "'NameCollision'",
+        "'create'",
+    ] {
+        let at = decision
+            .find(guard)
+            .unwrap_or_else(|| panic!("Decision lacks {guard}"));
+        assert!(
+            at < first_replace,
+            "{guard} must be decided before any replace"
+        );
+    }
+    // Another message's group is replaced only once it has ended.
+    assert!(decision.ends_with(
+        "if(or(contains(createArray('Succeeded', 'Failed', 'Stopped'), outputs('Previous')?['state']), equals(outputs('Previous')?['provisioningState'], 'Failed')), 'replace', 'wait')))))))"
+    ));
+
+    // Only Replace deletes a group before the create, and the create runs
+    // only when the route said so and the delete (if any) finished.
+    let route = definition.action("Route");
+    let cases = match route.at(&["cases"]) {
+        Value::Object(c) => c.clone(),
+        other => panic!("cases: {other:?}"),
+    };
+    let case_of = |word: &str| {
+        cases
+            .iter()
+            .find(|(_, c)| c.at(&["case"]).literal() == Some(word))
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| panic!("Route has no case {word}"))
+    };
+    assert!(action_names(case_of("replace").at(&["actions"])).contains("Delete_previous_group"));
+    let delete = definition.action("Delete_previous_group");
+    assert_eq!(delete.at(&["inputs", "method"]).literal(), Some("DELETE"));
+    assert!(
+        delete.get("operationOptions").is_none(),
+        "the delete must finish before the create (async pattern on)"
+    );
+    assert!(
+        delete.get("limit").is_some(),
+        "waiting for the delete is bounded"
+    );
+    let starts: BTreeSet<String> = {
+        let mut all = Vec::new();
+        actions_in(definition.at(&["actions"]), &mut all);
+        all.into_iter()
+            .filter(|(_, a)| {
+                a.at(&["type"]).literal() == Some("SetVariable")
+                    && a.at(&["inputs", "name"]).literal() == Some("start")
+            })
+            .map(|(n, _)| n)
+            .collect()
+    };
+    assert_eq!(
+        starts,
+        BTreeSet::from(["Mark_start".to_owned(), "Mark_restart".to_owned()])
+    );
+    assert!(action_names(case_of("create").at(&["actions"])).contains("Mark_start"));
+    assert!(definition
+        .action("Mark_restart")
+        .at(&["runAfter"])
+        .get("Delete_previous_group")
+        .is_some());
+    assert!(
+        action_names(definition.action("Start_attempt").at(&["actions"])).contains("Create_group")
+    );
+    assert!(format!(
+        "{:?}",
+        definition.action("Start_attempt").at(&["expression"])
+    )
+    .contains("variables('start')"));
+}
+
+// ---------------------------------------------------------------------------
+// Worst case of one trigger run against the visibility timeout.
+
+/// Logic Apps' limit for one outbound request (multi-tenant; "HTTP limits" in
+/// learn.microsoft.com/azure/logic-apps/logic-apps-limits-and-config).
+const OUTBOUND_REQUEST_SECS: f64 = 120.0;
+/// A built-in action without I/O (variables, Compose, conditions).
+const BUILTIN_ACTION_SECS: f64 = 1.0;
+/// From the receive, which starts the visibility timeout, to the first
+/// action of the run.
+const RUN_START_ALLOWANCE_SECS: f64 = 60.0;
+/// From the create until the worker in the group has taken the lease over:
+/// provisioning, the pull of the ~5 MB image, the start (20-60 s usually).
+const GROUP_START_ALLOWANCE_SECS: f64 = 300.0;
+/// The Default retry policy: up to 4 retries, each pause at most 45 s
+/// (learn.microsoft.com/azure/logic-apps/error-exception-handling).
+const DEFAULT_RETRIES: f64 = 4.0;
+const DEFAULT_MAX_PAUSE_SECS: f64 = 45.0;
+/// The exponential policy's default bounds: at least 5 s, at most 1 day.
+const EXPONENTIAL_MIN_SECS: f64 = 5.0;
+const EXPONENTIAL_MAX_SECS: f64 = 86_400.0;
+
+/// `PT5S`, `PT2M`, `PT1H30M`, `P1D` in seconds.
+fn iso_duration_secs(text: &str) -> f64 {
+    let rest = text
+        .strip_prefix('P')
+        .unwrap_or_else(|| panic!("{text} is no ISO 8601 duration"));
+    let (days, time) = match rest.split_once('T') {
+        Some((d, t)) => (d, t),
+        None => (rest, ""),
+    };
+    let mut secs = 0.0;
+    if let Some(d) = days.strip_suffix('D') {
+        secs += d.parse::<f64>().expect("days") * 86_400.0;
+    }
+    let mut number = String::new();
+    for c in time.chars() {
+        match c {
+            'H' | 'M' | 'S' => {
+                let n: f64 = number.parse().expect("duration number");
+                secs += n * match c {
+                    'H' => 3600.0,
+                    'M' => 60.0,
+                    _ => 1.0,
+                };
+                number.clear();
+            }
+            digit => number.push(digit),
+        }
+    }
+    secs
+}
+
+/// Finish times of a workflow's actions when every request takes the
+/// outbound limit and every retry is used. Branches of a condition or switch
+/// are all counted as if each could run, so this is an upper bound.
+struct WorstCase<'a> {
+    bicep: &'a Bicep,
+    finish: BTreeMap<String, f64>,
+}
+
+impl WorstCase<'_> {
+    fn policy_secs(&self, policy: Option<&Value>) -> f64 {
+        let default = (DEFAULT_RETRIES + 1.0) * OUTBOUND_REQUEST_SECS
+            + DEFAULT_RETRIES * DEFAULT_MAX_PAUSE_SECS;
+        let Some(policy) = policy.map(|p| resolve(self.bicep, p)) else {
+            return default;
+        };
+        let count = match policy.get("count") {
+            Some(Value::Num(n)) => *n as f64,
+            None => 0.0,
+            other => panic!("retry count {other:?}"),
+        };
+        let secs_of = |key: &str, or: f64| {
+            policy
+                .get(key)
+                .map(|v| iso_duration_secs(v.literal().expect("literal interval")))
+                .unwrap_or(or)
+        };
+        let requests = (count + 1.0) * OUTBOUND_REQUEST_SECS;
+        match policy.at(&["type"]).literal().expect("literal retry type") {
+            "none" => OUTBOUND_REQUEST_SECS,
+            "default" => default,
+            "fixed" => requests + count * secs_of("interval", 0.0),
+            "exponential" => {
+                let interval = secs_of("interval", 0.0);
+                let min = secs_of("minimumInterval", EXPONENTIAL_MIN_SECS);
+                let max = secs_of("maximumInterval", EXPONENTIAL_MAX_SECS);
+                let pauses: f64 = (1..=count as i32)
+                    .map(|k| (2f64.powi(k - 1) * interval).min(max).max(min))
+                    .sum();
+                requests + pauses
+            }
+            other => panic!("unknown retry policy type {other}"),
+        }
+    }
+
+    fn request_secs(&self, action: &Value) -> f64 {
+        let inputs = resolve(self.bicep, action.at(&["inputs"]));
+        let mut secs = match (inputs.get("retryPolicy"), action.get("retryPolicy")) {
+            (Some(inside), _) => self.policy_secs(Some(inside)),
+            // The documented place is inside `inputs`; beside them the policy
+            // may be ignored and the default one applies.
+            (None, Some(beside)) => self.policy_secs(Some(beside)).max(self.policy_secs(None)),
+            (None, None) => self.policy_secs(None),
+        };
+        // An asynchronous operation (202) is polled up to limit.timeout.
+        if let Some(timeout) = action.get("limit").and_then(|l| l.get("timeout")) {
+            secs += iso_duration_secs(timeout.literal().expect("literal timeout"));
+        }
+        secs
+    }
+
+    fn duration(&mut self, action: &Value, begin: f64) -> f64 {
+        let branches = |action: &Value| -> Vec<Value> {
+            let mut out = Vec::new();
+            if let Some(a) = action.get("actions") {
+                out.push(a.clone());
+            }
+            if let Some(a) = action.get("else").and_then(|e| e.get("actions")) {
+                out.push(a.clone());
+            }
+            if let Some(Value::Object(cases)) = action.get("cases") {
+                out.extend(cases.iter().map(|(_, c)| c.at(&["actions"]).clone()));
+            }
+            if let Some(a) = action.get("default").and_then(|d| d.get("actions")) {
+                out.push(a.clone());
+            }
+            out
+        };
+        match action.at(&["type"]).literal().expect("literal action type") {
+            "Http" | "ApiConnection" => self.request_secs(action),
+            "Scope" | "If" | "Switch" => {
+                let mut end = begin;
+                for branch in branches(action) {
+                    end = end.max(self.schedule(&branch, begin));
+                }
+                end - begin + BUILTIN_ACTION_SECS
+            }
+            "Foreach" | "Until" => panic!("loops are not modelled here"),
+            _ => BUILTIN_ACTION_SECS,
+        }
+    }
+
+    /// When the last of `actions` (name -> action, ordered by runAfter)
+    /// finishes, if the first may start at `start`.
+    fn schedule(&mut self, actions: &Value, start: f64) -> f64 {
+        let Value::Object(entries) = actions else {
+            panic!("actions is not an object: {actions:?}")
+        };
+        let mut done: BTreeMap<String, f64> = BTreeMap::new();
+        let mut waiting: Vec<&(String, Value)> = entries.iter().collect();
+        while !waiting.is_empty() {
+            let ready = waiting
+                .iter()
+                .position(|(_, action)| match action.get("runAfter") {
+                    Some(Value::Object(after)) => after.iter().all(|(p, _)| done.contains_key(p)),
+                    _ => true,
+                })
+                .expect("runAfter names an action outside this scope, or a cycle");
+            let (name, action) = waiting.remove(ready);
+            let begin = match action.get("runAfter") {
+                Some(Value::Object(after)) => {
+                    after.iter().map(|(p, _)| done[p]).fold(start, f64::max)
+                }
+                _ => start,
+            };
+            let end = begin + self.duration(action, begin);
+            done.insert(name.clone(), end);
+            self.finish.insert(name.clone(), end);
+        }
+        done.values().copied().fold(start, f64::max)
+    }
+}
+
+#[test]
+fn trigger_run_fits_in_the_visibility_timeout() {
+    let bicep = Bicep::load(LOGIC_APP);
+    let definition = trigger_definition();
+
+    // Every request of the run has its retry policy where the Workflow
+    // Definition Language reads it: inside `inputs`.
+    let mut all = Vec::new();
+    actions_in(definition.at(&["actions"]), &mut all);
+    for (name, action) in &all {
+        if matches!(
+            action.at(&["type"]).literal(),
+            Some("Http" | "ApiConnection")
+        ) {
+            assert!(
+                resolve(&bicep, action.at(&["inputs"]))
+                    .get("retryPolicy")
+                    .is_some(),
+                "{name}: give it an explicit retryPolicy inside inputs"
+            );
+            assert!(
+                action.get("retryPolicy").is_none(),
+                "{name}: retryPolicy beside inputs"
+            );
+        }
+    }
+
+    let mut worst = WorstCase {
+        bicep: &bicep,
+        finish: BTreeMap::new(),
+    };
+    let run = worst.schedule(definition.at(&["actions"]), 0.0);
+    let created = worst.finish["Create_group"];
+    let settled = worst.finish["Delete_poisoned_message"];
+    eprintln!(
+        "trigger run, worst case: {run:.0} s in all; the create ends at {created:.0} s, the poison delete at {settled:.0} s"
+    );
+    let main = Bicep::load("infra/aci/main.bicep");
+    for file in [&bicep, &main] {
+        let shortest = file.param_min("visibilityTimeoutSeconds") as f64;
+        let name = file.file.display();
+        // No second run can receive the message while this one still acts
+        // on it (the duplicates guard rests on that).
+        assert!(
+            RUN_START_ALLOWANCE_SECS + run <= shortest,
+            "{name}: visibilityTimeoutSeconds may be {shortest} s, but one trigger run may take {run} s (+{RUN_START_ALLOWANCE_SECS} s to start)"
+        );
+        // The worker takes the lease over before the message reappears.
+        assert!(
+            RUN_START_ALLOWANCE_SECS + created + GROUP_START_ALLOWANCE_SECS <= shortest,
+            "{name}: visibilityTimeoutSeconds may be {shortest} s, but the create may end at {created} s and the group needs {GROUP_START_ALLOWANCE_SECS} s to start"
+        );
+        assert!(file.param_int_default("visibilityTimeoutSeconds") as f64 >= shortest);
+    }
+    assert_eq!(
+        definition.at(&[
+            "triggers",
+            "When_there_are_messages_in_a_queue",
+            "inputs",
+            "queries",
+            "visibilitytimeout"
+        ]),
+        &Value::Expr("string(visibilityTimeoutSeconds)".into())
+    );
+}
+
+#[test]
+fn cleanup_deletes_only_groups_the_worker_has_finished_with() {
+    let bicep = Bicep::load(LOGIC_APP);
+    let cleanup = workflow_definition("cleanup");
+    let mut all = Vec::new();
+    actions_in(cleanup.at(&["actions"]), &mut all);
+    let deletes: Vec<&String> = all
+        .iter()
+        .filter(|(_, a)| {
+            a.get("inputs")
+                .and_then(|i| i.get("method"))
+                .and_then(Value::literal)
+                == Some("DELETE")
+        })
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        deletes,
+        ["Delete_group"],
+        "the cleanup deletes in one place"
+    );
+    let if_delete = cleanup.action("If_delete");
+    assert!(action_names(if_delete.at(&["actions"])).contains("Delete_group"));
+    assert_eq!(
+        if_delete.at(&["expression", "and"]).items()[0]
+            .at(&["equals"])
+            .items(),
+        [
+            Value::Str {
+                text: "@outputs('Verdict')".into(),
+                interpolated: false
+            },
+            Value::Str {
+                text: "delete".into(),
+                interpolated: false
+            }
+        ]
+    );
+
+    // The verdict: a group that has not ended is never deleted (at most
+    // stopped after maxGroupAgeHours); an ended one only after the retention
+    // and only when the worker reported (exit 0 or 1) or it holds no message.
+    let verdict = cleanup
+        .action("Verdict")
+        .at(&["inputs"])
+        .template()
+        .expect("Verdict")
+        .to_owned();
+    let (ended, not_ended) = verdict
+        .strip_prefix("@if(outputs('Ended'), ")
+        .and_then(|rest| rest.split_once("'delete', 'keep'), "))
+        .unwrap_or_else(|| panic!("Verdict is not if(ended, delete-or-keep, ...): {verdict}"));
+    assert!(
+        !not_ended.contains("'delete'"),
+        "a running or pending group is never deleted"
+    );
+    assert!(not_ended.contains("${maxGroupAgeHours}") && not_ended.contains("'stop'"));
+    for needed in [
+        "contains(createArray(0, 1), outputs('Facts')?['exitCode'])",
+        "equals(outputs('Facts')?['role'], 'deliver')",
+        "empty(outputs('Facts')?['messageId'])",
+        "-${finishedRetentionHours}",
+    ] {
+        assert!(
+            ended.contains(needed),
+            "the delete condition lacks {needed}: {ended}"
+        );
+    }
+    assert_eq!(
+        cleanup.action("Ended").at(&["inputs"]).literal(),
+        Some("@or(contains(createArray('Succeeded', 'Failed', 'Stopped'), outputs('Facts')?['state']), equals(outputs('Facts')?['provisioningState'], 'Failed'))")
+    );
+    let facts = cleanup.action("Facts").at(&["inputs"]).clone();
+    assert_eq!(
+        facts.at(&["exitCode"]).literal(),
+        Some("@coalesce(body('Get_group')?['properties']?['containers']?[0]?['properties']?['instanceView']?['currentState']?['exitCode'], -1)")
+    );
+    assert_eq!(
+        facts.at(&["messageId"]).literal(),
+        Some("@{body('Get_group')?['tags']?['worker-message-id']}")
+    );
+
+    // Overran groups are stopped, which the launcher role allows.
+    let stop = cleanup.action("Stop_group");
+    assert_eq!(stop.at(&["inputs", "method"]).literal(), Some("POST"));
+    assert!(stop
+        .at(&["inputs", "uri"])
+        .template()
+        .is_some_and(|u| u.contains("/stop?api-version=")));
+    let role = bicep
+        .resources_of("Microsoft.Authorization/roleDefinitions")
+        .into_iter()
+        .find(|r| r.symbol == "launcherRole")
+        .expect("launcherRole");
+    let granted: Vec<&str> = role.body.at(&["properties", "permissions"]).items()[0]
+        .at(&["actions"])
+        .items()
+        .iter()
+        .filter_map(Value::literal)
+        .collect();
+    for action in [
+        "Microsoft.ContainerInstance/containerGroups/stop/action",
+        "Microsoft.ContainerInstance/containerGroups/delete",
+        "Microsoft.ContainerInstance/locations/operationResults/read",
+    ] {
+        assert!(
+            granted.contains(&action),
+            "the launcher role lacks {action}"
+        );
+    }
+
+    // Timings: a group the worker ended with exit 1 (retry) is still there
+    // when its message comes back, so the trigger counts on from its tag;
+    // and the age limit never stops a task inside its own timeout.
+    let binary = binary_env_vars();
+    let default_of = |name: &str| -> f64 {
+        binary[name]
+            .default
+            .as_deref()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("{name} has no numeric default"))
+    };
+    let attempts = bicep.param_int_default("maxDequeueCount") as f64;
+    let longest_retry_delay = default_of("WORKER_RETRY_DELAY") * 2f64.powf(attempts - 1.0);
+    let comes_back = longest_retry_delay
+        + bicep.param_int_default("visibilityTimeoutSeconds") as f64
+        + bicep.param_int_default("triggerIntervalSeconds") as f64;
+    let retention = bicep.param_int_default("finishedRetentionHours") as f64 * 3600.0;
+    assert!(
+        retention > comes_back,
+        "finishedRetentionHours ({retention} s) must outlast the return of a retried message ({comes_back} s)"
+    );
+    let age_limit = bicep.param_int_default("maxGroupAgeHours") as f64 * 3600.0;
+    let longest_task = bicep.param_int_default("visibilityTimeoutSeconds") as f64
+        + default_of("WORKER_TASK_TIMEOUT")
+        + 2.0 * default_of("WORKER_VISIBILITY_TIMEOUT");
+    assert!(
+        age_limit > longest_task,
+        "maxGroupAgeHours would stop tasks within their timeout"
+    );
+}
+
+#[test]
+fn abnormal_ends_are_reported_and_alerted() {
+    let bicep = Bicep::load(LOGIC_APP);
+    let tracked = match bicep.var("abnormalEndTracked") {
+        Value::Object(entries) => entries.clone(),
+        other => panic!("abnormalEndTracked: {other:?}"),
+    };
+    let keys: Vec<&str> = tracked.iter().map(|(k, _)| k.as_str()).collect();
+    for key in [
+        "group",
+        "exitCode",
+        "state",
+        "detail",
+        "attempt",
+        "messageId",
+    ] {
+        assert!(keys.contains(&key), "abnormalEndTracked lacks {key}");
+    }
+    for (key, value) in &tracked {
+        assert_eq!(
+            value.literal(),
+            Some(format!("@{{action()['inputs']['{key}']}}").as_str()),
+            "tracked property {key} reads the action's own input"
+        );
+    }
+    for (workflow, source) in [("trigger", "Look_up_group"), ("cleanup", "Get_group")] {
+        let report = workflow_definition(workflow)
+            .action("Report_abnormal_end")
+            .clone();
+        assert_eq!(report.at(&["type"]).literal(), Some("Compose"));
+        assert_eq!(
+            report.at(&["trackedProperties"]),
+            &Value::Expr("abnormalEndTracked".into())
+        );
+        let inputs = match report.at(&["inputs"]) {
+            Value::Object(e) => e.clone(),
+            other => panic!("{workflow}: inputs {other:?}"),
+        };
+        let input_keys: Vec<&str> = inputs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(input_keys, keys, "{workflow}: Report_abnormal_end inputs");
+        let text = format!("{inputs:?}");
+        assert!(text.contains(&format!("body('{source}')")));
+        assert!(
+            !text.contains("triggerBody"),
+            "{workflow}: built from the trigger's secure outputs, the report would be hidden"
+        );
+    }
+    // The trigger reports the earlier attempt it replaces unless the worker
+    // ended it (exit 0 or 1).
+    let trigger = trigger_definition();
+    let if_abnormal = trigger.action("If_abnormal_end");
+    assert!(action_names(if_abnormal.at(&["actions"])).contains("Report_abnormal_end"));
+    assert!(format!("{:?}", if_abnormal.at(&["expression"])).contains("@createArray(0, 1)"));
+
+    // The alert reads what the reports wrote.
+    let query = match bicep.var("abnormalEndsQuery") {
+        Value::Str { text, .. } => text.clone(),
+        Value::Expr(text) => text.clone(),
+        other => panic!("abnormalEndsQuery: {other:?}"),
+    };
+    assert!(query.contains("\"Report_abnormal_end\"") && query.contains("workflowActionCompleted"));
+    for key in &keys {
+        assert!(
+            query.contains(&format!("trackedProperties_{key}_s")),
+            "the alert query does not read {key}"
+        );
+    }
+    let rules = bicep.resources_of("Microsoft.Insights/scheduledQueryRules");
+    assert_eq!(rules.len(), 1);
+    let rule = &rules[0].body;
+    assert_eq!(
+        rule.at(&["properties", "scopes"]).items(),
+        [Value::Expr("workspace.id".into())]
+    );
+    let criterion = &rule.at(&["properties", "criteria", "allOf"]).items()[0];
+    assert_eq!(
+        criterion.at(&["query"]),
+        &Value::Expr("abnormalEndsQuery".into())
+    );
+    assert_eq!(criterion.at(&["threshold"]), &Value::Num(0));
+    assert_eq!(
+        rule.at(&["properties", "actions", "actionGroups"]).items(),
+        [Value::Expr("actionGroupId".into())]
+    );
+    // Both workflows send their runtime logs to that workspace.
+    for symbol in ["triggerDiagnostics", "cleanupDiagnostics"] {
+        let settings = bicep
+            .resources
+            .iter()
+            .find(|r| r.symbol == symbol)
+            .unwrap_or_else(|| panic!("no {symbol}"));
+        assert_eq!(
+            settings.body.at(&["properties", "workspaceId"]),
+            &Value::Expr("workspace.id".into())
+        );
+        assert!(format!("{:?}", settings.body).contains("WorkflowRuntime"));
+    }
+}
+
+#[test]
+fn aci_readme_documents_every_parameter_and_the_lifecycle() {
+    let main = Bicep::load("infra/aci/main.bicep");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/aci/README.md"))
+            .expect("infra/aci/README.md");
+    for param in main.params.keys() {
+        assert!(
+            readme.contains(&format!("`{param}`")),
+            "infra/aci/README.md does not document parameter `{param}`"
+        );
+    }
+    let minutes = main.param_int_default("visibilityTimeoutSeconds") / 60;
+    for needed in [
+        "worker-attempt".to_owned(),
+        "worker-message-id".to_owned(),
+        "WORKER_POP_RECEIPT".to_owned(),
+        "Report_abnormal_end".to_owned(),
+        format!("`{}`", main.param_int_default("visibilityTimeoutSeconds")),
+        format!("{minutes} min"),
+    ] {
+        assert!(
+            readme.contains(&needed),
+            "infra/aci/README.md does not mention {needed}"
         );
     }
 }
@@ -2085,4 +3081,85 @@ fn container_apps_readme_documents_every_parameter() {
         top.contains("infra/containerapps/README.md"),
         "the top-level README no longer links the Container Apps path"
     );
+}
+
+/// Seconds from SIGTERM to exit at most: the grace, then the settle margin
+/// (worker::poller::SETTLE_MARGIN), then a second for the process to end.
+fn shutdown_budget_secs() -> f64 {
+    let grace: f64 = binary_env_vars()["WORKER_SHUTDOWN_GRACE"]
+        .default
+        .as_deref()
+        .expect("WORKER_SHUTDOWN_GRACE has a default")
+        .parse()
+        .expect("a number of seconds");
+    grace + worker::poller::SETTLE_MARGIN.as_secs_f64() + 1.0
+}
+
+/// `45s`, `45`, `1min 30s`, `1m30s` as seconds (systemd and Compose forms).
+fn duration_secs(v: &str) -> f64 {
+    let mut total = 0.0;
+    let mut num = String::new();
+    let mut unit = String::new();
+    let mut flush = |num: &mut String, unit: &mut String| {
+        if num.is_empty() {
+            return;
+        }
+        let n: f64 = num.parse().expect("a number");
+        total += n * match unit.as_str() {
+            "" | "s" | "sec" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            other => panic!("unknown time unit {other:?} in {v:?}"),
+        };
+        num.clear();
+        unit.clear();
+    };
+    for c in v.chars().filter(|c| !c.is_whitespace()) {
+        if c.is_ascii_digit() || c == '.' {
+            if !unit.is_empty() {
+                flush(&mut num, &mut unit);
+            }
+            num.push(c);
+        } else {
+            unit.push(c);
+        }
+    }
+    flush(&mut num, &mut unit);
+    total
+}
+
+#[test]
+fn every_kill_budget_covers_the_shutdown_budget() {
+    let budget = shutdown_budget_secs();
+    let read = |path: &str| {
+        std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let setting = |text: &str, key: &str, path: &str| -> f64 {
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{path} sets no {key}"));
+        duration_secs(line[key.len()..].trim_start_matches([':', '=', ' ']))
+    };
+    let unit = read("infra/vps/worker.service");
+    let stop = setting(&unit, "TimeoutStopSec", "infra/vps/worker.service");
+    assert!(
+        stop >= budget,
+        "worker.service: TimeoutStopSec={stop}s is below the worker's shutdown budget of {budget}s \
+         (WORKER_SHUTDOWN_GRACE + settle margin): systemd would SIGKILL a worker that is still settling"
+    );
+    let compose = read("infra/vps/docker-compose.worker.yml");
+    let grace = setting(
+        &compose,
+        "stop_grace_period",
+        "infra/vps/docker-compose.worker.yml",
+    );
+    assert!(
+        grace >= budget,
+        "docker-compose.worker.yml: stop_grace_period={grace}s is below the shutdown budget of {budget}s"
+    );
+    assert_eq!(duration_secs("1min 30s"), 90.0);
+    assert_eq!(duration_secs("45s"), 45.0);
 }

@@ -303,3 +303,29 @@ async fn a_missing_tasks_queue_fails_and_names_the_setting() {
         out.describe()
     );
 }
+
+#[tokio::test]
+async fn a_delete_whose_answer_is_lost_counts_as_done() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "job-lost-delete").await;
+    let rx = Receiver::ok();
+    let proxy = common::proxy::Proxy::start(az.port());
+    c.send_task(&task("j-lost", "echo", json!({}), Some(&hook(&rx))))
+        .await;
+    // Azurite deletes the message, but the worker never hears so: the
+    // connection is cut and the client's retry finds the message gone.
+    proxy.lose_next_delete_answer();
+    let out = c
+        .worker()
+        .arg("job")
+        .env("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string())
+        .run();
+    out.assert_code(0);
+    assert!(
+        out.stderr.contains("already gone when deleting it"),
+        "{}",
+        out.describe()
+    );
+    events(&rx, 1, ARRIVAL);
+    assert_eq!(c.count().await, 0);
+}

@@ -604,6 +604,9 @@ async fn metrics_and_health_are_served() {
         Some(&h),
     ))
     .await;
+    // A type nobody registered: its name must not become a metric label.
+    c.send_task(&task("m-odd", "no-such-type-7f3a", json!(0), Some(&h)))
+        .await;
     // A backend that is down: its outcome goes to the outbox.
     let down = Receiver::start([Reply::status(503)]);
     c.send_task(&task("m-down", "echo", json!(0), Some(&hook(&down))))
@@ -617,7 +620,7 @@ async fn metrics_and_health_are_served() {
         .spawn();
     w.wait_for_log("serving /metrics and /healthz");
     let base = format!("http://{}", metrics_addr(&w.logs()));
-    events(&rx, 4, ARRIVAL);
+    events(&rx, 5, ARRIVAL);
     down.recv(ARRIVAL).expect("the down backend is tried");
 
     let http = reqwest::Client::new();
@@ -625,10 +628,11 @@ async fn metrics_and_health_are_served() {
     let wanted = [
         r#"worker_tasks_total{task_type="echo",outcome="succeeded"} 4"#.to_owned(),
         r#"worker_tasks_total{task_type="fail",outcome="poisoned"} 1"#.to_owned(),
-        r#"worker_webhook_deliveries_total{result="delivered"} 4"#.to_owned(),
+        r#"worker_tasks_total{task_type="unknown",outcome="poisoned"} 1"#.to_owned(),
+        r#"worker_webhook_deliveries_total{result="delivered"} 5"#.to_owned(),
         r#"worker_webhook_deliveries_total{result="outboxed"} 1"#.to_owned(),
-        format!(r#"worker_messages_received_total{{queue="{queue}"}} 5"#),
-        format!(r#"worker_messages_poisoned_total{{queue="{queue}"}} 1"#),
+        format!(r#"worker_messages_received_total{{queue="{queue}"}} 6"#),
+        format!(r#"worker_messages_poisoned_total{{queue="{queue}"}} 2"#),
         "worker_tasks_in_flight 0".to_owned(),
     ];
     // Counters are recorded just after the webhook goes out: poll briefly.
@@ -647,6 +651,7 @@ async fn metrics_and_health_are_served() {
     for line in &wanted {
         assert!(body.lines().any(|b| b == line), "no {line:?} in:\n{body}");
     }
+    assert!(!body.contains("no-such-type-7f3a"), "{body}");
     assert!(
         body.contains("# TYPE worker_task_duration_seconds histogram"),
         "{body}"
@@ -837,4 +842,84 @@ async fn secrets_stay_out_of_trace_logs_in_polling_mode() {
         "expected trace output:\n{}",
         out.describe()
     );
+}
+
+#[tokio::test]
+async fn max_tasks_run_honours_sigterm_within_the_grace() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "max-term").await;
+    let text = c
+        .send_task(&task("long", "sleep", json!({"seconds": 120}), None))
+        .await;
+    let mut w = c
+        .worker()
+        .args(["poll", "--max-tasks", "1"])
+        .env("WORKER_SHUTDOWN_GRACE", "1")
+        .spawn();
+    w.wait_for_log("task started");
+    w.signal(Signal::SIGTERM);
+    // Grace 1 s plus the settle margin; the bound only catches a hang (the
+    // old behaviour waited for the task's full 120 s).
+    let out = w.finish_within(Duration::from_secs(60));
+    out.assert_code(0);
+    assert!(
+        out.stderr.contains("grace period over"),
+        "{}",
+        out.describe()
+    );
+    // Released at once for another worker, not left to its lease.
+    let got = c.receive(Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "{}", out.describe());
+    assert_eq!(got[0].text, text);
+}
+
+/// The documented limitation: a release at shutdown is a delivery like any
+/// other, so it raises the dequeue count, and a task interrupted
+/// WORKER_MAX_DEQUEUE_COUNT times is poisoned without ever having failed.
+#[tokio::test]
+async fn releases_at_shutdown_count_toward_the_poison_limit() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "release-count").await;
+    let rx = Receiver::ok();
+    let text = c
+        .send_task(&task(
+            "interrupted",
+            "sleep",
+            json!({"seconds": 120}),
+            Some(&hook(&rx)),
+        ))
+        .await;
+    let w = |c: &Client| {
+        c.worker()
+            .arg("poll")
+            .env("WORKER_SHUTDOWN_GRACE", "0")
+            .env("WORKER_MAX_DEQUEUE_COUNT", "2")
+    };
+    for _ in 0..2 {
+        let mut run = w(&c).spawn();
+        run.wait_for_log("task started");
+        run.signal(Signal::SIGTERM);
+        let out = run.finish();
+        out.assert_code(0);
+        assert!(
+            out.stderr.contains("message released"),
+            "{}",
+            out.describe()
+        );
+    }
+    // The third delivery is above the limit: poisoned before it runs.
+    let mut run = w(&c).spawn();
+    let event = events(&rx, 1, ARRIVAL).remove(0);
+    assert_eq!(event["type"], "task.failed");
+    assert!(
+        event["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("delivered 3 times"),
+        "{event:#}"
+    );
+    run.wait_for_log("message moved to the poison queue");
+    run.signal(Signal::SIGTERM);
+    run.finish().assert_code(0);
+    assert_eq!(c.poisoned().await, vec![text]);
 }

@@ -1,28 +1,56 @@
-// Starts one Azure Container Instances group per queue message.
+// Starts one Azure Container Instances group per queue message, and leaves the
+// message to the worker inside it: the message is deleted (or poisoned) only
+// once that worker has settled it, so a container that dies takes no task with
+// it (at-least-once, like the polling and Container Apps paths).
 //
 // Flow of one run (one run per message, `splitOn`):
 //   trigger      "when there are messages in a queue" on <client>-tasks every
-//                30 s; the trigger hides each message for `visibilityTimeoutSeconds`
-//                (minutes, not the connector's 30 s default) so it cannot fire
-//                twice while this run is still deciding what to do with it.
+//                30 s; the receive hides the message for `visibilityTimeoutSeconds`
+//                (30 min by default): long enough for the worst case of this run
+//                plus the start of the group, after which the worker in the group
+//                takes the lease over (tests/infra.rs checks that relation). The
+//                trigger's outputs are secure: they hold the pop receipt.
 //   Handle       decode (plain or base64 JSON), validate, derive the group name
-//                from the client and the sanitized task id, look the name up,
-//                and create the group only if it does not exist yet (a PUT on an
-//                existing group can restart it).
-//   Settle       delete the message once the group exists for this task;
-//                otherwise move the message verbatim to <client>-tasks-poison,
-//                delete it, and fail the run so the RunsFailed alert fires.
+//                from the client and the sanitized task id, look the name up and
+//                decide:
+//                  absent                       -> create attempt 1
+//                  another task's group         -> NameCollision (poison)
+//                  running                      -> wait: leave the message; the
+//                                                  receive already hid it again
+//                  this message's earlier group,
+//                  not running (ended, or never
+//                  started)                     -> delete it, create attempt n+1
+//                                                  (n+1 = maxDequeueCount+1: the
+//                                                  worker poisons it, with the
+//                                                  task.failed webhook); after
+//                                                  that one: poison here
+//                  another message's group,
+//                  ended                        -> delete it, create attempt 1
+//                The group gets the message's coordinates (WORKER_MESSAGE_ID,
+//                WORKER_POP_RECEIPT, WORKER_DEQUEUE_COUNT) as secure values and
+//                the attempt and message id as tags (worker-attempt,
+//                worker-message-id): the tags are where attempts are counted.
+//   Settle       started or waiting: nothing (the message is not deleted here);
+//                invalid, name collision, attempts exhausted, or received
+//                4 x maxDequeueCount times: move the message verbatim to
+//                <client>-tasks-poison, delete it, fail the run (RunsFailed
+//                alert); any other failure (lookup, secrets, delete, create): fail
+//                the run and leave the message, which comes back after the
+//                visibility timeout.
 //
-// The trigger carries no dequeue count and never deletes a message by itself,
-// so every run ends in exactly one of: created + deleted, duplicate + deleted,
-// poisoned + deleted. Only when the queue itself fails does a message stay,
-// and it comes back after the visibility timeout.
+// The worker in the group first renews the message's visibility with the pop
+// receipt it was given (taking the lease over; if that fails, another attempt
+// owns the message and it runs nothing), then settles it exactly as job mode
+// does. A group that ends without settling (OOM, node loss, pull failure,
+// stop) leaves the message to reappear within one lease window, and the next
+// run replaces the group.
 //
-// The task containers get WORKER_CLIENT, the storage account and the client id
-// of their identity, so a webhook they cannot deliver lands in the outbox
-// <client>-webhooks instead of being lost. A second workflow drains that
-// outbox with a `worker deliver` group (see `deliver` below), a third deletes
-// finished groups (they count against the ACI quota).
+// The task containers also get WORKER_CLIENT, the storage account and the
+// client id of their identity, so they can settle the message and write a
+// webhook they cannot deliver to the outbox <client>-webhooks. A second
+// workflow drains that outbox with a `worker deliver` group (see `deliver`
+// below), a third deletes finished groups (they count against the ACI quota)
+// and reports the ones that ended abnormally.
 
 @minLength(2)
 @maxLength(20)
@@ -70,21 +98,26 @@ param triggerState string = 'Disabled'
 @minValue(10)
 param triggerIntervalSeconds int = 30
 
-@description('How long the trigger hides a message it handed to a run. Must cover the lookup, the create with all its retries and the delete.')
-@minValue(300)
+@description('How long the receive hides a message from other trigger runs: the worst case of one run (every request timing out, every retry used) plus the start of the group, after which the worker holds the lease. tests/infra.rs checks the minimum against that worst case.')
+@minValue(1800)
 @maxValue(3600)
-param visibilityTimeoutSeconds int = 900
+param visibilityTimeoutSeconds int = 1800
+
+@description('WORKER_MAX_DEQUEUE_COUNT: attempts (container groups) that run the task. The worker poisons a message whose last attempt failed; after a last attempt that ended without settling, one more group poisons it without running it (with task.failed), and if that one dies too the trigger poisons it.')
+@minValue(1)
+@maxValue(100)
+param maxDequeueCount int = 5
 
 @description('Minutes between two peeks at the webhook outbox (each run is billed, idle or not).')
 @minValue(1)
 @maxValue(15)
 param deliverIntervalMinutes int = 5
 
-@description('Finished groups older than this are deleted by the cleanup workflow.')
+@description('Groups the worker ended itself (exit 0 or 1) are deleted by the cleanup workflow this long after they finished.')
 @minValue(1)
 param finishedRetentionHours int = 2
 
-@description('Groups older than this are deleted whatever their state (stuck pulls, lost runs).')
+@description('Groups still pending or running this long after their creation are stopped by the cleanup workflow (never deleted): the trigger replaces them as a failed attempt.')
 @minValue(2)
 param maxGroupAgeHours int = 12
 
@@ -92,6 +125,11 @@ var tasksQueueName = '${client}-tasks'
 var poisonQueueName = '${client}-tasks-poison'
 var webhooksQueueName = '${client}-webhooks'
 var deliverGroupName = '${client}-webhooks-deliver'
+// A message received this often without being settled goes to poison even if
+// no attempt was counted (a create that keeps failing, a lookup that keeps
+// failing): each receive hides it for visibilityTimeoutSeconds, so this is
+// hours of failed runs, each of which fired the RunsFailed alert.
+var receiveLimit = maxDequeueCount * 4
 var aciApiVersion = '2023-05-01'
 var queueApiVersion = '2021-08-06'
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -116,6 +154,16 @@ var queueHost = {
     name: '@parameters(\'$connections\')[\'azurequeues\'][\'connectionId\']'
   }
 }
+// One retry with a short pause for every request the trigger run makes: each
+// request may take up to the 120 s outbound limit of Logic Apps, and the
+// whole run must fit in the visibility timeout (tests/infra.rs adds it up).
+var shortRetry = {
+  type: 'exponential'
+  count: 1
+  interval: 'PT5S'
+  maximumInterval: 'PT5S'
+}
+// Only on the poison path: a settled message is the worker's to delete.
 var deleteMessageInputs = {
   host: queueHost
   method: 'delete'
@@ -123,6 +171,7 @@ var deleteMessageInputs = {
   queries: {
     popreceipt: '@triggerBody()?[\'PopReceipt\']'
   }
+  retryPolicy: shortRetry
 }
 var secureInputsAndOutputs = {
   secureData: {
@@ -132,6 +181,31 @@ var secureInputsAndOutputs = {
     ]
   }
 }
+// Report_abnormal_end (trigger and cleanup): a group that ended without the
+// worker's own report, as tracked properties. With the workflows' diagnostic
+// settings they land in AzureDiagnostics as trackedProperties_<name>_s, which
+// the abnormalEndsAlert query reads.
+var abnormalEndTracked = {
+  group: '@{action()[\'inputs\'][\'group\']}'
+  taskId: '@{action()[\'inputs\'][\'taskId\']}'
+  messageId: '@{action()[\'inputs\'][\'messageId\']}'
+  attempt: '@{action()[\'inputs\'][\'attempt\']}'
+  state: '@{action()[\'inputs\'][\'state\']}'
+  exitCode: '@{action()[\'inputs\'][\'exitCode\']}'
+  detail: '@{action()[\'inputs\'][\'detail\']}'
+  verdict: '@{action()[\'inputs\'][\'verdict\']}'
+}
+var abnormalEndsQuery = '''
+AzureDiagnostics
+| where ResourceProvider == "MICROSOFT.LOGIC" and Category == "WorkflowRuntime"
+| where OperationName has "workflowActionCompleted"
+| where resource_actionName_s == "Report_abnormal_end" and status_s == "Succeeded"
+| project TimeGenerated, workflow = resource_workflowName_s, run = resource_runId_s,
+          group = trackedProperties_group_s, task_id = trackedProperties_taskId_s,
+          message_id = trackedProperties_messageId_s, attempt = trackedProperties_attempt_s,
+          state = trackedProperties_state_s, exit_code = trackedProperties_exitCode_s,
+          detail = trackedProperties_detail_s, verdict = trackedProperties_verdict_s
+'''
 var workerTags = {
   'managed-by': 'worker-task'
   'worker-client': client
@@ -220,9 +294,15 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
               visibilitytimeout: string(visibilityTimeoutSeconds)
             }
           }
+          // Each message carries its pop receipt (MessageId, PopReceipt,
+          // DequeueCount, MessageText): keep it out of the run history. The
+          // inputs of actions that read the trigger's outputs are hidden too.
+          runtimeConfiguration: secureInputsAndOutputs
         }
       }
       actions: {
+        // Permanent until the message is known to be a valid task; every
+        // later step sets what the run ended with.
         Init_outcome: {
           type: 'InitializeVariable'
           runAfter: {}
@@ -231,7 +311,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
               {
                 name: 'outcome'
                 type: 'string'
-                value: ''
+                value: 'InvalidTask'
               }
             ]
           }
@@ -253,10 +333,44 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             ]
           }
         }
+        Init_start: {
+          type: 'InitializeVariable'
+          runAfter: {
+            Init_task_text: [
+              'Succeeded'
+            ]
+          }
+          inputs: {
+            variables: [
+              {
+                name: 'start'
+                type: 'boolean'
+                value: false
+              }
+            ]
+          }
+        }
+        Init_secrets_read: {
+          type: 'InitializeVariable'
+          runAfter: {
+            Init_start: [
+              'Succeeded'
+            ]
+          }
+          inputs: {
+            variables: [
+              {
+                name: 'secretsRead'
+                type: 'boolean'
+                value: false
+              }
+            ]
+          }
+        }
         Handle: {
           type: 'Scope'
           runAfter: {
-            Init_task_text: [
+            Init_secrets_read: [
               'Succeeded'
             ]
           }
@@ -340,8 +454,8 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             }
             // Group name: <client>-<task id>, lowercased, every character
             // outside [a-z0-9] replaced by `-`, hyphen runs collapsed, cut to
-            // 63 characters, no trailing hyphen. Deterministic, so a repeated
-            // message finds the group its first delivery created.
+            // 63 characters, no trailing hyphen. Deterministic, so every
+            // delivery of a task finds the group of its earlier attempt.
             Lower_task_id: {
               type: 'Compose'
               runAfter: {
@@ -382,10 +496,24 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
               }
               inputs: '@if(endsWith(outputs(\'Group_name_raw\'), \'-\'), substring(outputs(\'Group_name_raw\'), 0, sub(length(outputs(\'Group_name_raw\')), 1)), outputs(\'Group_name_raw\'))'
             }
+            // A valid task from here on: whatever fails now is transient and
+            // leaves the message for a later run.
+            Mark_valid: {
+              type: 'SetVariable'
+              runAfter: {
+                Group_name: [
+                  'Succeeded'
+                ]
+              }
+              inputs: {
+                name: 'outcome'
+                value: 'LookupFailed'
+              }
+            }
             Look_up_group: {
               type: 'Http'
               runAfter: {
-                Group_name: [
+                Mark_valid: [
                   'Succeeded'
                 ]
               }
@@ -393,224 +521,238 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                 method: 'GET'
                 uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
                 authentication: armAuth
-              }
-              retryPolicy: {
-                type: 'exponential'
-                count: 3
-                interval: 'PT10S'
+                retryPolicy: shortRetry
               }
             }
-            // 404 is the normal case and marks the lookup Failed; the switch
-            // runs after either and routes on the status code.
-            Route: {
-              type: 'Switch'
+            // Read beside the lookup (they do not depend on it), so the
+            // longest path of the run is lookup, delete, create.
+            Get_WORKER_WEBHOOK_SECRET: {
+              type: 'Http'
+              runAfter: {
+                Mark_valid: [
+                  'Succeeded'
+                ]
+              }
+              inputs: {
+                method: 'GET'
+                uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.WORKER_WEBHOOK_SECRET}?api-version=7.4'
+                authentication: vaultAuth
+                retryPolicy: shortRetry
+              }
+              runtimeConfiguration: secureInputsAndOutputs
+            }
+            Get_SUPABASE_KEY: {
+              type: 'Http'
+              runAfter: {
+                Mark_valid: [
+                  'Succeeded'
+                ]
+              }
+              inputs: {
+                method: 'GET'
+                uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.SUPABASE_KEY}?api-version=7.4'
+                authentication: vaultAuth
+                retryPolicy: shortRetry
+              }
+              runtimeConfiguration: secureInputsAndOutputs
+            }
+            Get_OPENAI_API_KEY: {
+              type: 'Http'
+              runAfter: {
+                Mark_valid: [
+                  'Succeeded'
+                ]
+              }
+              inputs: {
+                method: 'GET'
+                uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.OPENAI_API_KEY}?api-version=7.4'
+                authentication: vaultAuth
+                retryPolicy: shortRetry
+              }
+              runtimeConfiguration: secureInputsAndOutputs
+            }
+            Mark_secrets_read: {
+              type: 'SetVariable'
+              runAfter: {
+                Get_WORKER_WEBHOOK_SECRET: [
+                  'Succeeded'
+                ]
+                Get_SUPABASE_KEY: [
+                  'Succeeded'
+                ]
+                Get_OPENAI_API_KEY: [
+                  'Succeeded'
+                ]
+              }
+              inputs: {
+                name: 'secretsRead'
+                value: true
+              }
+            }
+            // What the lookup found. 404 is the normal case and marks the
+            // lookup Failed; anything but 200 or 404 is transient.
+            Previous: {
+              type: 'Compose'
               runAfter: {
                 Look_up_group: [
                   'Succeeded'
                   'Failed'
+                  'TimedOut'
                 ]
               }
-              expression: '@coalesce(outputs(\'Look_up_group\')?[\'statusCode\'], 0)'
+              inputs: {
+                status: '@coalesce(outputs(\'Look_up_group\')?[\'statusCode\'], 0)'
+                sameTask: '@equals(body(\'Look_up_group\')?[\'tags\']?[\'worker-task-id\'], take(body(\'Parse_task\')?[\'task_id\'], 256))'
+                sameMessage: '@equals(body(\'Look_up_group\')?[\'tags\']?[\'worker-message-id\'], triggerBody()?[\'MessageId\'])'
+                attempt: '@int(coalesce(body(\'Look_up_group\')?[\'tags\']?[\'worker-attempt\'], \'0\'))'
+                state: '@{body(\'Look_up_group\')?[\'properties\']?[\'instanceView\']?[\'state\']}'
+                provisioningState: '@{body(\'Look_up_group\')?[\'properties\']?[\'provisioningState\']}'
+                // -1: no exit code (the container never ran, or is running).
+                exitCode: '@coalesce(body(\'Look_up_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'exitCode\'], -1)'
+              }
+            }
+            // One word for what to do. A running group is never touched (the
+            // duplicates guard). This message's earlier group that is not
+            // running can never settle it (this receive made its pop receipt
+            // stale), so it is replaced, whether it ended or never started.
+            Decision: {
+              type: 'Compose'
+              runAfter: {
+                Previous: [
+                  'Succeeded'
+                ]
+              }
+              inputs: '@if(greater(int(coalesce(triggerBody()?[\'DequeueCount\'], \'0\')), ${receiveLimit}), \'ReceiveLimit\', if(equals(outputs(\'Previous\')?[\'status\'], 404), \'create\', if(not(equals(outputs(\'Previous\')?[\'status\'], 200)), \'LookupFailed\', if(not(outputs(\'Previous\')?[\'sameTask\']), \'NameCollision\', if(equals(outputs(\'Previous\')?[\'state\'], \'Running\'), \'wait\', if(outputs(\'Previous\')?[\'sameMessage\'], if(greater(outputs(\'Previous\')?[\'attempt\'], ${maxDequeueCount}), \'AttemptsExhausted\', \'replace\'), if(or(contains(createArray(\'Succeeded\', \'Failed\', \'Stopped\'), outputs(\'Previous\')?[\'state\']), equals(outputs(\'Previous\')?[\'provisioningState\'], \'Failed\')), \'replace\', \'wait\')))))))'
+            }
+            // The next attempt of this message, or 1. Attempt maxDequeueCount
+            // + 1 runs nothing: its worker poisons the message and sends
+            // task.failed (job mode's rule for a message delivered too often);
+            // if that attempt dies too, Settle poisons without a webhook.
+            Next_attempt: {
+              type: 'Compose'
+              runAfter: {
+                Decision: [
+                  'Succeeded'
+                ]
+              }
+              inputs: '@if(and(equals(outputs(\'Previous\')?[\'status\'], 200), outputs(\'Previous\')?[\'sameMessage\']), add(outputs(\'Previous\')?[\'attempt\'], 1), 1)'
+            }
+            Route: {
+              type: 'Switch'
+              runAfter: {
+                Next_attempt: [
+                  'Succeeded'
+                ]
+              }
+              expression: '@outputs(\'Decision\')'
               cases: {
-                Exists: {
-                  case: 200
+                Create: {
+                  case: 'create'
                   actions: {
-                    Same_task: {
+                    Mark_start: {
+                      type: 'SetVariable'
+                      runAfter: {}
+                      inputs: {
+                        name: 'start'
+                        value: true
+                      }
+                    }
+                  }
+                }
+                Replace: {
+                  case: 'replace'
+                  actions: {
+                    // Exit 0 and 1 are the worker's own report (settled,
+                    // retried, poisoned, or the lease was not its own);
+                    // anything else (137 = OOM or kill, no exit code = never
+                    // started) ended without settling.
+                    If_abnormal_end: {
                       type: 'If'
                       runAfter: {}
                       expression: {
                         and: [
                           {
-                            equals: [
-                              '@body(\'Look_up_group\')?[\'tags\']?[\'worker-task-id\']'
-                              '@take(body(\'Parse_task\')?[\'task_id\'], 256)'
-                            ]
+                            not: {
+                              contains: [
+                                '@createArray(0, 1)'
+                                '@outputs(\'Previous\')?[\'exitCode\']'
+                              ]
+                            }
                           }
                         ]
                       }
                       actions: {
-                        Mark_duplicate: {
-                          type: 'SetVariable'
+                        Report_abnormal_end: {
+                          type: 'Compose'
                           runAfter: {}
                           inputs: {
-                            name: 'outcome'
-                            value: 'duplicate'
+                            group: '@{body(\'Look_up_group\')?[\'name\']}'
+                            taskId: '@{body(\'Look_up_group\')?[\'tags\']?[\'worker-task-id\']}'
+                            messageId: '@{body(\'Look_up_group\')?[\'tags\']?[\'worker-message-id\']}'
+                            attempt: '@{body(\'Look_up_group\')?[\'tags\']?[\'worker-attempt\']}'
+                            state: '@{body(\'Look_up_group\')?[\'properties\']?[\'instanceView\']?[\'state\']}'
+                            exitCode: '@{body(\'Look_up_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'exitCode\']}'
+                            detail: '@{body(\'Look_up_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'detailStatus\']}'
+                            verdict: 'replaced by the next attempt'
                           }
+                          trackedProperties: abnormalEndTracked
                         }
                       }
                       else: {
-                        actions: {
-                          // Two task ids that sanitize to the same name: never
-                          // overwrite another task's group.
-                          Mark_collision: {
-                            type: 'SetVariable'
-                            runAfter: {}
-                            inputs: {
-                              name: 'outcome'
-                              value: 'NameCollision'
-                            }
-                          }
-                        }
+                        actions: {}
                       }
                     }
-                  }
-                }
-                Absent: {
-                  case: 404
-                  actions: {
-                    Get_WORKER_WEBHOOK_SECRET: {
+                    // Waits for the delete to finish (a 202 is polled), so the
+                    // name is free for the create; bounded by limit.timeout.
+                    Delete_previous_group: {
                       type: 'Http'
                       runAfter: {}
                       inputs: {
-                        method: 'GET'
-                        uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.WORKER_WEBHOOK_SECRET}?api-version=7.4'
-                        authentication: vaultAuth
-                      }
-                      runtimeConfiguration: secureInputsAndOutputs
-                    }
-                    Get_SUPABASE_KEY: {
-                      type: 'Http'
-                      runAfter: {}
-                      inputs: {
-                        method: 'GET'
-                        uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.SUPABASE_KEY}?api-version=7.4'
-                        authentication: vaultAuth
-                      }
-                      runtimeConfiguration: secureInputsAndOutputs
-                    }
-                    Get_OPENAI_API_KEY: {
-                      type: 'Http'
-                      runAfter: {}
-                      inputs: {
-                        method: 'GET'
-                        uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.OPENAI_API_KEY}?api-version=7.4'
-                        authentication: vaultAuth
-                      }
-                      runtimeConfiguration: secureInputsAndOutputs
-                    }
-                    Create_group: {
-                      type: 'Http'
-                      runAfter: {
-                        Get_WORKER_WEBHOOK_SECRET: [
-                          'Succeeded'
-                        ]
-                        Get_SUPABASE_KEY: [
-                          'Succeeded'
-                        ]
-                        Get_OPENAI_API_KEY: [
-                          'Succeeded'
-                        ]
-                      }
-                      runtimeConfiguration: secureInputsAndOutputs
-                      retryPolicy: {
-                        type: 'exponential'
-                        count: 4
-                        interval: 'PT15S'
-                        minimumInterval: 'PT10S'
-                        maximumInterval: 'PT2M'
-                      }
-                      inputs: {
-                        method: 'PUT'
+                        method: 'DELETE'
                         uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
                         authentication: armAuth
-                        body: {
-                          location: location
-                          tags: union(workerTags, {
-                            'worker-task-id': '@{take(body(\'Parse_task\')?[\'task_id\'], 256)}'
-                            'worker-created': '@{utcNow()}'
-                          })
-                          identity: {
-                            type: 'UserAssigned'
-                            userAssignedIdentities: {
-                              '${identityId}': {}
-                            }
-                          }
-                          properties: {
-                            osType: 'Linux'
-                            sku: 'Standard'
-                            restartPolicy: 'Never'
-                            imageRegistryCredentials: [
-                              {
-                                server: registryLoginServer
-                                identity: identityId
-                              }
-                            ]
-                            containers: [
-                              {
-                                name: 'worker'
-                                properties: {
-                                  image: image
-                                  resources: {
-                                    requests: {
-                                      cpu: json(cpuCores)
-                                      memoryInGB: json(memoryInGb)
-                                    }
-                                  }
-                                  environmentVariables: [
-                                    {
-                                      name: 'TASK_DATA'
-                                      value: '@{triggerBody()?[\'MessageText\']}'
-                                    }
-                                    {
-                                      name: 'WORKER_LOG_FORMAT'
-                                      value: 'json'
-                                    }
-                                    {
-                                      name: 'WORKER_TASK_TIMEOUT'
-                                      value: string(taskTimeoutSeconds)
-                                    }
-                                    // A webhook the container cannot deliver
-                                    // goes to <client>-webhooks, written with
-                                    // the group's identity (no storage key).
-                                    {
-                                      name: 'WORKER_CLIENT'
-                                      value: client
-                                    }
-                                    {
-                                      name: 'AZURE_STORAGE_ACCOUNT'
-                                      value: storageAccountName
-                                    }
-                                    {
-                                      name: 'AZURE_CLIENT_ID'
-                                      value: identityClientId
-                                    }
-                                    {
-                                      name: 'WORKER_WEBHOOK_SECRET'
-                                      secureValue: '@{body(\'Get_WORKER_WEBHOOK_SECRET\')?[\'value\']}'
-                                    }
-                                    {
-                                      name: 'SUPABASE_KEY'
-                                      secureValue: '@{body(\'Get_SUPABASE_KEY\')?[\'value\']}'
-                                    }
-                                    {
-                                      name: 'OPENAI_API_KEY'
-                                      secureValue: '@{body(\'Get_OPENAI_API_KEY\')?[\'value\']}'
-                                    }
-                                  ]
-                                }
-                              }
-                            ]
-                            diagnostics: {
-                              logAnalytics: {
-                                workspaceId: workspace.properties.customerId
-                                workspaceKey: '@{parameters(\'logAnalyticsKey\')}'
-                                logType: 'ContainerInstanceLogs'
-                              }
-                            }
-                          }
-                        }
+                        retryPolicy: shortRetry
+                      }
+                      limit: {
+                        timeout: 'PT2M'
                       }
                     }
-                    Mark_created: {
+                    Mark_restart: {
                       type: 'SetVariable'
                       runAfter: {
-                        Create_group: [
+                        Delete_previous_group: [
                           'Succeeded'
+                        ]
+                      }
+                      inputs: {
+                        name: 'start'
+                        value: true
+                      }
+                    }
+                    Mark_delete_failed: {
+                      type: 'SetVariable'
+                      runAfter: {
+                        Delete_previous_group: [
+                          'Failed'
+                          'TimedOut'
                         ]
                       }
                       inputs: {
                         name: 'outcome'
-                        value: 'created'
+                        value: 'DeleteFailed'
+                      }
+                    }
+                  }
+                }
+                Wait: {
+                  case: 'wait'
+                  actions: {
+                    Mark_waiting: {
+                      type: 'SetVariable'
+                      runAfter: {}
+                      inputs: {
+                        name: 'outcome'
+                        value: 'Waiting'
                       }
                     }
                   }
@@ -618,12 +760,216 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
               }
               default: {
                 actions: {
-                  Mark_lookup_failed: {
+                  Mark_decision: {
                     type: 'SetVariable'
                     runAfter: {}
                     inputs: {
                       name: 'outcome'
-                      value: 'LookupFailed'
+                      value: '@{outputs(\'Decision\')}'
+                    }
+                  }
+                }
+              }
+            }
+            Start_attempt: {
+              type: 'If'
+              runAfter: {
+                Route: [
+                  'Succeeded'
+                  'Failed'
+                ]
+                Mark_secrets_read: [
+                  'Succeeded'
+                  'Skipped'
+                ]
+              }
+              expression: {
+                and: [
+                  {
+                    equals: [
+                      '@variables(\'start\')'
+                      true
+                    ]
+                  }
+                  {
+                    equals: [
+                      '@variables(\'secretsRead\')'
+                      true
+                    ]
+                  }
+                ]
+              }
+              actions: {
+                Create_group: {
+                  type: 'Http'
+                  runAfter: {}
+                  runtimeConfiguration: secureInputsAndOutputs
+                  inputs: {
+                    method: 'PUT'
+                    uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
+                    authentication: armAuth
+                    retryPolicy: shortRetry
+                    body: {
+                      location: location
+                      tags: union(workerTags, {
+                        'worker-task-id': '@{take(body(\'Parse_task\')?[\'task_id\'], 256)}'
+                        'worker-message-id': '@{triggerBody()?[\'MessageId\']}'
+                        'worker-attempt': '@{outputs(\'Next_attempt\')}'
+                        'worker-created': '@{utcNow()}'
+                      })
+                      identity: {
+                        type: 'UserAssigned'
+                        userAssignedIdentities: {
+                          '${identityId}': {}
+                        }
+                      }
+                      properties: {
+                        osType: 'Linux'
+                        sku: 'Standard'
+                        restartPolicy: 'Never'
+                        imageRegistryCredentials: [
+                          {
+                            server: registryLoginServer
+                            identity: identityId
+                          }
+                        ]
+                        containers: [
+                          {
+                            name: 'worker'
+                            properties: {
+                              image: image
+                              resources: {
+                                requests: {
+                                  cpu: json(cpuCores)
+                                  memoryInGB: json(memoryInGb)
+                                }
+                              }
+                              environmentVariables: [
+                                {
+                                  name: 'TASK_DATA'
+                                  value: '@{triggerBody()?[\'MessageText\']}'
+                                }
+                                // The message TASK_DATA came from: the worker
+                                // takes its lease over and settles it.
+                                {
+                                  name: 'WORKER_MESSAGE_ID'
+                                  secureValue: '@{triggerBody()?[\'MessageId\']}'
+                                }
+                                {
+                                  name: 'WORKER_POP_RECEIPT'
+                                  secureValue: '@{triggerBody()?[\'PopReceipt\']}'
+                                }
+                                {
+                                  name: 'WORKER_DEQUEUE_COUNT'
+                                  secureValue: '@{outputs(\'Next_attempt\')}'
+                                }
+                                {
+                                  name: 'WORKER_MAX_DEQUEUE_COUNT'
+                                  value: string(maxDequeueCount)
+                                }
+                                {
+                                  name: 'WORKER_LOG_FORMAT'
+                                  value: 'json'
+                                }
+                                {
+                                  name: 'WORKER_TASK_TIMEOUT'
+                                  value: string(taskTimeoutSeconds)
+                                }
+                                // The tasks queue, its poison queue and the
+                                // outbox <client>-webhooks, reached with the
+                                // group's identity (no storage key).
+                                {
+                                  name: 'WORKER_CLIENT'
+                                  value: client
+                                }
+                                {
+                                  name: 'AZURE_STORAGE_ACCOUNT'
+                                  value: storageAccountName
+                                }
+                                {
+                                  name: 'AZURE_CLIENT_ID'
+                                  value: identityClientId
+                                }
+                                {
+                                  name: 'WORKER_WEBHOOK_SECRET'
+                                  secureValue: '@{body(\'Get_WORKER_WEBHOOK_SECRET\')?[\'value\']}'
+                                }
+                                {
+                                  name: 'SUPABASE_KEY'
+                                  secureValue: '@{body(\'Get_SUPABASE_KEY\')?[\'value\']}'
+                                }
+                                {
+                                  name: 'OPENAI_API_KEY'
+                                  secureValue: '@{body(\'Get_OPENAI_API_KEY\')?[\'value\']}'
+                                }
+                              ]
+                            }
+                          }
+                        ]
+                        diagnostics: {
+                          logAnalytics: {
+                            workspaceId: workspace.properties.customerId
+                            workspaceKey: '@{parameters(\'logAnalyticsKey\')}'
+                            logType: 'ContainerInstanceLogs'
+                          }
+                        }
+                      }
+                    }
+                  }
+                }
+                Mark_started: {
+                  type: 'SetVariable'
+                  runAfter: {
+                    Create_group: [
+                      'Succeeded'
+                    ]
+                  }
+                  inputs: {
+                    name: 'outcome'
+                    value: 'Started'
+                  }
+                }
+                Mark_create_failed: {
+                  type: 'SetVariable'
+                  runAfter: {
+                    Create_group: [
+                      'Failed'
+                      'TimedOut'
+                    ]
+                  }
+                  inputs: {
+                    name: 'outcome'
+                    value: 'CreateFailed'
+                  }
+                }
+              }
+              else: {
+                actions: {
+                  If_secrets_missing: {
+                    type: 'If'
+                    runAfter: {}
+                    expression: {
+                      and: [
+                        {
+                          equals: [
+                            '@variables(\'start\')'
+                            true
+                          ]
+                        }
+                      ]
+                    }
+                    actions: {
+                      Mark_secrets_failed: {
+                        type: 'SetVariable'
+                        runAfter: {}
+                        inputs: {
+                          name: 'outcome'
+                          value: 'SecretsFailed'
+                        }
+                      }
+                    }
+                    else: {
+                      actions: {}
                     }
                   }
                 }
@@ -631,6 +977,9 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             }
           }
         }
+        // Started or waiting: the message is the worker's (or comes back
+        // later); nothing to do here. Poison only what can never succeed, or
+        // has had its attempts; leave everything else for a later run.
         Settle: {
           type: 'If'
           runAfter: {
@@ -642,62 +991,123 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             ]
           }
           expression: {
-            or: [
+            and: [
               {
-                equals: [
+                contains: [
+                  '@createArray(\'InvalidTask\', \'NameCollision\', \'AttemptsExhausted\', \'ReceiveLimit\')'
                   '@variables(\'outcome\')'
-                  'created'
-                ]
-              }
-              {
-                equals: [
-                  '@variables(\'outcome\')'
-                  'duplicate'
                 ]
               }
             ]
           }
           actions: {
-            Delete_message: {
+            Move_to_poison: {
               type: 'ApiConnection'
               runAfter: {}
+              inputs: {
+                host: queueHost
+                method: 'post'
+                path: '${queuePath}/@{encodeURIComponent(\'${poisonQueueName}\')}/messages'
+                body: '@triggerBody()?[\'MessageText\']'
+                retryPolicy: shortRetry
+              }
+            }
+            Delete_poisoned_message: {
+              type: 'ApiConnection'
+              runAfter: {
+                Move_to_poison: [
+                  'Succeeded'
+                ]
+              }
               inputs: deleteMessageInputs
+            }
+            // The last attempt's group: its message is settled now.
+            If_exhausted: {
+              type: 'If'
+              runAfter: {
+                Delete_poisoned_message: [
+                  'Succeeded'
+                ]
+              }
+              expression: {
+                and: [
+                  {
+                    equals: [
+                      '@variables(\'outcome\')'
+                      'AttemptsExhausted'
+                    ]
+                  }
+                ]
+              }
+              actions: {
+                Delete_exhausted_group: {
+                  type: 'Http'
+                  runAfter: {}
+                  inputs: {
+                    method: 'DELETE'
+                    uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
+                    authentication: armAuth
+                    retryPolicy: shortRetry
+                  }
+                  limit: {
+                    timeout: 'PT1M'
+                  }
+                }
+              }
+              else: {
+                actions: {}
+              }
+            }
+            Fail_run: {
+              type: 'Terminate'
+              runAfter: {
+                If_exhausted: [
+                  'Succeeded'
+                  'Failed'
+                  'TimedOut'
+                ]
+              }
+              inputs: {
+                runStatus: 'Failed'
+                runError: {
+                  code: '@{variables(\'outcome\')}'
+                  message: 'Message @{triggerBody()?[\'MessageId\']} moved to ${poisonQueueName}: invalid task (InvalidTask), another task\'s group under its name (NameCollision), ${maxDequeueCount} attempts and the poisoning one all ended without settling (AttemptsExhausted), or received ${receiveLimit} times (ReceiveLimit).'
+                }
+              }
             }
           }
           else: {
             actions: {
-              Move_to_poison: {
-                type: 'ApiConnection'
+              If_not_started: {
+                type: 'If'
                 runAfter: {}
-                inputs: {
-                  host: queueHost
-                  method: 'post'
-                  path: '${queuePath}/@{encodeURIComponent(\'${poisonQueueName}\')}/messages'
-                  body: '@triggerBody()?[\'MessageText\']'
-                }
-              }
-              Delete_poisoned_message: {
-                type: 'ApiConnection'
-                runAfter: {
-                  Move_to_poison: [
-                    'Succeeded'
+                expression: {
+                  and: [
+                    {
+                      not: {
+                        contains: [
+                          '@createArray(\'Started\', \'Waiting\')'
+                          '@variables(\'outcome\')'
+                        ]
+                      }
+                    }
                   ]
                 }
-                inputs: deleteMessageInputs
-              }
-              Fail_run: {
-                type: 'Terminate'
-                runAfter: {
-                  Delete_poisoned_message: [
-                    'Succeeded'
-                  ]
-                }
-                inputs: {
-                  runStatus: 'Failed'
-                  runError: {
-                    code: '@{if(empty(variables(\'outcome\')), \'TaskNotStarted\', variables(\'outcome\'))}'
-                    message: 'Message @{triggerBody()?[\'MessageId\']} moved to ${poisonQueueName}: invalid task, name collision, or the container group could not be created (see the Handle scope of this run).'
+                actions: {
+                  Keep_for_later: {
+                    type: 'Terminate'
+                    runAfter: {}
+                    inputs: {
+                      runStatus: 'Failed'
+                      runError: {
+                        code: '@{variables(\'outcome\')}'
+                        message: 'Message @{triggerBody()?[\'MessageId\']} stays in ${tasksQueueName} and is received again after ${visibilityTimeoutSeconds} s: the group lookup (LookupFailed), a Key Vault read (SecretsFailed), deleting the earlier group (DeleteFailed) or the create (CreateFailed) failed; see the Handle scope.'
+                      }
+                    }
                   }
+                }
+                else: {
+                  actions: {}
                 }
               }
             }
@@ -728,6 +1138,19 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
   }
 }
 
+// Every hour: deletes the groups the worker has finished with, stops groups
+// that overran, and reports every group that ended without the worker's own
+// report (run history: Report_abnormal_end; Log Analytics: abnormalEndsAlert).
+//
+// Delete only when nothing can still need the group: it ended, finished more
+// than finishedRetentionHours ago, and either the worker reported (exit 0:
+// succeeded and deleted its message; exit 1: retried, poisoned or released its
+// message, or found the lease taken), or it holds no task message (the
+// deliver group, a manual test group, a group created before messages were
+// handed over). A group that ended abnormally (OOM 137, killed, never started)
+// is left: its message comes back and the trigger, which counts attempts in
+// that group's tags, replaces it. A group still pending or running after
+// maxGroupAgeHours is stopped, not deleted, so it becomes such an attempt.
 resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
   name: 'la-${client}-worker-cleanup'
   location: location
@@ -791,8 +1214,8 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
             }
           }
           actions: {
-            // The list omits the instance view; the state and finish time
-            // need one GET per group.
+            // The list omits the instance view; the state, exit code and
+            // finish time need one GET per group.
             Get_group: {
               type: 'Http'
               runAfter: {}
@@ -802,10 +1225,47 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                 authentication: armAuth
               }
             }
-            Is_expired: {
-              type: 'If'
+            Facts: {
+              type: 'Compose'
               runAfter: {
                 Get_group: [
+                  'Succeeded'
+                ]
+              }
+              inputs: {
+                role: '@{coalesce(body(\'Get_group\')?[\'tags\']?[\'worker-role\'], \'task\')}'
+                messageId: '@{body(\'Get_group\')?[\'tags\']?[\'worker-message-id\']}'
+                state: '@{body(\'Get_group\')?[\'properties\']?[\'instanceView\']?[\'state\']}'
+                provisioningState: '@{body(\'Get_group\')?[\'properties\']?[\'provisioningState\']}'
+                // -1: no exit code (the container never ran, or is running).
+                exitCode: '@coalesce(body(\'Get_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'exitCode\'], -1)'
+                finishTime: '@body(\'Get_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'finishTime\']'
+                created: '@body(\'Get_group\')?[\'tags\']?[\'worker-created\']'
+              }
+            }
+            Ended: {
+              type: 'Compose'
+              runAfter: {
+                Facts: [
+                  'Succeeded'
+                ]
+              }
+              inputs: '@or(contains(createArray(\'Succeeded\', \'Failed\', \'Stopped\'), outputs(\'Facts\')?[\'state\']), equals(outputs(\'Facts\')?[\'provisioningState\'], \'Failed\'))'
+            }
+            // delete | stop | keep
+            Verdict: {
+              type: 'Compose'
+              runAfter: {
+                Ended: [
+                  'Succeeded'
+                ]
+              }
+              inputs: '@if(outputs(\'Ended\'), if(and(less(ticks(coalesce(outputs(\'Facts\')?[\'finishTime\'], outputs(\'Facts\')?[\'created\'], utcNow())), ticks(addHours(utcNow(), -${finishedRetentionHours}))), or(contains(createArray(0, 1), outputs(\'Facts\')?[\'exitCode\']), equals(outputs(\'Facts\')?[\'role\'], \'deliver\'), empty(outputs(\'Facts\')?[\'messageId\']))), \'delete\', \'keep\'), if(less(ticks(coalesce(outputs(\'Facts\')?[\'created\'], utcNow())), ticks(addHours(utcNow(), -${maxGroupAgeHours}))), \'stop\', \'keep\'))'
+            }
+            If_abnormal: {
+              type: 'If'
+              runAfter: {
+                Verdict: [
                   'Succeeded'
                 ]
               }
@@ -814,23 +1274,63 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                   {
                     and: [
                       {
-                        contains: [
-                          '@createArray(\'Succeeded\', \'Failed\', \'Stopped\')'
-                          '@body(\'Get_group\')?[\'properties\']?[\'instanceView\']?[\'state\']'
+                        equals: [
+                          '@outputs(\'Ended\')'
+                          true
                         ]
                       }
                       {
-                        less: [
-                          '@ticks(coalesce(body(\'Get_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'finishTime\'], utcNow()))'
-                          '@ticks(addHours(utcNow(), -${finishedRetentionHours}))'
-                        ]
+                        not: {
+                          contains: [
+                            '@createArray(0, 1)'
+                            '@outputs(\'Facts\')?[\'exitCode\']'
+                          ]
+                        }
                       }
                     ]
                   }
                   {
-                    less: [
-                      '@ticks(coalesce(body(\'Get_group\')?[\'tags\']?[\'worker-created\'], utcNow()))'
-                      '@ticks(addHours(utcNow(), -${maxGroupAgeHours}))'
+                    equals: [
+                      '@outputs(\'Verdict\')'
+                      'stop'
+                    ]
+                  }
+                ]
+              }
+              actions: {
+                Report_abnormal_end: {
+                  type: 'Compose'
+                  runAfter: {}
+                  inputs: {
+                    group: '@{body(\'Get_group\')?[\'name\']}'
+                    taskId: '@{body(\'Get_group\')?[\'tags\']?[\'worker-task-id\']}'
+                    messageId: '@{body(\'Get_group\')?[\'tags\']?[\'worker-message-id\']}'
+                    attempt: '@{body(\'Get_group\')?[\'tags\']?[\'worker-attempt\']}'
+                    state: '@{body(\'Get_group\')?[\'properties\']?[\'instanceView\']?[\'state\']}'
+                    exitCode: '@{body(\'Get_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'exitCode\']}'
+                    detail: '@{body(\'Get_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'detailStatus\']}'
+                    verdict: '@{outputs(\'Verdict\')}'
+                  }
+                  trackedProperties: abnormalEndTracked
+                }
+              }
+              else: {
+                actions: {}
+              }
+            }
+            If_delete: {
+              type: 'If'
+              runAfter: {
+                Verdict: [
+                  'Succeeded'
+                ]
+              }
+              expression: {
+                and: [
+                  {
+                    equals: [
+                      '@outputs(\'Verdict\')'
+                      'delete'
                     ]
                   }
                 ]
@@ -842,6 +1342,40 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                   inputs: {
                     method: 'DELETE'
                     uri: '${groupsUrl}/@{items(\'For_each_group\')?[\'name\']}?api-version=${aciApiVersion}'
+                    authentication: armAuth
+                  }
+                }
+              }
+              else: {
+                actions: {}
+              }
+            }
+            // Overran (hung, or stuck pending): stop it, so it ends like a
+            // killed container and the trigger counts it as an attempt.
+            If_overdue: {
+              type: 'If'
+              runAfter: {
+                Verdict: [
+                  'Succeeded'
+                ]
+              }
+              expression: {
+                and: [
+                  {
+                    equals: [
+                      '@outputs(\'Verdict\')'
+                      'stop'
+                    ]
+                  }
+                ]
+              }
+              actions: {
+                Stop_group: {
+                  type: 'Http'
+                  runAfter: {}
+                  inputs: {
+                    method: 'POST'
+                    uri: '${groupsUrl}/@{items(\'For_each_group\')?[\'name\']}/stop?api-version=${aciApiVersion}'
                     authentication: armAuth
                   }
                 }
@@ -1344,13 +1878,15 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
 }
 
 // The three workflows manage container groups in this resource group and
-// nothing else: read/write/delete groups, and attach the runtime identity to
-// them.
+// nothing else: read/write/delete/stop groups, follow ACI's asynchronous
+// operations (a DELETE may answer 202; the trigger waits for it before it
+// creates the next attempt under the same name), and attach the runtime
+// identity to them.
 resource launcherRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(resourceGroup().id, 'worker-task-launcher')
   properties: {
     roleName: 'Worker task launcher (${resourceGroup().name})'
-    description: 'Create, read and delete container groups and assign the worker identity to them.'
+    description: 'Create, read, stop and delete container groups and assign the worker identity to them.'
     type: 'CustomRole'
     assignableScopes: [
       resourceGroup().id
@@ -1361,6 +1897,9 @@ resource launcherRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
           'Microsoft.ContainerInstance/containerGroups/read'
           'Microsoft.ContainerInstance/containerGroups/write'
           'Microsoft.ContainerInstance/containerGroups/delete'
+          'Microsoft.ContainerInstance/containerGroups/stop/action'
+          'Microsoft.ContainerInstance/locations/operations/read'
+          'Microsoft.ContainerInstance/locations/operationResults/read'
           'Microsoft.ManagedIdentity/userAssignedIdentities/assign/action'
         ]
         notActions: []
@@ -1486,14 +2025,15 @@ resource deliverDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-pr
   }
 }
 
-// Every path that poisons a message ends the run Failed, so this one alert
-// covers invalid tasks, name collisions and create failures alike.
+// Every run that poisons a message, and every run that could not start an
+// attempt, ends Failed: this one alert covers invalid tasks, name collisions,
+// exhausted attempts, and lookups, deletes or creates that keep failing.
 resource failedRunsAlert 'Microsoft.Insights/metricAlerts@2018-03-01' = {
   name: 'alert-${client}-worker-trigger-failed-runs'
   location: 'global'
   tags: tags
   properties: {
-    description: 'A queue message could not be turned into a container group and was moved to ${poisonQueueName}.'
+    description: 'A trigger run failed: its message was moved to ${poisonQueueName} (error code InvalidTask, NameCollision, AttemptsExhausted, ReceiveLimit) or left in ${tasksQueueName} for a later run (LookupFailed, SecretsFailed, DeleteFailed, CreateFailed).'
     severity: 2
     enabled: true
     scopes: [
@@ -1629,6 +2169,47 @@ resource failedDeliverAlert 'Microsoft.Insights/metricAlerts@2018-03-01' = {
         actionGroupId: actionGroupId
       }
     ]
+  }
+}
+
+// Groups that ended without the worker's own report: the trigger reports the
+// earlier attempt it replaces, the cleanup every such group it still finds
+// (and the groups it stops). Both write Report_abnormal_end with tracked
+// properties; the workflows' diagnostic settings send them to the workspace.
+resource abnormalEndsAlert 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: 'alert-${client}-worker-abnormal-ends'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'alert-${client}-worker-abnormal-ends'
+    description: 'A task container ended without settling its message (OOM or kill: exit 137; image pull or start failure: no exit code; stopped after ${maxGroupAgeHours} h). Its message comes back and runs again, up to ${maxDequeueCount} attempts; then it goes to ${poisonQueueName}.'
+    severity: 2
+    enabled: true
+    scopes: [
+      workspace.id
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT15M'
+    criteria: {
+      allOf: [
+        {
+          query: abnormalEndsQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: {
+      actionGroups: [
+        actionGroupId
+      ]
+    }
   }
 }
 

@@ -1,9 +1,9 @@
 // Everything the ACI path needs for one client, in one resource group:
 // queues, registry, runtime identity, Key Vault, monitoring and budget
 // (shared modules under infra/modules, reused by the Container Apps path),
-// plus the Logic Apps that turn each queue message into a container group,
-// drain the webhook outbox with a `worker deliver` group, and delete finished
-// groups.
+// plus the Logic Apps that turn each queue message into a container group
+// (which settles the message itself), drain the webhook outbox with a
+// `worker deliver` group, and delete finished groups.
 //
 // Deploy (see README.md next to this file):
 //   az deployment group create -g <rg> -f infra/aci/main.bicep -p @main.parameters.json
@@ -48,10 +48,15 @@ param budgetStartDate string = utcNow('yyyy-MM-01')
 @description('State of the queue trigger and of the outbox drain. Disabled until the first image has been pushed and the manual test passed.')
 param triggerState string = 'Disabled'
 
-@description('Trigger visibility timeout in seconds (covers lookup, create retries and delete).')
-@minValue(300)
+@description('Seconds a received message stays hidden from other trigger runs: the worst case of one run plus the start of the group; then the worker in the group holds the lease (WORKER_VISIBILITY_TIMEOUT).')
+@minValue(1800)
 @maxValue(3600)
-param visibilityTimeoutSeconds int = 900
+param visibilityTimeoutSeconds int = 1800
+
+@description('WORKER_MAX_DEQUEUE_COUNT: container groups (attempts) per message before it goes to <client>-tasks-poison.')
+@minValue(1)
+@maxValue(100)
+param maxDequeueCount int = 5
 
 @description('Seconds between trigger polls; each poll is billed, idle or not.')
 @minValue(10)
@@ -62,7 +67,7 @@ param triggerIntervalSeconds int = 30
 @maxValue(15)
 param deliverIntervalMinutes int = 5
 
-@description('Finished container groups older than this many hours are deleted.')
+@description('Container groups the worker ended itself (exit 0 or 1) are deleted this many hours after they finished; groups that ended abnormally stay for the next attempt.')
 @minValue(1)
 param finishedRetentionHours int = 2
 
@@ -183,6 +188,7 @@ module trigger 'logic-app-trigger.bicep' = {
     triggerState: triggerState
     triggerIntervalSeconds: triggerIntervalSeconds
     visibilityTimeoutSeconds: visibilityTimeoutSeconds
+    maxDequeueCount: maxDequeueCount
     deliverIntervalMinutes: deliverIntervalMinutes
     finishedRetentionHours: finishedRetentionHours
   }

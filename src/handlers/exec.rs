@@ -3,31 +3,67 @@
 //! The operator declares them in a TOML file (`WORKER_HANDLERS_FILE`); a task
 //! can only pick one by `task_type`, never supply a command. The child gets
 //! the whole task JSON on stdin, a scrubbed environment (PATH, HOME, LANG plus
-//! the variables the operator lists), and its own process group so that a
-//! timeout or cancellation kills everything it started, not just the first
-//! process. The kill lives in a `Drop` guard because [`crate::execute`]
-//! aborts the handler future on timeout: whatever path ends the future, the
-//! group dies with it.
+//! the variables the operator lists), and its own process group, so that
+//! stopping it reaches everything it started, not just the first process.
+//!
+//! How a run ends:
+//! - The child exits: the task ends with it. Pipes still held open by
+//!   processes it left in the background are read for [`PIPE_DRAIN`] more and
+//!   then closed; what is left of its group is stopped as below.
+//! - The handler's `timeout_seconds` expires or the task is cancelled: the
+//!   group gets SIGTERM, and SIGKILL if the child is still there after
+//!   `kill_grace_seconds`.
+//! - The task timeout expires: [`crate::execute`] aborts the handler future,
+//!   so the same SIGTERM-then-SIGKILL also lives in [`Group`]'s `Drop`, which
+//!   sends SIGTERM at once and leaves the SIGKILL after the grace to a
+//!   blocking-pool task that does not depend on the dropped future (the
+//!   runtime waits for it before the worker exits).
+//! - The worker dies, `kill -9` included: the kernel kills the child (a
+//!   parent-death signal, see [`die_with_worker`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Arc;
-use std::time::Duration;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::oneshot;
 
 use crate::handler::{Handler, HandlerError, HandlerFuture, TaskContext};
 
 /// Variables every child inherits; everything else must be listed.
 const BASE_ENV: &[&str] = &["PATH", "HOME", "LANG"];
-/// Stderr lines kept for the error message of a failed run.
+/// Longest stderr line logged or kept, in bytes; the rest of a longer line
+/// is counted, not stored.
+const STDERR_LINE_BYTES: usize = 1024;
+/// Stderr logged per task, in bytes and in lines (each log record adds its
+/// own overhead); past either, lines are counted and one summary is logged.
+const STDERR_LOG_BYTES: usize = 64 * 1024;
+const STDERR_LOG_LINES: usize = 1000;
+/// Last stderr lines kept for the error of a failed run, and their cap in bytes.
 const STDERR_TAIL: usize = 20;
+const STDERR_TAIL_BYTES: usize = 4 * 1024;
 /// Cap on a child's stdout (the task result).
 const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
+/// Largest `timeout_seconds`: a year, the same bound as `WORKER_TASK_TIMEOUT`.
+const MAX_TIMEOUT_SECONDS: f64 = 31_536_000.0;
+/// `kill_grace_seconds` when the handler sets none.
+const DEFAULT_KILL_GRACE_SECONDS: f64 = 5.0;
+/// Largest `kill_grace_seconds`: the grace can delay the worker's exit.
+const MAX_KILL_GRACE_SECONDS: f64 = 60.0;
+/// How long pipes are still read after the child exited: enough for output
+/// in flight, short enough that a background process holding stdout open
+/// cannot keep the task running.
+const PIPE_DRAIN: Duration = Duration::from_secs(1);
+/// How often a group waiting out its grace is checked.
+const GRACE_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlersFileError {
@@ -59,6 +95,8 @@ pub struct Spec {
     pub env: Vec<String>,
     /// Capped by the task timeout.
     pub timeout_seconds: Option<f64>,
+    /// Seconds between SIGTERM and SIGKILL when the child must stop.
+    pub kill_grace_seconds: Option<f64>,
     /// Shown by `worker handlers`.
     pub description: Option<String>,
     /// Exit codes that mean "retrying cannot help": poison at once.
@@ -74,6 +112,8 @@ impl std::fmt::Debug for Spec {
             .field("working_dir", &self.working_dir)
             .field("env", &self.env)
             .field("timeout_seconds", &self.timeout_seconds)
+            .field("kill_grace_seconds", &self.kill_grace_seconds)
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
             .finish()
     }
 }
@@ -101,16 +141,52 @@ pub fn parse(text: &str) -> Result<Vec<NamedHandler>, String> {
         if spec.command.is_empty() || spec.command[0].is_empty() {
             return Err(format!("[handlers.{name}]: `command` must name a program"));
         }
-        if let Some(t) = spec.timeout_seconds {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(format!(
-                    "[handlers.{name}]: `timeout_seconds` must be positive"
-                ));
-            }
+        check_range(
+            &name,
+            "timeout_seconds",
+            spec.timeout_seconds,
+            |t| t > 0.0 && t <= MAX_TIMEOUT_SECONDS,
+            &format!(
+                "a number of seconds greater than 0 and at most {MAX_TIMEOUT_SECONDS} (a year)"
+            ),
+        )?;
+        check_range(
+            &name,
+            "kill_grace_seconds",
+            spec.kill_grace_seconds,
+            |g| (0.0..=MAX_KILL_GRACE_SECONDS).contains(&g),
+            &format!("a number of seconds from 0 to {MAX_KILL_GRACE_SECONDS}"),
+        )?;
+        if let Some(c) = spec
+            .permanent_exit_codes
+            .iter()
+            .find(|c| !(1..=255).contains(*c))
+        {
+            return Err(format!(
+                "[handlers.{name}]: `permanent_exit_codes` holds {c}, which is out of range: \
+                 exit codes of a failed run are 1 to 255"
+            ));
         }
         out.push((name.clone(), Arc::new(Exec { name, spec })));
     }
     Ok(out)
+}
+
+/// Refuses a numeric setting outside its range (NaN and infinities included),
+/// naming the handler and the field.
+fn check_range(
+    name: &str,
+    field: &str,
+    value: Option<f64>,
+    ok: impl Fn(f64) -> bool,
+    expected: &str,
+) -> Result<(), String> {
+    match value {
+        Some(v) if !(v.is_finite() && ok(v)) => Err(format!(
+            "[handlers.{name}]: `{field}` = {v} is out of range: use {expected}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub struct Exec {
@@ -124,17 +200,273 @@ impl Exec {
     }
 }
 
-/// Kills the child's whole process group when dropped.
-struct GroupGuard(Option<i32>);
+/// Asks the kernel to SIGKILL the child when the worker dies, `kill -9`
+/// included, so that a redelivered task never runs beside an orphaned copy.
+///
+/// This is the crate's only `unsafe` (the lint is `deny`, not `forbid`, for
+/// this one function). `pre_exec` is unsafe because its closure runs between
+/// fork and exec in a copy of a multi-threaded process, where only
+/// async-signal-safe calls are sound. The closure makes two system calls,
+/// `prctl(PR_SET_PDEATHSIG)` and `getppid`, through nix's thin wrappers; it
+/// allocates nothing and takes no lock. The `getppid` check covers a worker
+/// that died between fork and prctl: the signal would never come, so the
+/// child does not start.
+///
+/// The kernel sends the signal when the *thread* that forked the child ends,
+/// not the process. Tokio polls a task on whichever thread is free, and
+/// blocking-pool threads exit when idle, so every child is forked by one
+/// thread that lives as long as the process ([`spawn`]).
+///
+/// Only the child is covered: processes it starts do not inherit the setting,
+/// so after a `kill -9` of the worker a background helper can outlive it. A
+/// handler that starts helpers should wait for them, or `exec` the last one.
+#[allow(unsafe_code)]
+fn die_with_worker(cmd: &mut Command) {
+    let worker = nix::unistd::getpid();
+    let arm = move || -> std::io::Result<()> {
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+        if nix::unistd::getppid() != worker {
+            return Err(Errno::ESRCH.into());
+        }
+        Ok(())
+    };
+    // SAFETY: `arm` only makes the two async-signal-safe system calls above.
+    unsafe {
+        cmd.pre_exec(arm);
+    }
+}
 
-impl Drop for GroupGuard {
+struct SpawnRequest {
+    cmd: Command,
+    /// The caller's runtime: the child's pipes and exit belong to it.
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<std::io::Result<Child>>,
+}
+
+/// The thread that forks every exec child (see [`die_with_worker`]); `None`
+/// when it could not be started. It lives until the process ends: the sender
+/// is never dropped.
+static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+
+/// Starts `cmd` on the spawner thread.
+async fn spawn(cmd: Command) -> std::io::Result<Child> {
+    let gone = || std::io::Error::other("the thread that starts exec children is not running");
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("exec-spawner".into())
+            .spawn(move || {
+                for SpawnRequest {
+                    mut cmd,
+                    runtime,
+                    reply,
+                } in rx
+                {
+                    let _entered = runtime.enter();
+                    if let Err(Ok(orphan)) = reply.send(cmd.spawn()) {
+                        // The task went away while its child started.
+                        drop(Group::new(orphan, Duration::ZERO));
+                    }
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    let spawner = spawner.as_ref().ok_or_else(gone)?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    let (reply, answer) = oneshot::channel();
+    spawner
+        .send(SpawnRequest {
+            cmd,
+            runtime,
+            reply,
+        })
+        .map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())?
+}
+
+/// A child and its process group. Dropping it stops what is left of the
+/// group: SIGTERM at once, SIGKILL when the grace has passed.
+struct Group {
+    /// `None` only once handed over by `drop`.
+    child: Option<Child>,
+    /// The child's pid, which is its group's id (`process_group(0)`).
+    pgid: Option<Pid>,
+    grace: Duration,
+    /// When the group got SIGTERM.
+    terminated: Option<Instant>,
+}
+
+impl Group {
+    fn new(child: Child, grace: Duration) -> Self {
+        let pgid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(Pid::from_raw);
+        Self {
+            child: Some(child),
+            pgid,
+            grace,
+            terminated: None,
+        }
+    }
+
+    fn child(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+
+    /// Waits for the child itself (not its group) to exit.
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self.child.as_mut() {
+            Some(c) => c.wait().await,
+            None => Err(std::io::Error::other("the child was handed over")),
+        }
+    }
+
+    /// SIGTERM to the whole group, once.
+    fn terminate(&mut self) {
+        if self.terminated.is_none() {
+            if let Some(pgid) = self.pgid {
+                // ESRCH: the group is gone already.
+                let _ = killpg(pgid, Signal::SIGTERM);
+            }
+            self.terminated = Some(Instant::now());
+        }
+    }
+
+    /// SIGTERM to the group, a wait for the child of at most the grace, then
+    /// SIGKILL to the group if the child is still there. True when SIGKILL
+    /// was needed.
+    async fn stop(&mut self) -> bool {
+        self.terminate();
+        if tokio::time::timeout(self.grace, self.wait()).await.is_ok() {
+            return false;
+        }
+        if let Some(pgid) = self.pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        let _ = self.wait().await;
+        true
+    }
+}
+
+impl Drop for Group {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0.take() {
-            // ESRCH (group already gone) is the normal case after a clean exit.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pgid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        let (Some(child), Some(pgid)) = (self.child.take(), self.pgid) else {
+            return;
+        };
+        let mut rest = Remnant {
+            child,
+            pgid,
+            deadline: Instant::now(),
+            grace: self.grace,
+            span: tracing::Span::current(),
+            done: false,
+        };
+        if rest.gone() {
+            // The usual end: the child exited and left nothing behind.
+            rest.done = true;
+            return;
+        }
+        self.terminate();
+        rest.deadline = self.terminated.unwrap_or_else(Instant::now) + self.grace;
+        match tokio::runtime::Handle::try_current() {
+            // A blocking task, so that the runtime waits for it on shutdown.
+            Ok(runtime) => drop(runtime.spawn_blocking(move || rest.wait_out())),
+            // No runtime to wait for the grace: SIGKILL now (`Remnant::drop`).
+            Err(_) => drop(rest),
+        }
+    }
+}
+
+/// What is left of a group after SIGTERM, waiting out its grace without the
+/// handler's future. The unreaped child keeps its pid, and so the group id,
+/// from being reused; a group id is not reused either while any member of
+/// the group is alive, so the SIGKILL cannot reach an unrelated process.
+struct Remnant {
+    child: Child,
+    pgid: Pid,
+    deadline: Instant,
+    grace: Duration,
+    span: tracing::Span,
+    done: bool,
+}
+
+impl Remnant {
+    /// Whether the child was reaped and no live member of its group is left.
+    fn gone(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None)) && !has_live_member(self.pgid)
+    }
+
+    /// Polls until the group is gone or the grace is over (then `drop` sends
+    /// SIGKILL).
+    fn wait_out(mut self) {
+        loop {
+            if self.gone() {
+                self.done = true;
+                return;
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(GRACE_POLL));
+        }
+    }
+}
+
+/// Whether process group `pgid` has a member that is not a zombie. `killpg`
+/// with no signal also finds zombies, which no signal can touch and which
+/// stay until their new parent reaps them (late or, when the worker itself is
+/// PID 1 of a container, never), so a group it finds is looked at in `/proc`.
+fn has_live_member(pgid: Pid) -> bool {
+    if matches!(killpg(pgid, None), Err(Errno::ESRCH)) {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs.flatten().any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold anything but ')'
+        // is its last byte.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_ascii_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+        pgrp == Some(pgid.as_raw()) && !matches!(state, "Z" | "X")
+    })
+}
+
+impl Drop for Remnant {
+    fn drop(&mut self) {
+        if self.done || self.gone() {
+            return;
+        }
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+        tracing::warn!(
+            parent: &self.span,
+            pgid = self.pgid.as_raw(),
+            grace_s = self.grace.as_secs_f64(),
+            "exec process group still running after SIGTERM and its grace; sent SIGKILL"
+        );
+        // Reap the child if it goes at once; tokio's orphan queue does it otherwise.
+        for _ in 0..20 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
@@ -153,6 +485,175 @@ impl Handler for Exec {
     }
 }
 
+/// Writes the task JSON to the child's stdin and closes it.
+async fn write_stdin(stdin: Option<ChildStdin>, input: String) {
+    if let Some(mut stdin) = stdin {
+        // A child that ignores stdin closes the pipe early: not an error.
+        let _ = stdin.write_all(input.as_bytes()).await;
+        let _ = stdin.shutdown().await;
+    }
+}
+
+/// Reads stdout into `out`, keeping at most one byte past the cap (so an
+/// overflow shows) and discarding the rest, so the child never blocks on a
+/// full pipe.
+async fn read_stdout(stdout: Option<impl AsyncRead + Unpin>, out: &mut Vec<u8>) {
+    let Some(mut pipe) = stdout else { return };
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+        let room = (MAX_STDOUT_BYTES + 1).saturating_sub(out.len());
+        out.extend_from_slice(&buf[..n.min(room)]);
+    }
+}
+
+/// A child's stderr: logged line by line with the task id, within the caps,
+/// and its last lines kept for the error of a failed run. Untrusted output
+/// cannot flood the logs or the webhook.
+struct StderrLog {
+    task_id: String,
+    handler: String,
+    logged_bytes: usize,
+    logged_lines: usize,
+    suppressed_lines: u64,
+    suppressed_bytes: u64,
+    tail: VecDeque<String>,
+    tail_bytes: usize,
+}
+
+impl StderrLog {
+    fn new(task_id: String, handler: String) -> Self {
+        Self {
+            task_id,
+            handler,
+            logged_bytes: 0,
+            logged_lines: 0,
+            suppressed_lines: 0,
+            suppressed_bytes: 0,
+            tail: VecDeque::with_capacity(STDERR_TAIL),
+            tail_bytes: 0,
+        }
+    }
+
+    /// One line: its first bytes (at most [`STDERR_LINE_BYTES`]) and how many
+    /// more it had.
+    fn line(&mut self, kept: &[u8], more: u64) {
+        let (mut text, dropped) = utf8_prefix(kept);
+        let cut = more + dropped as u64;
+        if cut > 0 {
+            text.push_str(&format!(" … [line cut: {cut} more bytes]"));
+        }
+        let fits = self.suppressed_lines == 0
+            && self.logged_lines < STDERR_LOG_LINES
+            && self.logged_bytes + text.len() <= STDERR_LOG_BYTES;
+        if fits {
+            tracing::info!(
+                target: "worker::exec",
+                task_id = %self.task_id,
+                handler = %self.handler,
+                stderr = %text
+            );
+            self.logged_lines += 1;
+            self.logged_bytes += text.len();
+        } else {
+            self.suppressed_lines += 1;
+            self.suppressed_bytes += kept.len() as u64 + more + 1;
+        }
+        // Counted with the newline that joins it to the next.
+        self.tail_bytes += text.len() + 1;
+        self.tail.push_back(text);
+        while self.tail.len() > STDERR_TAIL
+            || (self.tail_bytes > STDERR_TAIL_BYTES && self.tail.len() > 1)
+        {
+            if let Some(old) = self.tail.pop_front() {
+                self.tail_bytes -= old.len() + 1;
+            }
+        }
+    }
+
+    /// The last lines, for the error of a failed run.
+    fn tail(&self) -> String {
+        self.tail
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for StderrLog {
+    /// The summary of what was not logged, on every way the run ends.
+    fn drop(&mut self) {
+        if self.suppressed_lines > 0 {
+            tracing::warn!(
+                target: "worker::exec",
+                task_id = %self.task_id,
+                handler = %self.handler,
+                "… {} more stderr lines ({} bytes) suppressed: at most {STDERR_LOG_LINES} lines \
+                 and {} KiB of a task's stderr are logged",
+                self.suppressed_lines,
+                self.suppressed_bytes,
+                STDERR_LOG_BYTES / 1024
+            );
+        }
+    }
+}
+
+/// `bytes` as text, and how many bytes at its end were dropped: a character
+/// cut in two by the line cap is dropped rather than shown as U+FFFD; other
+/// invalid bytes become U+FFFD.
+fn utf8_prefix(bytes: &[u8]) -> (String, usize) {
+    let end = match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        _ => bytes.len(),
+    };
+    (
+        String::from_utf8_lossy(&bytes[..end]).into_owned(),
+        bytes.len() - end,
+    )
+}
+
+/// Reads stderr line by line into `log`, never holding more than
+/// [`STDERR_LINE_BYTES`] of a line however long it is.
+async fn read_stderr(stderr: Option<impl AsyncRead + Unpin>, log: &mut StderrLog) {
+    let Some(pipe) = stderr else { return };
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::with_capacity(256);
+    let mut cut = 0u64;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buf) => buf,
+        };
+        let newline = buf.iter().position(|&b| b == b'\n');
+        let chunk = &buf[..newline.unwrap_or(buf.len())];
+        let room = STDERR_LINE_BYTES
+            .saturating_sub(line.len())
+            .min(chunk.len());
+        line.extend_from_slice(&chunk[..room]);
+        cut += (chunk.len() - room) as u64;
+        let used = newline.map_or(buf.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            if cut == 0 && line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            log.line(&line, cut);
+            line.clear();
+            cut = 0;
+        }
+    }
+    if !line.is_empty() || cut > 0 {
+        log.line(&line, cut);
+    }
+}
+
+/// How the wait for the child ended.
+enum End {
+    Exited(std::io::Result<ExitStatus>),
+    TimedOut,
+    Cancelled,
+}
+
 impl Exec {
     async fn run_child(&self, ctx: &TaskContext) -> Result<Value, HandlerError> {
         let spec = &self.spec;
@@ -162,8 +663,8 @@ impl Exec {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            .process_group(0);
+        die_with_worker(&mut cmd);
         for var in BASE_ENV
             .iter()
             .copied()
@@ -179,58 +680,39 @@ impl Exec {
         if let Some(dir) = &spec.working_dir {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|e| {
+        let child = spawn(cmd).await.map_err(|e| {
             HandlerError::transient(format!(
                 "cannot start `{}` for handler `{}`: {e} (check WORKER_HANDLERS_FILE and PATH)",
                 spec.command[0], self.name
             ))
         })?;
-        let _group = GroupGuard(child.id().and_then(|p| i32::try_from(p).ok()));
+        let grace = Duration::from_secs_f64(
+            spec.kill_grace_seconds
+                .unwrap_or(DEFAULT_KILL_GRACE_SECONDS),
+        );
+        let mut group = Group::new(child, grace);
+        let (stdin, stdout, stderr) = match group.child() {
+            Some(c) => (c.stdin.take(), c.stdout.take(), c.stderr.take()),
+            None => (None, None, None),
+        };
 
-        let stdin = child.stdin.take();
-        let input = ctx.task.to_json();
-        let writer = async move {
-            if let Some(mut stdin) = stdin {
-                // A child that ignores stdin closes the pipe early: not an error.
-                let _ = stdin.write_all(input.as_bytes()).await;
-                let _ = stdin.shutdown().await;
-            }
-        };
-        let stdout = child.stdout.take();
-        let reader = async move {
-            let mut buf = Vec::new();
-            if let Some(out) = stdout {
-                let mut limited = out.take(MAX_STDOUT_BYTES as u64 + 1);
-                let _ = limited.read_to_end(&mut buf).await;
-            }
-            buf
-        };
-        let stderr = child.stderr.take();
-        let task_id = ctx.task.task_id.clone();
-        let handler = self.name.clone();
-        let logger = async move {
-            let mut tail = VecDeque::with_capacity(STDERR_TAIL);
-            if let Some(err) = stderr {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!(target: "worker::exec", %task_id, handler = %handler, stderr = %line);
-                    if tail.len() == STDERR_TAIL {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            }
-            tail
-        };
+        let mut out = Vec::new();
+        let mut log = StderrLog::new(ctx.task.task_id.clone(), self.name.clone());
+        let mut io = Box::pin(async {
+            tokio::join!(
+                write_stdin(stdin, ctx.task.to_json()),
+                read_stdout(stdout, &mut out),
+                read_stderr(stderr, &mut log),
+            );
+        });
+        let mut io_done = false;
 
         // The task deadline is enforced by `execute`, which reports it as
-        // timed_out and drops this future (the group guard then kills the
+        // timed_out and drops this future (the group's `Drop` then stops the
         // children). A timer here for the same instant would race it and turn
         // some task timeouts into failures, so only a handler timeout stricter
         // than the deadline gets one.
-        let remaining = ctx
-            .deadline
-            .saturating_duration_since(std::time::Instant::now());
+        let remaining = ctx.deadline.saturating_duration_since(Instant::now());
         let limit = spec
             .timeout_seconds
             .map(Duration::from_secs_f64)
@@ -241,19 +723,56 @@ impl Exec {
                 None => std::future::pending::<()>().await,
             }
         };
-        let work = async {
-            let ((), out, tail, status) = tokio::join!(writer, reader, logger, child.wait());
-            (out, tail, status)
+        tokio::pin!(expired);
+        // Output is read all along, so a child never blocks on a full pipe,
+        // not even while it cleans up after SIGTERM.
+        let end = loop {
+            tokio::select! {
+                () = &mut io, if !io_done => io_done = true,
+                status = group.wait() => break End::Exited(status),
+                () = &mut expired => break End::TimedOut,
+                () = ctx.cancel.cancelled() => break End::Cancelled,
+            }
         };
-        let (out, tail, status) = tokio::select! {
-            r = work => r,
-            () = expired => {
+        let mut killed = false;
+        if !matches!(end, End::Exited(_)) {
+            let stop = group.stop();
+            tokio::pin!(stop);
+            killed = loop {
+                tokio::select! {
+                    () = &mut io, if !io_done => io_done = true,
+                    killed = &mut stop => break killed,
+                }
+            };
+        }
+        if !io_done && tokio::time::timeout(PIPE_DRAIN, &mut io).await.is_err() {
+            tracing::warn!(
+                handler = %self.name,
+                "the child exited but a process it started still holds its stdout or stderr; \
+                 stopped reading after {}s",
+                PIPE_DRAIN.as_secs_f64()
+            );
+        }
+        drop(io);
+
+        let status = match end {
+            End::Exited(status) => status,
+            End::TimedOut => {
                 let secs = limit.map_or(0.0, |l| l.as_secs_f64());
+                let how = if killed {
+                    format!(
+                        "SIGKILL: still running {}s after SIGTERM",
+                        grace.as_secs_f64()
+                    )
+                } else {
+                    "it exited on SIGTERM".to_owned()
+                };
                 return Err(HandlerError::transient(format!(
-                    "handler `{}` timed out after {secs:.1}s; its process group was killed", self.name
+                    "handler `{}` timed out after {secs:.1}s; its process group was killed ({how})",
+                    self.name
                 )));
             }
-            () = ctx.cancel.cancelled() => return Err(HandlerError::transient("cancelled")),
+            End::Cancelled => return Err(HandlerError::transient("cancelled")),
         };
         let status = status.map_err(|e| {
             HandlerError::transient(format!("waiting for `{}` failed: {e}", self.name))
@@ -264,15 +783,11 @@ impl Exec {
                 Some(c) => format!("exit status {c}"),
                 None => "killed by a signal".to_owned(),
             };
-            let tail: Vec<String> = tail.into_iter().collect();
+            let tail = log.tail();
             let message = if tail.is_empty() {
                 format!("handler `{}` failed with {what}", self.name)
             } else {
-                format!(
-                    "handler `{}` failed with {what}: {}",
-                    self.name,
-                    tail.join("\n")
-                )
+                format!("handler `{}` failed with {what}: {tail}", self.name)
             };
             let permanent = code.is_some_and(|c| spec.permanent_exit_codes.contains(&c));
             return Err(if permanent {
@@ -329,6 +844,128 @@ mod tests {
             .unwrap()
             .contains("bogus"));
         assert!(parse("[handlers.a]\ncommand = [\"x\"]\ntimeout_seconds = -1").is_err());
+    }
+
+    #[test]
+    fn numeric_settings_are_range_checked() {
+        for (line, field) in [
+            (
+                "timeout_seconds = 1e20",
+                "`timeout_seconds` = 100000000000000000000",
+            ),
+            ("timeout_seconds = 0", "`timeout_seconds` = 0"),
+            ("timeout_seconds = nan", "`timeout_seconds` = NaN"),
+            ("timeout_seconds = inf", "`timeout_seconds` = inf"),
+            ("kill_grace_seconds = -0.5", "`kill_grace_seconds` = -0.5"),
+            ("kill_grace_seconds = 61", "`kill_grace_seconds` = 61"),
+            (
+                "permanent_exit_codes = [2, 0]",
+                "`permanent_exit_codes` holds 0",
+            ),
+            (
+                "permanent_exit_codes = [256]",
+                "`permanent_exit_codes` holds 256",
+            ),
+        ] {
+            let e = parse(&format!("[handlers.h]\ncommand = [\"x\"]\n{line}"))
+                .err()
+                .unwrap_or_else(|| panic!("{line} was accepted"));
+            assert!(
+                e.starts_with("[handlers.h]: ") && e.contains(field) && e.contains("out of range"),
+                "{line}: {e}"
+            );
+        }
+        for line in [
+            "timeout_seconds = 31536000",
+            "timeout_seconds = 0.001",
+            "kill_grace_seconds = 0",
+            "kill_grace_seconds = 60",
+            "permanent_exit_codes = [1, 255]",
+        ] {
+            assert!(
+                parse(&format!("[handlers.h]\ncommand = [\"x\"]\n{line}")).is_ok(),
+                "{line} was refused"
+            );
+        }
+    }
+
+    /// The parent-death signal follows the thread that forked the child:
+    /// a child started while its task ran on a thread that then ended must
+    /// live on (see `die_with_worker`).
+    #[test]
+    fn children_outlive_the_thread_that_started_them() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("pid");
+        let script = format!(
+            "echo $$ > '{p}.tmp' && mv '{p}.tmp' '{p}'; exec sleep 30",
+            p = pid.display()
+        );
+        let h = handler(&format!(
+            "[handlers.s]\ncommand = [\"sh\", \"-c\", {script:?}]\ntimeout_seconds = 2"
+        ));
+        let c = ctx(Duration::from_secs(60));
+        let mut run = h.run(&c, &Value::Null);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                rt.block_on(async {
+                    tokio::select! {
+                        r = &mut run => panic!("ended early: {r:?}"),
+                        () = async {
+                            while !pid.exists() {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        } => {}
+                    }
+                });
+            })
+            .join()
+            .unwrap();
+        });
+        // Had the child died with that thread, it would be reported "killed by a signal".
+        let e = rt.block_on(run).unwrap_err();
+        assert!(e.message.contains("exited on SIGTERM"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn stderr_lines_and_tail_are_capped() {
+        let mut long = vec![b'a'; STDERR_LINE_BYTES - 1];
+        long.extend_from_slice("é and more".as_bytes()); // 'é' straddles the cap
+        let mut input = b"short\r\n".to_vec();
+        input.extend_from_slice(&long);
+        input.push(b'\n');
+        for i in 0..30 {
+            input.extend_from_slice(format!("{i}:{}\n", "z".repeat(400)).as_bytes());
+        }
+        input.extend_from_slice(b"no newline at the end");
+        let mut log = StderrLog::new("t".into(), "h".into());
+        read_stderr(Some(&input[..]), &mut log).await;
+        assert_eq!(log.logged_lines, 33, "every line fits the log caps");
+        let tail = log.tail();
+        assert!(tail.len() <= STDERR_TAIL_BYTES, "{}", tail.len());
+        assert!(tail.ends_with("\nno newline at the end"), "{tail}");
+        assert!(tail.starts_with("20:zz"), "the last lines that fit: {tail}");
+
+        let mut log = StderrLog::new("t".into(), "h".into());
+        read_stderr(Some(&long[..]), &mut log).await;
+        let expected = format!(
+            "{} … [line cut: {} more bytes]",
+            "a".repeat(STDERR_LINE_BYTES - 1),
+            long.len() - (STDERR_LINE_BYTES - 1)
+        );
+        assert_eq!(log.tail(), expected, "the cut 'é' is dropped, not U+FFFD");
+
+        let mut log = StderrLog::new("t".into(), "h".into());
+        let many = "x\n".repeat(STDERR_LOG_LINES + 5);
+        read_stderr(Some(many.as_bytes()), &mut log).await;
+        assert_eq!(
+            (log.logged_lines, log.suppressed_lines, log.suppressed_bytes),
+            (STDERR_LOG_LINES, 5, 10)
+        );
     }
 
     #[tokio::test]

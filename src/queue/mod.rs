@@ -113,9 +113,15 @@ impl StorageSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     /// `400 PopReceiptMismatch` or `404 MessageNotFound`: the message was
-    /// received again by someone else, or already deleted.
+    /// received again by someone else, or already deleted (`gone`).
     #[error("message lease lost: {detail}")]
-    LeaseLost { detail: String },
+    LeaseLost {
+        detail: String,
+        /// `404 MessageNotFound`: the message no longer exists. For a delete
+        /// whose first try's answer was lost (the SDK retries), this is the
+        /// earlier try having worked.
+        gone: bool,
+    },
     /// `404 QueueNotFound`.
     #[error("queue `{queue}` does not exist")]
     QueueNotFound { queue: String },
@@ -674,9 +680,13 @@ fn classify_error(
                 format!("{status_num} {code}")
             };
             match (*status, code) {
-                (StatusCode::BadRequest, "PopReceiptMismatch")
-                | (StatusCode::NotFound, "MessageNotFound") => QueueError::LeaseLost {
+                (StatusCode::BadRequest, "PopReceiptMismatch") => QueueError::LeaseLost {
                     detail: format!("{op} on `{queue}`: {what}"),
+                    gone: false,
+                },
+                (StatusCode::NotFound, "MessageNotFound") => QueueError::LeaseLost {
+                    detail: format!("{op} on `{queue}`: {what}"),
+                    gone: true,
                 },
                 (StatusCode::NotFound, "QueueNotFound") => QueueError::QueueNotFound {
                     queue: queue.to_owned(),
@@ -919,7 +929,11 @@ mod tests {
     #[test]
     fn transient_classification() {
         assert!(QueueError::Transient { detail: "x".into() }.is_transient());
-        assert!(!QueueError::LeaseLost { detail: "x".into() }.is_transient());
+        assert!(!QueueError::LeaseLost {
+            detail: "x".into(),
+            gone: false
+        }
+        .is_transient());
         assert!(!QueueError::Auth { detail: "x".into() }.is_transient());
     }
 }

@@ -33,11 +33,6 @@ cargo build --release --locked --quiet --bin worker --example queue-load
 BIN=${WORKER_BIN:-$ROOT/target/release/worker}
 LOAD=$ROOT/target/release/examples/queue-load
 
-AZ_BIN=$ROOT/tests/node_modules/.bin/azurite-queue
-if [ ! -x "$AZ_BIN" ]; then
-    (cd tests && npm ci --no-audit --no-fund --loglevel=error)
-fi
-
 WORK=$(mktemp -d)
 AZ_PID=
 # Never fails: under set -e a failing `wait` (143, Azurite's SIGTERM) would end
@@ -51,18 +46,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-: >"$WORK/azurite.log"
-"$AZ_BIN" --queueHost 127.0.0.1 --queuePort 0 --inMemoryPersistence --silent \
-    --disableTelemetry >"$WORK/azurite.log" 2>&1 &
-AZ_PID=$!
-PORT=
-for _ in $(seq 1 300); do
-    PORT=$(sed -n 's/.*successfully listens on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/azurite.log" | head -1)
-    [ -n "$PORT" ] && break
-    sleep 0.2
-done
-[ -n "$PORT" ] || { echo "Azurite did not start:" >&2; cat "$WORK/azurite.log" >&2; exit 1; }
-export AZURE_STORAGE_CONNECTION_STRING="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;QueueEndpoint=http://127.0.0.1:$PORT/devstoreaccount1"
+# shellcheck source=tests/bench/azurite.sh
+. "$ROOT/tests/bench/azurite.sh"
+start_azurite
 
 now_ns() { date +%s%N; }
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }

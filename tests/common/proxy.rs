@@ -1,7 +1,9 @@
 //! A TCP proxy on 127.0.0.1 in front of Azurite that can hold back the
 //! answer to a receive that brings messages, so a test can act (send SIGTERM)
-//! while the worker waits for an answer the service has already committed to.
-//! Azurite still does all the work; the proxy only delays bytes.
+//! while the worker waits for an answer the service has already committed to,
+//! or lose the answer to a delete the service has already carried out (the
+//! connection is cut instead), so the client's retry meets the consequence.
+//! Azurite still does all the work; the proxy only delays or drops bytes.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -15,6 +17,7 @@ const MESSAGES_MARKER: &[u8] = b"<MessageText>";
 pub struct Proxy {
     port: u16,
     armed: Arc<AtomicBool>,
+    drop_delete: Arc<AtomicBool>,
     hold: Arc<Mutex<Duration>>,
     held: mpsc::Receiver<()>,
 }
@@ -25,9 +28,10 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local_addr").port();
         let armed = Arc::new(AtomicBool::new(false));
+        let drop_delete = Arc::new(AtomicBool::new(false));
         let hold = Arc::new(Mutex::new(Duration::ZERO));
         let (tx, held) = mpsc::channel();
-        let (a, h) = (armed.clone(), hold.clone());
+        let (a, h, d) = (armed.clone(), hold.clone(), drop_delete.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -38,14 +42,20 @@ impl Proxy {
                     client.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
                 );
-                std::thread::spawn(move || pump(client, server, None));
+                // Set when this connection carries the delete whose answer is lost.
+                let cut = Arc::new(AtomicBool::new(false));
+                let (d, cut2) = (d.clone(), cut.clone());
+                std::thread::spawn(move || pump(client, server, None, Some((d, cut2))));
                 let (a, h, tx) = (a.clone(), h.clone(), tx.clone());
-                std::thread::spawn(move || pump(s2, c2, Some((a, h, tx))));
+                std::thread::spawn(move || {
+                    pump(s2, c2, Some((a, h, tx)), Some((Arc::default(), cut)))
+                });
             }
         });
         Self {
             port,
             armed,
+            drop_delete,
             hold,
             held,
         }
@@ -68,6 +78,12 @@ impl Proxy {
         self.armed.store(true, Ordering::SeqCst);
     }
 
+    /// Cuts the connection instead of forwarding the answer to the next
+    /// DELETE request (Azurite has carried it out by then).
+    pub fn lose_next_delete_answer(&self) {
+        self.drop_delete.store(true, Ordering::SeqCst);
+    }
+
     /// Waits until an answer with messages is being held.
     pub fn wait_held(&self, timeout: Duration) -> bool {
         self.held.recv_timeout(timeout).is_ok()
@@ -75,14 +91,28 @@ impl Proxy {
 }
 
 type Hold = (Arc<AtomicBool>, Arc<Mutex<Duration>>, mpsc::Sender<()>);
+/// (armed: cut the next delete's answer, this connection is being cut).
+type Cut = (Arc<AtomicBool>, Arc<AtomicBool>);
 
-fn pump(mut from: TcpStream, mut to: TcpStream, hold: Option<Hold>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, hold: Option<Hold>, cut: Option<Cut>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some((armed, cutting)) = &cut {
+            // Requests: mark the connection that carries the armed delete.
+            if buf[..n].starts_with(b"DELETE ") && armed.swap(false, Ordering::SeqCst) {
+                cutting.store(true, Ordering::SeqCst);
+            }
+            // Answers: on a marked connection, drop it instead of forwarding.
+            if hold.is_some() && cutting.load(Ordering::SeqCst) {
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+        }
         if let Some((armed, delay, held)) = &hold {
             let chunk = &buf[..n];
             if chunk
