@@ -16,33 +16,9 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::egress::{EgressPolicy, HostRule};
+use crate::queue::{tasks_queue, validate_queue_name, webhooks_queue, StorageSettings};
+pub use crate::secret::Secret;
 use crate::webhook::{RetryPolicy, SigningSecret};
-
-/// A string that must never be printed.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_owned()))
-    }
-}
 
 const AFTER_HELP: &str = "\
 Modes:
@@ -370,6 +346,31 @@ fn nonneg_secs(s: &str) -> Result<f64, String> {
 }
 
 impl Options {
+    /// The storage settings, empty values counting as unset (an empty
+    /// variable in a container template is how "not set" often looks).
+    pub fn storage(&self) -> StorageSettings {
+        fn nonempty(s: &Option<String>) -> Option<String> {
+            s.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        }
+        StorageSettings {
+            connection_string: self
+                .connection_string
+                .clone()
+                .filter(|s| !s.expose().trim().is_empty()),
+            queue_endpoint: nonempty(&self.queue_endpoint),
+            account: nonempty(&self.storage_account),
+            managed_identity_client_id: nonempty(&self.managed_identity_client_id),
+        }
+    }
+
+    /// The queues the configuration names (see [`queues`]).
+    pub fn queues(&self) -> Result<Vec<QueueNames>, String> {
+        queues(self)
+    }
+
     pub fn task_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.task_timeout)
     }
@@ -443,6 +444,74 @@ impl Options {
     }
 }
 
+/// A queue the worker consumes, and the client it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueNames {
+    pub client: Option<String>,
+    pub queue: String,
+}
+
+impl QueueNames {
+    /// The webhook outbox: `<client>-webhooks`, or `<queue>-webhooks` for a
+    /// `WORKER_QUEUE_NAME` without a client.
+    pub fn outbox(&self) -> Result<String, String> {
+        webhooks_queue(self.client.as_deref().unwrap_or(&self.queue))
+            .map_err(|e| format!("WORKER_CLIENT / WORKER_QUEUE_NAME: {e}"))
+    }
+}
+
+/// The queues the configuration names: `<client>-tasks` for each client in
+/// `WORKER_CLIENT`, or `WORKER_QUEUE_NAME` (with at most one client).
+pub fn queues(opts: &Options) -> Result<Vec<QueueNames>, String> {
+    let mut clients: Vec<String> = Vec::new();
+    for c in opts
+        .clients
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+    {
+        if !clients.iter().any(|seen| seen == c) {
+            clients.push(c.to_owned());
+        }
+    }
+    if let Some(q) = opts
+        .queue_name
+        .as_deref()
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+    {
+        validate_queue_name(q).map_err(|e| format!("WORKER_QUEUE_NAME: {e}"))?;
+        if clients.len() > 1 {
+            return Err(format!(
+                "WORKER_QUEUE_NAME names one queue but WORKER_CLIENT lists {} clients; \
+                 set one client or unset WORKER_QUEUE_NAME",
+                clients.len()
+            ));
+        }
+        return Ok(vec![QueueNames {
+            client: clients.pop(),
+            queue: q.to_owned(),
+        }]);
+    }
+    if clients.is_empty() {
+        return Err(
+            "no queue configured: set WORKER_CLIENT (--client) to use <client>-tasks, \
+             or WORKER_QUEUE_NAME to name the queue"
+                .into(),
+        );
+    }
+    clients
+        .into_iter()
+        .map(|c| {
+            let queue = tasks_queue(&c).map_err(|e| format!("WORKER_CLIENT: {e}"))?;
+            Ok(QueueNames {
+                client: Some(c),
+                queue,
+            })
+        })
+        .collect()
+}
+
 /// One environment variable the binary reads.
 #[derive(Debug, serde::Serialize)]
 pub struct EnvVar {
@@ -499,6 +568,62 @@ pub fn env_vars() -> Vec<EnvVar> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_from_options_ignore_empty_values() {
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--connection-string",
+            " ",
+            "--storage-account",
+            "acme",
+            "--managed-identity-client-id",
+            "",
+        ])
+        .unwrap();
+        let s = cli.opts.storage();
+        assert!(s.connection_string.is_none());
+        assert_eq!(s.account.as_deref(), Some("acme"));
+        assert!(s.managed_identity_client_id.is_none());
+        assert!(s.is_configured());
+    }
+
+    fn opts(args: &[&str]) -> Options {
+        let mut v = vec!["worker"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap().opts
+    }
+
+    #[test]
+    fn queues_from_clients_and_queue_name() {
+        let t = queues(&opts(&["--client", "acme,beta,acme"])).unwrap();
+        assert_eq!(
+            t.iter().map(|t| t.queue.as_str()).collect::<Vec<_>>(),
+            ["acme-tasks", "beta-tasks"]
+        );
+        let t = queues(&opts(&["--queue-name", "jobs", "--client", "acme"])).unwrap();
+        assert_eq!(
+            t,
+            [QueueNames {
+                client: Some("acme".into()),
+                queue: "jobs".into()
+            }]
+        );
+        let e = queues(&opts(&[])).unwrap_err();
+        assert!(
+            e.contains("WORKER_CLIENT") && e.contains("WORKER_QUEUE_NAME"),
+            "{e}"
+        );
+        let e = queues(&opts(&["--queue-name", "jobs", "--client", "a1,b1"])).unwrap_err();
+        assert!(e.contains("one client"), "{e}");
+        let e = queues(&opts(&["--client", "Acme"])).unwrap_err();
+        assert!(
+            e.contains("WORKER_CLIENT") && e.contains("lowercase"),
+            "{e}"
+        );
+        let e = queues(&opts(&["--queue-name", "x"])).unwrap_err();
+        assert!(e.contains("WORKER_QUEUE_NAME"), "{e}");
+    }
 
     #[test]
     fn cli_is_well_formed() {

@@ -33,10 +33,10 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::execute::{Outcome, Status};
-use crate::exporter::names;
 use crate::handler::Retry;
 pub use crate::lease::Settlement;
 use crate::lease::{Lease, Settled};
+use crate::metrics as names;
 use crate::outbox::Outbox;
 use crate::queue::{Message, Queue};
 use crate::task;
@@ -472,14 +472,14 @@ async fn run(
         .app
         .run(task.clone(), msg.dequeue_count, task_cancel)
         .await;
-    let then = match outcome.status {
+    let then = match outcome.status() {
         Status::Succeeded => Then::Delete,
         Status::Cancelled => {
             Then::Release("task cancelled by shutdown; message released for another worker")
         }
-        Status::Failed | Status::TimedOut if outcome.retry == Retry::Permanent => {
+        Status::Failed | Status::TimedOut if outcome.is_permanent() => {
             tracing::error!(
-                error = outcome.error.as_deref().unwrap_or_default(),
+                error = outcome.error().unwrap_or_default(),
                 "permanent failure; moving message to the poison queue"
             );
             Then::Poison
@@ -499,9 +499,9 @@ async fn run(
         event: matches!(then, Then::Delete | Then::Poison).then(|| event_for(&outcome)),
         webhook: task.webhook_url.clone(),
         then,
-        status: outcome.status,
+        status: outcome.status(),
         task_type: metric_label(consumer, &task.task_type),
-        duration: Some(outcome.duration),
+        duration: Some(outcome.duration()),
     }
 }
 

@@ -258,9 +258,57 @@ fn is_public_v6(a: Ipv6Addr) -> bool {
         || seg[..6].iter().all(|s| *s == 0)) // IPv4-compatible (deprecated)
 }
 
+// ---- HTTP helpers shared by the webhook notifier and the `http` handler ----
+
+/// A URL for logs: scheme, host, port and path, never query or credentials
+/// (backends sometimes put tokens there).
+pub fn redact_url(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    if u.query().is_some() {
+        u.set_query(Some("redacted"));
+    }
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// `Display` of an error and its causes on one line (reqwest's top-level
+/// message alone rarely says what failed).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_in_logs_lose_query_and_credentials() {
+        let u = Url::parse("https://user:pw@h.example/p?token=abc#f").unwrap();
+        assert_eq!(redact_url(&u), "https://h.example/p?redacted");
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

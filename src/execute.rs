@@ -10,63 +10,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::handler::{Retry, TaskContext};
+pub use crate::outcome::{Outcome, Status};
 use crate::registry::Registry;
 use crate::task::Task;
-
-/// How a run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Succeeded,
-    Failed,
-    TimedOut,
-    /// Shutdown or a signal stopped the task before it finished. Single-task
-    /// mode reports it as `failed` with error `cancelled`; the poller releases
-    /// the message for another worker instead of reporting anything.
-    Cancelled,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Succeeded => "succeeded",
-            Status::Failed => "failed",
-            Status::TimedOut => "timed_out",
-            Status::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// The result of one attempt at one task.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
-    pub status: Status,
-    /// The handler's result when it succeeded.
-    pub result: Option<Value>,
-    /// What went wrong, when it did not.
-    pub error: Option<String>,
-    /// Whether another attempt could succeed (meaningful for `Failed`).
-    pub retry: Retry,
-    pub duration: Duration,
-}
-
-impl Outcome {
-    pub fn failed(error: impl Into<String>, retry: Retry, duration: Duration) -> Self {
-        Self {
-            status: Status::Failed,
-            result: None,
-            error: Some(error.into()),
-            retry,
-            duration,
-        }
-    }
-}
 
 /// Runs `task` with its registered handler under `timeout`, stopping early
 /// when `cancel` fires. Never panics and never outlives `timeout` by more than
@@ -116,14 +66,10 @@ pub async fn execute(
                 Ok(_) | Err(_) => {}
             }
             join.abort();
-            let outcome = Outcome {
-                status: Status::Cancelled,
-                result: None,
-                error: Some("cancelled".into()),
-                retry: Retry::Transient,
+            let outcome = Outcome::Cancelled {
                 duration: started.elapsed(),
             };
-            tracing::warn!(duration_ms = outcome.duration.as_millis() as u64, "task cancelled");
+            tracing::warn!(duration_ms = outcome.duration().as_millis() as u64, "task cancelled");
             return outcome;
         }
     };
@@ -133,29 +79,11 @@ pub async fn execute(
             task_cancel.cancel();
             join.abort();
             let _ = join.await;
-            Outcome {
-                status: Status::TimedOut,
-                result: None,
-                error: Some(format!("timed out after {}s", timeout.as_secs_f64())),
-                retry: Retry::Transient,
-                duration,
-            }
+            Outcome::TimedOut { timeout }
         }
-        Some(Ok(Ok(result))) => Outcome {
-            status: Status::Succeeded,
-            result: Some(result),
-            error: None,
-            retry: Retry::Transient,
-            duration,
-        },
+        Some(Ok(Ok(result))) => Outcome::Succeeded { result, duration },
         // The handler saw the shutdown before `select!` did.
-        Some(Ok(Err(_))) if cancel.is_cancelled() => Outcome {
-            status: Status::Cancelled,
-            result: None,
-            error: Some("cancelled".into()),
-            retry: Retry::Transient,
-            duration,
-        },
+        Some(Ok(Err(_))) if cancel.is_cancelled() => Outcome::Cancelled { duration },
         Some(Ok(Err(e))) => Outcome::failed(e.message, e.retry, duration),
         Some(Err(join_error)) => {
             let what = if join_error.is_panic() {
@@ -167,13 +95,13 @@ pub async fn execute(
         }
     };
     let duration_ms = duration.as_millis() as u64;
-    match outcome.status {
+    match outcome.status() {
         Status::Succeeded => tracing::info!(duration_ms, "task succeeded"),
-        _ => tracing::warn!(
+        status => tracing::warn!(
             duration_ms,
-            status = outcome.status.as_str(),
-            error = outcome.error.as_deref().unwrap_or_default(),
-            permanent = outcome.retry == Retry::Permanent,
+            status = status.as_str(),
+            error = outcome.error().unwrap_or_default(),
+            permanent = outcome.is_permanent(),
             "task did not succeed"
         ),
     }
@@ -184,7 +112,7 @@ pub async fn execute(
 mod tests {
     use super::*;
     use crate::egress::EgressPolicy;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn task(t: &str, payload: Value) -> Arc<Task> {
         Arc::new(Task {
@@ -210,8 +138,8 @@ mod tests {
             &CancellationToken::new(),
         )
         .await;
-        assert_eq!(o.status, Status::Succeeded);
-        assert_eq!(o.result, Some(json!({"a":1})));
+        assert_eq!(o.status(), Status::Succeeded);
+        assert_eq!(o.result(), Some(&json!({"a":1})));
     }
 
     #[tokio::test]
@@ -224,9 +152,9 @@ mod tests {
             &CancellationToken::new(),
         )
         .await;
-        assert_eq!(o.status, Status::Failed);
-        assert_eq!(o.retry, Retry::Permanent);
-        assert!(o.error.unwrap().contains("unknown task type `nope`"));
+        assert_eq!(o.status(), Status::Failed);
+        assert!(o.is_permanent());
+        assert!(o.error().unwrap().contains("unknown task type `nope`"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -239,7 +167,7 @@ mod tests {
             &CancellationToken::new(),
         )
         .await;
-        assert_eq!(o.status, Status::TimedOut);
+        assert_eq!(o.status(), Status::TimedOut);
     }
 
     #[tokio::test(start_paused = true)]
@@ -258,7 +186,7 @@ mod tests {
             &cancel,
         )
         .await;
-        assert_eq!(o.status, Status::Cancelled);
+        assert_eq!(o.status(), Status::Cancelled);
     }
 
     #[tokio::test]
@@ -271,7 +199,7 @@ mod tests {
             &CancellationToken::new(),
         )
         .await;
-        assert_eq!(o.status, Status::Failed);
-        assert_eq!(o.error.as_deref(), Some("boom"));
+        assert_eq!(o.status(), Status::Failed);
+        assert_eq!(o.error().as_deref(), Some("boom"));
     }
 }

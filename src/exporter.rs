@@ -23,19 +23,7 @@ use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-/// Metric names, in one place so docs and dashboards can rely on them.
-pub mod names {
-    pub const TASKS: &str = "worker_tasks_total";
-    pub const TASK_DURATION: &str = "worker_task_duration_seconds";
-    pub const IN_FLIGHT: &str = "worker_tasks_in_flight";
-    pub const RECEIVED: &str = "worker_messages_received_total";
-    pub const RENEWALS: &str = "worker_lease_renewals_total";
-    pub const LEASES_LOST: &str = "worker_leases_lost_total";
-    pub const POISONED: &str = "worker_messages_poisoned_total";
-    pub const WEBHOOKS: &str = "worker_webhook_deliveries_total";
-    pub const QUEUE_ERRORS: &str = "worker_queue_errors_total";
-    pub const OUTBOX_DEPTH: &str = "worker_webhook_outbox_depth";
-}
+use crate::metrics as names;
 
 /// Liveness of the receive loop, shared between the poller and `/healthz`.
 #[derive(Debug)]
@@ -132,6 +120,10 @@ fn describe() {
         "Webhook notifications by result (delivered, failed, refused)"
     );
     describe_counter!(names::QUEUE_ERRORS, "Failed queue calls");
+    describe_gauge!(
+        names::OUTBOX_DEPTH,
+        "Entries in a webhook outbox (approximate, sampled every 30 s)"
+    );
 }
 
 async fn accept_loop(

@@ -9,11 +9,13 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: flags and env vars (clap), redacted secrets, the env-var listing.
+//! - [`secret`]: `Secret`, a string whose `Debug` is redacted (a leaf).
+//! - [`config`]: flags and env vars (clap), the storage settings built from them, the env-var listing.
 //! - [`task`]: the task envelope; decoding plain or base64 JSON, with errors that name the field.
 //! - [`handler`]: the `Handler` trait, `TaskContext`, `HandlerError` (transient vs permanent).
 //! - [`registry`]: `task_type` → handler; built-ins plus the operator's exec handlers.
 //! - [`handlers`]: `echo`, `sleep`, `fail`, `http`, and exec handlers (child processes).
+//! - [`outcome`]: how one attempt ended (`Outcome`, `Status`); a leaf every mode shares.
 //! - [`execute`]: the only place a handler runs: lookup, timeout, cancellation, panics.
 //! - [`egress`]: where task-supplied URLs may go (no metadata service, no private hosts).
 //! - [`webhook`]: Standard Webhooks delivery: stable ids, signing, the in-process attempts.
@@ -25,7 +27,9 @@
 //! - [`ops`]: operator commands on the queues: `enqueue`, `check`, `poison list|replay`.
 //! - [`lease`]: a received message's lease: renewal, the newest pop receipt, delete / release / retry / poison.
 //! - [`consumer`]: one received message: run, report (deliver or outbox), settle; shared by poller and job mode.
-//! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown) and job mode.
+//! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown).
+//! - [`job`]: job mode: one leased message per execution, then the due outbox entries.
+//! - [`metrics`]: metric names (a leaf shared by what counts and what serves).
 //! - [`exporter`]: Prometheus `/metrics` and `/healthz` for polling mode.
 //! - [`telemetry`]: tracing setup, text or JSON lines.
 
@@ -38,12 +42,16 @@ pub mod exporter;
 pub mod gate;
 pub mod handler;
 pub mod handlers;
+pub mod job;
 pub mod lease;
+pub mod metrics;
 pub mod ops;
 pub mod outbox;
+pub mod outcome;
 pub mod poller;
 pub mod queue;
 pub mod registry;
+pub mod secret;
 pub mod single;
 pub mod task;
 pub mod telemetry;

@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 use worker::app::App;
 use worker::config::{Cli, Command, Mode, Options, PollArgs, RunArgs};
 use worker::consumer::{Consumer, Settings, Settlement, Stats, Target};
-use worker::execute::Status;
 use worker::exporter::{self, Health};
 use worker::outbox::{self, DrainConfig, DrainStats, Outbox};
-use worker::queue::{self, QueueService, StorageSettings};
+use worker::outcome::Status;
+use worker::queue::{self, QueueService};
 use worker::registry::Registry;
 use worker::task::MAX_TASK_BYTES;
 use worker::webhook::Notifier;
-use worker::{poller, single, telemetry};
+use worker::{job, poller, single, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::try_parse().unwrap_or_else(|e| with_env_tip(e).exit());
@@ -193,7 +193,8 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
                 anyhow::anyhow!("job mode consumes exactly one queue, but {} are configured (WORKER_CLIENT)", t.len())
             })?;
             let queue = target.queue.name().to_owned();
-            return match poller::job(consumer, target).await {
+            let job = within_budget(job::run(consumer, target), &shutdown);
+            return match job.await? {
                 Ok(None) => {
                     tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
                     Ok(ExitCode::SUCCESS)
@@ -233,30 +234,19 @@ fn cfg_queues(targets: &[Target]) -> Vec<&str> {
 /// Builds the queue targets from `WORKER_CLIENT` / `WORKER_QUEUE_NAME` and
 /// creates missing queues. Configuration mistakes exit 2 naming the setting.
 async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
-    let service = match QueueService::new(&StorageSettings::from_options(opts)) {
+    let service = match QueueService::new(&opts.storage()) {
         Ok(s) => s,
         Err(e) => usage_error(e.to_string()),
     };
-    let names = match worker::ops::targets(opts) {
+    let names = match opts.queues() {
         Ok(t) => t,
         Err(e) => usage_error(e),
     };
     tracing::info!(storage = %service.describe(), "queue service");
     let mut targets = Vec::new();
-    for worker::ops::Target {
-        client,
-        queue: name,
-    } in names
-    {
-        let outbox_name = match (worker::ops::Target {
-            client: client.clone(),
-            queue: name.clone(),
-        })
-        .outbox()
-        {
-            Ok(n) => n,
-            Err(e) => usage_error(e),
-        };
+    for names in names {
+        let outbox_name = names.outbox().unwrap_or_else(|e| usage_error(e));
+        let (client, name) = (names.client, names.queue);
         let outbox = outbox_for(&service, &outbox_name, opts)?;
         let queue = service.queue(&name)?;
         let poison = service.queue(&queue::names::poison_queue(&name))?;
@@ -334,17 +324,38 @@ async fn run_leased(
         app,
         settings(opts),
         Arc::new(Stats::default()),
-        shutdown,
+        shutdown.clone(),
         1,
     ));
     let queue = target.queue.name().to_owned();
-    let p = single::run_leased(consumer, target, handed, raw)
-        .await
+    let p = within_budget(single::run_leased(consumer, target, handed, raw), &shutdown)
+        .await?
         .map_err(|e| anyhow::Error::new(e).context(format!("message on {queue}")))?;
     if let Some(event) = &p.event {
         println!("{}", serde_json::to_string(event)?);
     }
     Ok(exit_code(&p))
+}
+
+/// Runs `fut`; once `shutdown` fires it gets [`job::ONE_MESSAGE_SHUTDOWN_BUDGET`]
+/// more, then the worker gives up (exit 1): what is not settled by then
+/// reappears when its lease expires.
+async fn within_budget<T>(
+    fut: impl std::future::Future<Output = T>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<T> {
+    tokio::pin!(fut);
+    tokio::select! {
+        out = &mut fut => return Ok(out),
+        () = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(job::ONE_MESSAGE_SHUTDOWN_BUDGET, fut).await {
+        Ok(out) => Ok(out),
+        Err(_) => anyhow::bail!(
+            "not settled within {}s of the signal; the message reappears when its lease expires",
+            job::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs()
+        ),
+    }
 }
 
 /// Job mode and held single tasks: 0 only for a success whose message is gone.
@@ -378,13 +389,14 @@ fn outbox_for(service: &QueueService, name: &str, opts: &Options) -> anyhow::Res
 /// client's outbox, when storage and a client are configured; otherwise the
 /// reason there is none.
 fn single_outbox(opts: &Options) -> Result<Outbox, String> {
-    let settings = StorageSettings::from_options(opts);
+    let settings = opts.storage();
     if !settings.is_configured() {
         return Err("no storage settings (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with a managed identity)".into());
     }
     let made = (|| -> anyhow::Result<Outbox> {
         let service = QueueService::new(&settings)?;
-        let target = worker::ops::targets(opts)
+        let target = opts
+            .queues()
             .map_err(anyhow::Error::msg)?
             .into_iter()
             .next()
@@ -431,9 +443,14 @@ fn usage_error(msg: String) -> ! {
         .exit()
 }
 
+/// A handlers file that cannot be used is a configuration error: exit 2,
+/// naming WORKER_HANDLERS_FILE and the offending handler and field.
 fn build_registry(opts: &Options) -> anyhow::Result<Registry> {
-    Registry::standard(&opts.egress(), opts.handlers_file.as_deref())
-        .context("cannot build the handler registry")
+    match Registry::standard(&opts.egress(), opts.handlers_file.as_deref()) {
+        Ok(r) => Ok(r),
+        Err(e @ worker::registry::RegistryError::HandlersFile(_)) => usage_error(e.to_string()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot build the handler registry")),
+    }
 }
 
 /// The task for `worker run`: --task, --task-file (or `-` for stdin), else TASK_DATA.

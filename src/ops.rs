@@ -13,12 +13,8 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use crate::config::{Command, EnqueueArgs, Options, PoisonCommand, ReplayArgs};
-use crate::queue::names::webhooks_queue;
-use crate::queue::{
-    poison_queue, tasks_queue, validate_queue_name, Queue, QueueError, QueueService,
-    StorageSettings, MAX_BATCH,
-};
+use crate::config::{Command, EnqueueArgs, Options, PoisonCommand, QueueNames, ReplayArgs};
+use crate::queue::{poison_queue, Queue, QueueError, QueueService, MAX_BATCH};
 use crate::registry::Registry;
 use crate::task;
 
@@ -43,76 +39,8 @@ pub enum OpsError {
     Output(#[from] std::io::Error),
 }
 
-/// A queue the worker consumes, and the client it belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub client: Option<String>,
-    pub queue: String,
-}
-
-impl Target {
-    /// The webhook outbox: `<client>-webhooks`, or `<queue>-webhooks` for a
-    /// `WORKER_QUEUE_NAME` without a client.
-    pub fn outbox(&self) -> Result<String, String> {
-        webhooks_queue(self.client.as_deref().unwrap_or(&self.queue))
-            .map_err(|e| format!("WORKER_CLIENT / WORKER_QUEUE_NAME: {e}"))
-    }
-}
-
-/// The queues the configuration names: `<client>-tasks` for each client in
-/// `WORKER_CLIENT`, or `WORKER_QUEUE_NAME` (with at most one client).
-pub fn targets(opts: &Options) -> Result<Vec<Target>, String> {
-    let mut clients: Vec<String> = Vec::new();
-    for c in opts
-        .clients
-        .iter()
-        .map(|c| c.trim())
-        .filter(|c| !c.is_empty())
-    {
-        if !clients.iter().any(|seen| seen == c) {
-            clients.push(c.to_owned());
-        }
-    }
-    if let Some(q) = opts
-        .queue_name
-        .as_deref()
-        .map(str::trim)
-        .filter(|q| !q.is_empty())
-    {
-        validate_queue_name(q).map_err(|e| format!("WORKER_QUEUE_NAME: {e}"))?;
-        if clients.len() > 1 {
-            return Err(format!(
-                "WORKER_QUEUE_NAME names one queue but WORKER_CLIENT lists {} clients; \
-                 set one client or unset WORKER_QUEUE_NAME",
-                clients.len()
-            ));
-        }
-        return Ok(vec![Target {
-            client: clients.pop(),
-            queue: q.to_owned(),
-        }]);
-    }
-    if clients.is_empty() {
-        return Err(
-            "no queue configured: set WORKER_CLIENT (--client) to use <client>-tasks, \
-             or WORKER_QUEUE_NAME to name the queue"
-                .into(),
-        );
-    }
-    clients
-        .into_iter()
-        .map(|c| {
-            let queue = tasks_queue(&c).map_err(|e| format!("WORKER_CLIENT: {e}"))?;
-            Ok(Target {
-                client: Some(c),
-                queue,
-            })
-        })
-        .collect()
-}
-
-fn single_target(opts: &Options, command: &str) -> Result<Target, OpsError> {
-    let mut all = targets(opts).map_err(OpsError::Usage)?;
+fn single_target(opts: &Options, command: &str) -> Result<QueueNames, OpsError> {
+    let mut all = opts.queues().map_err(OpsError::Usage)?;
     if all.len() != 1 {
         return Err(OpsError::Usage(format!(
             "`worker {command}` works on one client, but WORKER_CLIENT (--client) lists {}; pass exactly one --client",
@@ -123,7 +51,7 @@ fn single_target(opts: &Options, command: &str) -> Result<Target, OpsError> {
 }
 
 fn service(opts: &Options) -> Result<QueueService, OpsError> {
-    Ok(QueueService::new(&StorageSettings::from_options(opts))?)
+    Ok(QueueService::new(&opts.storage())?)
 }
 
 /// Runs one of the queue commands; `Ok(false)` means "exit 1".
@@ -229,7 +157,7 @@ pub async fn check(opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError
             .map_err(|e| e.to_string()),
     )?;
 
-    let settings = StorageSettings::from_options(opts);
+    let settings = opts.storage();
     let service = match QueueService::new(&settings) {
         Ok(s) => {
             line(out, "storage", Ok(s.describe()))?;
@@ -241,7 +169,7 @@ pub async fn check(opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError
         }
     };
 
-    let targets = match targets(opts) {
+    let targets = match opts.queues() {
         Ok(t) => t,
         Err(e) => {
             line(out, "queues", Err(e))?;
@@ -334,7 +262,7 @@ fn task_fields(text: &str) -> String {
 
 /// The queue poisoned messages come back to, and the poison queue itself:
 /// the tasks queue, or with `webhooks` the outbox.
-fn replay_pair(target: &Target, webhooks: bool) -> Result<(String, String), OpsError> {
+fn replay_pair(target: &QueueNames, webhooks: bool) -> Result<(String, String), OpsError> {
     let home = if webhooks {
         target.outbox().map_err(OpsError::Usage)?
     } else {
@@ -541,44 +469,6 @@ async fn replay_scan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    fn opts(args: &[&str]) -> Options {
-        let mut v = vec!["worker"];
-        v.extend_from_slice(args);
-        crate::config::Cli::try_parse_from(v).unwrap().opts
-    }
-
-    #[test]
-    fn targets_from_clients_and_queue_name() {
-        let t = targets(&opts(&["--client", "acme,beta,acme"])).unwrap();
-        assert_eq!(
-            t.iter().map(|t| t.queue.as_str()).collect::<Vec<_>>(),
-            ["acme-tasks", "beta-tasks"]
-        );
-        let t = targets(&opts(&["--queue-name", "jobs", "--client", "acme"])).unwrap();
-        assert_eq!(
-            t,
-            [Target {
-                client: Some("acme".into()),
-                queue: "jobs".into()
-            }]
-        );
-        let e = targets(&opts(&[])).unwrap_err();
-        assert!(
-            e.contains("WORKER_CLIENT") && e.contains("WORKER_QUEUE_NAME"),
-            "{e}"
-        );
-        let e = targets(&opts(&["--queue-name", "jobs", "--client", "a1,b1"])).unwrap_err();
-        assert!(e.contains("one client"), "{e}");
-        let e = targets(&opts(&["--client", "Acme"])).unwrap_err();
-        assert!(
-            e.contains("WORKER_CLIENT") && e.contains("lowercase"),
-            "{e}"
-        );
-        let e = targets(&opts(&["--queue-name", "x"])).unwrap_err();
-        assert!(e.contains("WORKER_QUEUE_NAME"), "{e}");
-    }
 
     #[test]
     fn envelope_is_validated() {

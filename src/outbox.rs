@@ -32,9 +32,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use url::Url;
 
+use crate::egress::redact_url;
 use crate::lease::{send_creating, settle_call};
 use crate::queue::{Message, Queue, QueueError, MAX_BATCH};
-use crate::webhook::{count, redact_url, results, AttemptError, Event, Notifier, WebhookError};
+use crate::webhook::{count, results, AttemptError, Event, Notifier, WebhookError};
 
 /// Largest entry, as the service counts it (XML-escaped): queue messages
 /// hold 64 KiB.
@@ -274,7 +275,7 @@ pub async fn run(
         if poll.depth_at <= Instant::now() {
             poll.depth_at = Instant::now() + DEPTH_EVERY;
             if let Ok(depth) = poll.outbox.queue.approximate_count().await {
-                ::metrics::gauge!(crate::exporter::names::OUTBOX_DEPTH, "queue" => poll.outbox.queue.name().to_owned())
+                ::metrics::gauge!(crate::metrics::OUTBOX_DEPTH, "queue" => poll.outbox.queue.name().to_owned())
                     .set(depth as f64);
             }
         }
@@ -448,14 +449,11 @@ async fn give_up(outbox: &Outbox, msg: &Message, entry: &Entry, text: &str, stat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::execute::{Outcome, Status};
+    use crate::outcome::Outcome;
 
     fn event(result: serde_json::Value) -> Event {
-        let outcome = Outcome {
-            status: Status::Succeeded,
-            result: Some(result),
-            error: None,
-            retry: crate::handler::Retry::Transient,
+        let outcome = Outcome::Succeeded {
+            result,
             duration: Duration::from_millis(5),
         };
         Event::from_outcome("t1", "echo", Some("acme"), 2, &outcome)

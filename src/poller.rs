@@ -1,4 +1,4 @@
-//! Polling mode (and, with a different stop condition, job mode).
+//! Polling mode.
 //!
 //! The loop receives batches from each client queue in turn and hands every
 //! message to [`consumer::process_message`] in its own task. It never holds a
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::consumer::{self, Consumer, Processed, RunSlot, Stats, Target};
+use crate::consumer::{self, Consumer, RunSlot, Stats, Target};
 use crate::exporter::Health;
 use crate::outbox::{self, DrainConfig};
 use crate::queue::QueueError;
@@ -40,6 +40,12 @@ pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(10);
 /// stays within WORKER_SHUTDOWN_GRACE plus a few seconds whatever is running
 /// (the platforms' kill budgets are checked against this in tests/infra.rs).
 pub const SETTLE_MARGIN: Duration = Duration::from_secs(4);
+/// From SIGTERM to exit in job mode and for a held single task: the task is
+/// cancelled at once (execute gives it 2 s), webhook requests in flight are
+/// given up and handed to the outbox, and settling gets [`SETTLE_MARGIN`].
+/// Container Apps' default termination grace (30 s) covers it with room
+/// (tests/infra.rs).
+pub const ONE_MESSAGE_SHUTDOWN_BUDGET: Duration = Duration::from_secs(2 + SETTLE_MARGIN.as_secs());
 /// Least time a receive in flight at shutdown gets to bring its answer.
 const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 
@@ -384,51 +390,6 @@ async fn summary_loop(stats: Arc<Stats>, every: Duration, stop: CancellationToke
         );
         last = (now.ran(), Instant::now());
     }
-}
-
-/// Outbox entries a job-mode execution delivers after its task.
-pub const JOB_OUTBOX_ENTRIES: u64 = 32;
-
-/// Job mode: lease at most one message, settle it, then deliver up to
-/// [`JOB_OUTBOX_ENTRIES`] due outbox entries (so executions started for the
-/// outbox do its work too). `Ok(None)` means the tasks queue was empty.
-pub async fn job(consumer: Arc<Consumer>, target: Target) -> Result<Option<Processed>, QueueError> {
-    let received = target
-        .queue
-        .receive(1, consumer.settings.visibility_timeout)
-        .await;
-    let processed = match received {
-        Ok(mut messages) => match messages.pop() {
-            Some(msg) => Some(
-                consumer::process_message(
-                    consumer.clone(),
-                    target.clone(),
-                    msg,
-                    consumer.shutdown.clone(),
-                    RunSlot::none(),
-                )
-                .await,
-            ),
-            None => None,
-        },
-        Err(e) => return Err(e),
-    };
-    if !consumer.shutdown.is_cancelled() {
-        let drained = outbox::run(
-            consumer.app.notifier.clone(),
-            vec![target.outbox.clone()],
-            DrainConfig {
-                max_in_flight: JOB_OUTBOX_ENTRIES as usize,
-                max_poll_interval: Duration::from_secs(1),
-                exit_when_empty: true,
-                max_entries: Some(JOB_OUTBOX_ENTRIES),
-            },
-            consumer.shutdown.clone(),
-        )
-        .await;
-        tracing::debug!(?drained, "outbox entries handled");
-    }
-    Ok(processed)
 }
 
 #[cfg(test)]

@@ -40,7 +40,9 @@ impl Registry {
         handlers_file: Option<&Path>,
     ) -> Result<Self, RegistryError> {
         let mut registry = Self::new();
-        handlers::register_builtins(&mut registry, egress)?;
+        for (name, handler) in handlers::builtins(egress) {
+            registry.register(name, handler)?;
+        }
         if let Some(path) = handlers_file {
             for (name, handler) in handlers::exec::load(path)? {
                 registry.register(name, handler)?;

@@ -28,13 +28,13 @@ use tracing::Instrument;
 use url::Url;
 
 use crate::app::App;
-use crate::config::Secret;
 use crate::consumer::{self, Consumer, Processed, RunSlot, Target};
 use crate::execute::{Outcome, Status};
 use crate::handler::Retry;
 use crate::lease::settle_call;
 use crate::outbox::Outbox;
 use crate::queue::{Message, QueueError};
+use crate::secret::Secret;
 use crate::task;
 use crate::webhook::{count, results, Event};
 
@@ -90,7 +90,7 @@ pub async fn run(
         );
         report(app, task.webhook_url.as_ref(), &event, outbox, &shutdown).await;
         Report {
-            succeeded: outcome.status == Status::Succeeded,
+            succeeded: outcome.status() == Status::Succeeded,
             event,
         }
     }

@@ -332,3 +332,32 @@ async fn job_mode_executions_also_deliver_due_outbox_entries() {
     assert_eq!(id_of(&later), id_of(&first));
     wait_empty(&outbox(az, &c), "the outbox").await;
 }
+
+/// SIGTERM while a webhook request hangs: the request is given up when the
+/// shutdown budget ends, the outcome goes to the outbox (due at once), the
+/// task message is settled, and the worker exits long before the webhook
+/// timeout. `finish_within` only catches a hang: the budget is a few seconds.
+#[tokio::test]
+async fn a_hanging_webhook_does_not_hold_the_exit() {
+    let az = Azurite::shared();
+    for mode in ["poll", "job"] {
+        let c = Client::new(az, &format!("hang-exit-{mode}")).await;
+        let rx = Receiver::start([Reply::status(200).delay(Duration::from_secs(300))]);
+        c.send_task(&task("t-hang", "echo", json!({}), Some(&hook(&rx))))
+            .await;
+        let w = c
+            .worker()
+            .arg(mode)
+            .env("WORKER_SHUTDOWN_GRACE", "1")
+            .env("WORKER_WEBHOOK_TIMEOUT", "250")
+            .spawn();
+        let first = rx.recv(ARRIVAL).expect("the delivery starts");
+        w.signal(Signal::SIGTERM);
+        let out = w.finish_within(Duration::from_secs(60));
+        out.assert_code(0);
+        let text = wait_visible(&outbox(az, &c), "the handed-over outcome").await;
+        let entry: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(entry["webhook_id"], id_of(&first), "{mode}");
+        wait_empty(&c.tasks, "the task message").await;
+    }
+}

@@ -266,8 +266,8 @@ fn an_absurd_timeout_is_refused_at_start() {
         .task(&json!({"task_id": "t-big", "task_type": "big"}))
         .spawn()
         .finish_within(BOUND);
-    // The same exit as any other invalid handlers file (tests/single.rs).
-    out.assert_code(1);
+    // A configuration error, like any other invalid handlers file (tests/single.rs).
+    out.assert_code(2);
     assert!(out.stdout.is_empty(), "no task ran: {}", out.describe());
     for needle in [
         "WORKER_HANDLERS_FILE",

@@ -320,6 +320,23 @@ fn decorator_arguments(decorators: Node, src: &str) -> BTreeMap<String, Value> {
     out
 }
 
+/// Whether `param NAME` in FILE carries `@secure()` (a decorator without
+/// arguments, which `param_decorators` does not keep).
+fn param_is_secure(file: &str, name: &str) -> bool {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file))
+        .unwrap_or_else(|e| panic!("cannot read {file}: {e}"));
+    let lines: Vec<&str> = src.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("param {name} ")))
+        .unwrap_or_else(|| panic!("{file}: no param {name}"));
+    lines[..at]
+        .iter()
+        .rev()
+        .take_while(|l| l.starts_with('@'))
+        .any(|l| l.trim() == "@secure()")
+}
+
 fn first_error(node: Node, src: &str) -> String {
     if node.is_error() || node.is_missing() {
         let p = node.start_position();
@@ -503,6 +520,7 @@ const FILES: &[&str] = &[
     "infra/modules/keyvault.bicep",
     "infra/modules/monitoring.bicep",
     "infra/modules/container-group.bicep",
+    "infra/modules/dashboard.bicep",
 ];
 
 /// One `{ name, value | secureValue }` entry of a container's environment.
@@ -659,10 +677,12 @@ fn logic_app_passes_the_message_text_as_task_data() {
         1,
         "the Logic App sets TASK_DATA once: {task_data:?}"
     );
+    // A secure value: a plain one is returned by every read of the group, so
+    // Reader on the resource group would read every task's payload.
     assert_eq!(
-        task_data[0].value.as_ref().and_then(Value::literal),
+        task_data[0].secure_value.as_ref().and_then(Value::literal),
         Some(MESSAGE_TEXT_EXPRESSION),
-        "TASK_DATA must be the raw message text"
+        "TASK_DATA must be the raw message text, as a secureValue"
     );
 
     // The manual template passes its taskData parameter the same way.
@@ -672,8 +692,17 @@ fn logic_app_passes_the_message_text_as_task_data() {
         .filter(|e| e.file == "infra/modules/container-group.bicep" && e.name == "TASK_DATA")
         .collect();
     assert_eq!(direct.len(), 1);
-    assert_eq!(direct[0].value, Some(Value::Expr("taskData".into())));
+    assert_eq!(direct[0].secure_value, Some(Value::Expr("taskData".into())));
     assert!(group.params.contains_key("taskData"));
+    for file in [
+        "infra/modules/container-group.bicep",
+        "infra/aci/worker-container.bicep",
+    ] {
+        assert!(
+            param_is_secure(file, "taskData"),
+            "{file}: param taskData must be @secure()"
+        );
+    }
 
     // One run per message, and the message is what the trigger hands over.
     let definition = trigger_definition();
@@ -939,7 +968,7 @@ fn key_vault_entry_names_map_environment_variables() {
             };
             // The message's coordinates are secure too, but come from the
             // trigger (checked in logic_app_hands_the_message_to_the_group).
-            if MESSAGE_COORDINATES.iter().any(|(var, _)| *var == name) {
+            if MESSAGE_COORDINATES.iter().any(|(var, _)| *var == name) || name == "TASK_DATA" {
                 continue;
             }
             let action = format!("Get_{name}");
@@ -979,6 +1008,10 @@ fn key_vault_entry_names_map_environment_variables() {
         let Some(Value::Expr(param)) = &entry.secure_value else {
             continue;
         };
+        // The task itself is secure too, but is the caller's, not the vault's.
+        if entry.name == "TASK_DATA" {
+            continue;
+        }
         let passed = params
             .get(param)
             .unwrap_or_else(|| panic!("worker-container.bicep passes no `{param}`"));
@@ -1375,6 +1408,7 @@ fn deliver_workflow_peeks_the_outbox_and_starts_worker_deliver() {
             ("resourceGroup".to_owned(), "launcherRole.id".to_owned()),
             ("outboxQueue".to_owned(), by_id("queueDataReaderRoleId")),
             ("webhookSecretEntry".to_owned(), by_id("secretsUserRoleId")),
+            ("workerIdentity".to_owned(), by_id("identityOperatorRoleId")),
         ])
     );
     // Storage Queue Data Reader (read and peek messages).
@@ -2384,8 +2418,11 @@ fn abnormal_ends_are_reported_and_alerted() {
         );
     }
     let rules = bicep.resources_of("Microsoft.Insights/scheduledQueryRules");
-    assert_eq!(rules.len(), 1);
-    let rule = &rules[0].body;
+    let rule = &rules
+        .iter()
+        .find(|r| r.symbol == "abnormalEndsAlert")
+        .expect("abnormalEndsAlert")
+        .body;
     assert_eq!(
         rule.at(&["properties", "scopes"]).items(),
         [Value::Expr("workspace.id".into())]
@@ -3162,4 +3199,497 @@ fn every_kill_budget_covers_the_shutdown_budget() {
     );
     assert_eq!(duration_secs("1min 30s"), 90.0);
     assert_eq!(duration_secs("45s"), 45.0);
+}
+
+/// Container Apps sends SIGTERM, then SIGKILL after the replica's
+/// termination grace: 30 s unless the template sets another (Microsoft's
+/// ContainerApp Template model: "Defaults to 30 seconds"). Job mode cancels
+/// its task at once and must be out well within that.
+#[test]
+fn the_container_apps_kill_budget_covers_job_mode_shutdown() {
+    const DEFAULT_TERMINATION_GRACE_SECS: u64 = 30;
+    let budget = worker::job::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs() + 1;
+    for file in [
+        "infra/containerapps/job.bicep",
+        "infra/containerapps/main.bicep",
+    ] {
+        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let grace = text
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix("terminationGracePeriodSeconds:"))
+            .map_or(DEFAULT_TERMINATION_GRACE_SECS, |v| {
+                v.trim().parse().expect("a literal number of seconds")
+            });
+        assert!(
+            grace >= budget,
+            "{file}: termination grace {grace}s is below job mode's shutdown budget of {budget}s"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What Azure refuses on a first or a later deployment (issue: the first
+// deployment must succeed, and the tenth must too).
+
+/// The longest client name every template accepts (`@maxLength` of `client`).
+const LONGEST_CLIENT: usize = 20;
+/// `uniqueString()` always returns 13 characters.
+const UNIQUE_STRING_LEN: usize = 13;
+/// A resource group name is at most 90 characters.
+const RESOURCE_GROUP_NAME_MAX: usize = 90;
+
+/// The longest text a name expression can produce for a 20-character
+/// client: literals count as written, `${...}` parts by what they can hold.
+fn longest(bicep: &Bicep, v: &Value) -> usize {
+    match v {
+        Value::Str { text, .. } => {
+            let mut len = 0;
+            let mut rest = text.as_str();
+            while let Some(start) = rest.find("${") {
+                len += rest[..start].chars().count();
+                let end = rest[start..].find('}').expect("closed interpolation") + start;
+                len += longest_expr(bicep, &rest[start + 2..end]);
+                rest = &rest[end + 1..];
+            }
+            len + rest.chars().count()
+        }
+        Value::Expr(e) => longest_expr(bicep, e),
+        other => panic!("cannot size {other:?}"),
+    }
+}
+
+fn longest_expr(bicep: &Bicep, expr: &str) -> usize {
+    let expr = expr.trim();
+    if let Some(args) = expr.strip_prefix("take(").and_then(|a| a.strip_suffix(')')) {
+        let (inner, n) = args.rsplit_once(',').expect("take(x, n)");
+        let n: usize = n.trim().parse().expect("literal take length");
+        return longest_expr(bicep, inner).min(n);
+    }
+    if expr.starts_with("uniqueString(") {
+        return UNIQUE_STRING_LEN;
+    }
+    if expr == "resourceGroup().name" {
+        return RESOURCE_GROUP_NAME_MAX;
+    }
+    if expr == "client" || expr == "replace(client, '-', '')" {
+        return LONGEST_CLIENT;
+    }
+    if expr.starts_with('\'') {
+        return expr.trim_matches('\'').chars().count();
+    }
+    if let Some(v) = bicep.vars.get(expr) {
+        return longest(bicep, v);
+    }
+    if let Some(Some(v)) = bicep.params.get(expr) {
+        return longest(bicep, v);
+    }
+    panic!("{}: cannot size `{expr}`", bicep.file.display())
+}
+
+#[test]
+fn names_fit_azure_limits_for_the_longest_client() {
+    // Name lengths: "Naming rules and restrictions for Azure resources"
+    // (learn.microsoft.com/azure/azure-resource-manager/management/resource-name-rules);
+    // Container Apps jobs: "Jobs in Azure Container Apps" (2-32 characters).
+    for file in ["infra/aci/main.bicep", "infra/containerapps/main.bicep"] {
+        let main = Bicep::load(file);
+        match main
+            .param_decorators
+            .get("client")
+            .and_then(|d| d.get("maxLength"))
+        {
+            Some(Value::Num(n)) => assert_eq!(*n as usize, LONGEST_CLIENT, "{file}"),
+            other => panic!("{file}: client @maxLength {other:?}"),
+        }
+        for (var, limit) in [
+            ("storageAccountName", 24),
+            ("keyVaultName", 24),
+            ("registryName", 50),
+            ("workspaceName", 63),
+        ] {
+            let len = longest(&main, main.var(var));
+            assert!(
+                len <= limit,
+                "{file}: {var} may be {len} characters, Azure takes {limit}"
+            );
+        }
+        // Storage accounts, vaults and registries are globally unique: the
+        // whole 13-character suffix must survive, the client is what gets cut.
+        for var in ["storageAccountName", "keyVaultName", "registryName"] {
+            let text = main.var(var).template().unwrap_or_else(|| {
+                panic!("{file}: {var} must be an interpolated string, not cut as a whole")
+            });
+            assert!(text.ends_with("${suffix}"), "{file}: {var} = {text}");
+        }
+        assert!(format!("{:?}", main.var("suffix"))
+            .contains("uniqueString(resourceGroup().id, client)"));
+        let identity = main
+            .modules
+            .iter()
+            .find(|m| m.path == "../modules/identity.bicep")
+            .expect("identity module");
+        assert!(longest(&main, identity.body.at(&["params", "name"])) <= 128);
+    }
+    let jobs = Bicep::load("infra/containerapps/main.bicep");
+    assert!(
+        longest(&jobs, jobs.var("jobName")) <= 32,
+        "Container Apps job name over 32"
+    );
+    assert!(longest(&jobs, jobs.var("environmentName")) <= 60);
+
+    let logic = Bicep::load(LOGIC_APP);
+    for workflow in logic.resources_of("Microsoft.Logic/workflows") {
+        let len = longest(&logic, workflow.body.at(&["name"]));
+        assert!(
+            len <= 80,
+            "workflow {} may be {len} characters",
+            workflow.symbol
+        );
+    }
+    assert!(longest(&logic, logic.var("deliverGroupName")) <= 63);
+    let storage = Bicep::load("infra/modules/storage.bicep");
+    for var in [
+        "tasksQueueName",
+        "poisonQueueName",
+        "webhooksQueueName",
+        "webhooksPoisonQueueName",
+    ] {
+        assert!(longest(&storage, storage.var(var)) <= 63, "{var}");
+    }
+}
+
+#[test]
+fn redeployments_keep_what_azure_will_not_change() {
+    // A budget's start date cannot be updated ("Start date of budgets cannot
+    // be updated", Consumption Budgets - Create Or Update): no template may
+    // default it to a value that moves, such as utcNow().
+    for file in FILES {
+        let bicep = Bicep::load(file);
+        if let Some(default) = bicep.params.get("budgetStartDate") {
+            assert!(
+                default.is_none(),
+                "{file}: budgetStartDate defaults to {default:?}; it must be set once and kept"
+            );
+        }
+    }
+    let monitoring = Bicep::load("infra/modules/monitoring.bicep");
+    let budget = &monitoring.resources_of("Microsoft.Consumption/budgets")[0].body;
+    assert_eq!(
+        budget.at(&["properties", "timePeriod", "startDate"]),
+        &Value::Expr("budgetStartDate".into())
+    );
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/aci/README.md"))
+            .expect("README");
+    assert!(
+        readme.contains("budgetStartDate"),
+        "the ACI README says how to set budgetStartDate once"
+    );
+
+    // The custom role's name is unique in the tenant and at most 128
+    // characters ("Custom role properties", learn.microsoft.com/azure/
+    // role-based-access-control/custom-roles): the resource group's name
+    // repeats across subscriptions, the hash of its id does not.
+    let logic = Bicep::load(LOGIC_APP);
+    let role = &logic.resources_of("Microsoft.Authorization/roleDefinitions")[0].body;
+    let role_name = role.at(&["properties", "roleName"]);
+    assert!(
+        role_name
+            .template()
+            .is_some_and(|t| t.contains("${uniqueString(resourceGroup().id)}")),
+        "roleName {role_name:?} must hold the hash of the resource group id"
+    );
+    assert!(
+        longest(&logic, role_name) <= 128,
+        "roleName may exceed 128 characters"
+    );
+
+    // A rollout is a redeployment: it must not switch intake off.
+    let main = Bicep::load("infra/aci/main.bicep");
+    for file in [&main, &logic] {
+        assert_eq!(
+            file.param_default("triggerState").literal(),
+            Some("Enabled"),
+            "{}: triggerState must default to Enabled",
+            file.file.display()
+        );
+    }
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/aci/main.parameters.example.json"),
+    )
+    .expect("example parameters");
+    assert!(
+        !example.contains("\"Disabled\""),
+        "the example parameter file must not disable the trigger on every redeployment"
+    );
+    // ... and when intake stalls anyway, an alert says so.
+    let cleanup = workflow_definition("cleanup");
+    let peek = cleanup.action("Peek_tasks");
+    assert!(peek
+        .at(&["inputs", "uri"])
+        .template()
+        .is_some_and(|u| u.contains("${tasksQueueName}/messages?peekonly=true")));
+    let if_backlog = cleanup.action("If_backlog");
+    assert!(action_names(if_backlog.at(&["actions"])).contains("Report_backlog"));
+    let query = logic
+        .var("backlogQuery")
+        .template()
+        .expect("backlogQuery text")
+        .to_owned();
+    assert!(query.contains("\"Report_backlog\""));
+    let alert = logic
+        .resources_of("Microsoft.Insights/scheduledQueryRules")
+        .into_iter()
+        .find(|r| r.symbol == "backlogAlert")
+        .expect("backlogAlert");
+    assert_eq!(
+        alert.body.at(&["properties", "criteria", "allOf"]).items()[0].at(&["query"]),
+        &Value::Expr("backlogQuery".into())
+    );
+    let readers: Vec<&Resource> = logic
+        .resources_of("Microsoft.Authorization/roleAssignments")
+        .into_iter()
+        .filter(|r| r.body.get("scope") == Some(&Value::Expr("tasksQueue".into())))
+        .collect();
+    assert_eq!(
+        readers.len(),
+        1,
+        "the cleanup reads the tasks queue, and only it"
+    );
+    assert_eq!(
+        readers[0].body.at(&["properties", "principalId"]),
+        &Value::Expr("cleanup.identity.principalId".into())
+    );
+
+    // The creation tag is ISO 8601 on both sides, which ticks() parses.
+    let manual = Bicep::load("infra/aci/worker-container.bicep");
+    assert_eq!(
+        manual.param_default("createdAt"),
+        &Value::Expr("utcNow('o')".into())
+    );
+    let definition = trigger_definition();
+    let tags = format!(
+        "{:?}",
+        definition
+            .action("Create_group")
+            .at(&["inputs", "body", "tags"])
+    );
+    assert!(tags.contains("'worker-created': '@{utcNow()}'"), "{tags}");
+}
+
+#[test]
+fn workflows_hold_least_privilege() {
+    let logic = Bicep::load(LOGIC_APP);
+    // The launcher role touches container groups only; attaching an identity
+    // is granted on the worker identity alone (Managed Identity Operator).
+    let role = format!(
+        "{:?}",
+        logic.resources_of("Microsoft.Authorization/roleDefinitions")[0].body
+    );
+    assert!(
+        !role.contains("userAssignedIdentities"),
+        "the launcher role must not assign identities: {role}"
+    );
+    for needed in [
+        "locations/operations/read",
+        "locations/operationResults/read",
+    ] {
+        assert!(
+            role.contains(needed),
+            "the trigger waits for a 202 delete: {needed}"
+        );
+    }
+    let assignments = logic.resources_of("Microsoft.Authorization/roleAssignments");
+    let on = |scope: &str| -> BTreeSet<String> {
+        assignments
+            .iter()
+            .filter(|r| r.body.get("scope") == Some(&Value::Expr(scope.into())))
+            .map(|r| format!("{:?}", r.body.at(&["properties", "principalId"])))
+            .collect()
+    };
+    assert_eq!(
+        on("workerIdentity"),
+        BTreeSet::from([
+            format!("{:?}", Value::Expr("trigger.identity.principalId".into())),
+            format!("{:?}", Value::Expr("deliver.identity.principalId".into())),
+        ])
+    );
+    // The trigger reads the secrets it passes, one assignment per secret,
+    // never the whole vault (which holds the storage connection string).
+    assert!(on("vault").is_empty(), "no workflow reads the whole vault");
+    assert_eq!(
+        on("triggerSecretEntries[i]"),
+        BTreeSet::from([format!(
+            "{:?}",
+            Value::Expr("trigger.identity.principalId".into())
+        )])
+    );
+    let names = format!("{:?}", logic.var("triggerSecretNames"));
+    let definition = trigger_definition();
+    let mut all = Vec::new();
+    actions_in(definition.at(&["actions"]), &mut all);
+    let reads: BTreeSet<&str> = all
+        .iter()
+        .filter_map(|(n, _)| n.strip_prefix("Get_"))
+        .collect();
+    assert!(!reads.is_empty());
+    for var in &reads {
+        assert!(
+            names.contains(&format!("vaultEntryNames.{var}")),
+            "{var} read but not granted"
+        );
+    }
+    assert!(!names.contains("AZURE_STORAGE_CONNECTION_STRING"));
+
+    // The cleanup does not wait for asynchronous deletes, and every request
+    // of it and of the drain has an explicit retry policy inside inputs.
+    let cleanup = workflow_definition("cleanup");
+    assert_eq!(
+        cleanup
+            .action("Delete_group")
+            .get("operationOptions")
+            .and_then(Value::literal),
+        Some("DisableAsyncPattern")
+    );
+    for symbol in ["cleanup", "deliver"] {
+        let definition = workflow_definition(symbol);
+        let mut all = Vec::new();
+        actions_in(definition.at(&["actions"]), &mut all);
+        for (name, action) in &all {
+            if matches!(
+                action.at(&["type"]).literal(),
+                Some("Http" | "ApiConnection")
+            ) {
+                assert!(
+                    resolve(&logic, action.at(&["inputs"]))
+                        .get("retryPolicy")
+                        .is_some(),
+                    "{symbol}: {name} has no retryPolicy inside inputs"
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The task dashboard reads what the binary writes.
+
+/// Every key path of a JSON value (`span.task_type`), objects only.
+fn key_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let serde_json::Value::Object(map) = v {
+        for (k, child) in map {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.insert(path.clone());
+            key_paths(child, &path, out);
+        }
+    }
+}
+
+#[test]
+fn dashboard_queries_read_what_the_binary_writes() {
+    // Real JSON lines: one task that succeeds, one that fails, in the mode
+    // the ACI groups run (single-task; Container Apps' job mode logs the same
+    // lines through the same execute::execute).
+    let mut paths = BTreeSet::new();
+    let mut messages = BTreeSet::new();
+    for task in [
+        r#"{"task_id":"dash-1","task_type":"echo","payload":{"n":1}}"#,
+        r#"{"task_id":"dash-2","task_type":"fail","payload":{"message":"boom"}}"#,
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TASK_DATA", task)
+            .env("WORKER_LOG_FORMAT", "json")
+            .arg("run")
+            .output()
+            .expect("run the worker");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        for line in text.lines().filter(|l| l.starts_with('{')) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            key_paths(&v, "", &mut paths);
+            if let Some(m) = v.get("message").and_then(|m| m.as_str()) {
+                messages.insert(m.to_owned());
+            }
+        }
+    }
+    assert!(messages.contains("task succeeded") && messages.contains("task did not succeed"));
+
+    // Message texts the two runs cannot produce (they need a queue) must be
+    // tracing messages in the source, word for word.
+    let mut source = String::new();
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("src")).expect("src")
+    {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            source += &std::fs::read_to_string(path).expect("source");
+        }
+    }
+
+    let dashboard = Bicep::load("infra/modules/dashboard.bicep");
+    let queries: Vec<(&String, &str)> = dashboard
+        .vars
+        .iter()
+        .filter(|(name, _)| name.ends_with("Query"))
+        .map(|(name, v)| (name, v.template().expect("query text")))
+        .collect();
+    assert!(queries.len() >= 5, "the dashboard has its queries");
+    let mut checked = 0;
+    for (name, query) in &queries {
+        // Every `log.<path>` is a field the binary writes.
+        for (i, _) in query.match_indices("log.") {
+            let before = query[..i].chars().last().unwrap_or(' ');
+            if before.is_alphanumeric() || before == '_' {
+                continue;
+            }
+            let field: String = query[i + 4..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+                .collect();
+            let field = field.trim_end_matches('.');
+            assert!(
+                paths.contains(field),
+                "{name}: log.{field} is not a field of the worker's JSON lines ({paths:?})"
+            );
+            checked += 1;
+        }
+        // Every message text compared with log.message is one it writes.
+        let marker = "tostring(log.message) in (";
+        if let Some(at) = query.find(marker) {
+            let rest = &query[at + marker.len()..];
+            let list = &rest[..rest.find(')').expect("closed list")];
+            for text in list.split(',').map(|t| t.trim().trim_matches('"')) {
+                assert!(
+                    messages.contains(text) || source.contains(&format!("\"{text}\"")),
+                    "{name}: the worker never logs {text:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 10, "only {checked} references checked");
+
+    // The lines come from the tables both paths write, with the same columns
+    // the READMEs' queries use; both deployments include the dashboard.
+    let lines = dashboard.var("linesQuery").template().expect("linesQuery");
+    assert!(lines.contains("ContainerInstanceLog_CL | project TimeGenerated, Line = Message"));
+    assert!(lines.contains("ContainerAppConsoleLogs_CL | project TimeGenerated, Line = Log_s"));
+    for file in ["infra/aci/main.bicep", "infra/containerapps/main.bicep"] {
+        let main = Bicep::load(file);
+        assert_eq!(
+            main.module("../modules/dashboard.bicep")
+                .body
+                .at(&["params", "workspaceId"]),
+            &Value::Expr("monitoring.outputs.workspaceId".into()),
+            "{file}"
+        );
+    }
 }

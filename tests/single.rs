@@ -764,7 +764,7 @@ fn invalid_handlers_file_is_reported() {
         .env("WORKER_HANDLERS_FILE", &handlers)
         .task(&json!({"task_id": "t", "task_type": "echo"}))
         .run();
-    out.assert_code(1);
+    out.assert_code(2);
     assert!(
         out.stderr.contains("WORKER_HANDLERS_FILE") && out.stderr.contains("[handlers.x]"),
         "{}",

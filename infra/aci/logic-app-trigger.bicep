@@ -92,8 +92,8 @@ param actionGroupId string
   'Enabled'
   'Disabled'
 ])
-@description('State of the queue trigger and of the outbox drain. Start Disabled until the first image is in the registry.')
-param triggerState string = 'Disabled'
+@description('State of the queue trigger and of the outbox drain. Enabled, so that every redeployment (an image rollout) keeps intake on; pass Disabled explicitly for the very first deployment, before an image exists.')
+param triggerState string = 'Enabled'
 
 @minValue(10)
 param triggerIntervalSeconds int = 30
@@ -117,6 +117,10 @@ param deliverIntervalMinutes int = 5
 @minValue(1)
 param finishedRetentionHours int = 2
 
+@description('The hourly cleanup reports a backlog (and alert-<client>-worker-backlog fires) when a visible task message was inserted more than this many minutes ago: intake is stalled (trigger disabled or failing).')
+@minValue(15)
+param backlogAlertMinutes int = 60
+
 @description('Groups still pending or running this long after their creation are stopped by the cleanup workflow (never deleted): the trigger replaces them as a failed attempt.')
 @minValue(2)
 param maxGroupAgeHours int = 12
@@ -135,6 +139,14 @@ var queueApiVersion = '2021-08-06'
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 var queueDataReaderRoleId = '19e7f393-937e-4f77-808e-94535e297925'
 var secretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
+// Managed Identity Operator (built-in role: read and assign user-assigned identities).
+var identityOperatorRoleId = 'f1a07417-d97a-45cb-824c-7a7467783830'
+// The Key Vault entries the trigger passes to a task group.
+var triggerSecretNames = [
+  vaultEntryNames.WORKER_WEBHOOK_SECRET
+  vaultEntryNames.SUPABASE_KEY
+  vaultEntryNames.OPENAI_API_KEY
+]
 var groupsUrl = '${environment().resourceManager}subscriptions/${subscription().subscriptionId}/resourceGroups/${resourceGroup().name}/providers/Microsoft.ContainerInstance/containerGroups'
 var armAuth = {
   type: 'ManagedServiceIdentity'
@@ -162,6 +174,15 @@ var shortRetry = {
   count: 1
   interval: 'PT5S'
   maximumInterval: 'PT5S'
+}
+// The drain and cleanup workflows' requests: nothing there races a
+// visibility timeout, so three retries, 10 s apart and growing. Inside `inputs`, where the
+// Workflow Definition Language reads a retry policy ("Retry policies" in
+// learn.microsoft.com/azure/logic-apps/logic-apps-exception-handling).
+var backgroundRetry = {
+  type: 'exponential'
+  count: 3
+  interval: 'PT10S'
 }
 // Only on the poison path: a settled message is the worker's to delete.
 var deleteMessageInputs = {
@@ -206,6 +227,14 @@ AzureDiagnostics
           state = trackedProperties_state_s, exit_code = trackedProperties_exitCode_s,
           detail = trackedProperties_detail_s, verdict = trackedProperties_verdict_s
 '''
+var backlogQuery = '''
+AzureDiagnostics
+| where ResourceProvider == "MICROSOFT.LOGIC" and Category == "WorkflowRuntime"
+| where OperationName has "workflowActionCompleted"
+| where resource_actionName_s == "Report_backlog" and status_s == "Succeeded"
+| project TimeGenerated, workflow = resource_workflowName_s, queue = trackedProperties_queue_s,
+          visible = trackedProperties_visible_s, oldest = trackedProperties_oldest_s
+'''
 var workerTags = {
   'managed-by': 'worker-task'
   'worker-client': client
@@ -218,6 +247,11 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
 resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' existing = {
   parent: storage
   name: 'default'
+}
+
+resource tasksQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
+  parent: queueService
+  name: tasksQueueName
 }
 
 // Created by the storage module (and by the worker when missing).
@@ -233,6 +267,16 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
 resource webhookSecretEntry 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
   parent: vault
   name: vaultEntryNames.WORKER_WEBHOOK_SECRET
+}
+
+resource triggerSecretEntries 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = [for name in triggerSecretNames: {
+  parent: vault
+  name: name
+}]
+
+// The runtime identity of the groups (identityId is its resource id).
+resource workerIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' existing = {
+  name: last(split(identityId, '/'))
 }
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2022-10-01' existing = {
@@ -845,9 +889,13 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                                 }
                               }
                               environmentVariables: [
+                                // Secure like the coordinates: a plain value
+                                // is returned by every read of the group, so
+                                // Reader on the resource group would read
+                                // every task's payload.
                                 {
                                   name: 'TASK_DATA'
-                                  value: '@{triggerBody()?[\'MessageText\']}'
+                                  secureValue: '@{triggerBody()?[\'MessageText\']}'
                                 }
                                 // The message TASK_DATA came from: the worker
                                 // takes its lease over and settles it.
@@ -1174,6 +1222,83 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
         }
       }
       actions: {
+        // Intake stalled: a task message that is visible (nobody holds it)
+        // and was inserted more than backlogAlertMinutes ago. The trigger
+        // receives a visible message within one polling interval, so this
+        // means the trigger is disabled (a redeploy with triggerState
+        // Disabled), failing, or cannot keep up. A disabled workflow fails
+        // nothing, so no run alert would say so; this run reports it and the
+        // backlog alert fires. Peek changes neither visibility nor dequeue
+        // count; it returns up to 32 visible messages, oldest first.
+        Peek_tasks: {
+          type: 'Http'
+          runAfter: {}
+          inputs: {
+            method: 'GET'
+            uri: '${storage.properties.primaryEndpoints.queue}${tasksQueueName}/messages?peekonly=true&numofmessages=32'
+            headers: {
+              'x-ms-version': queueApiVersion
+            }
+            authentication: storageAuth
+            retryPolicy: backgroundRetry
+          }
+        }
+        Backlog: {
+          type: 'Compose'
+          runAfter: {
+            Peek_tasks: [
+              'Succeeded'
+            ]
+          }
+          inputs: {
+            visible: '@xpath(xml(body(\'Peek_tasks\')), \'count(/QueueMessagesList/QueueMessage)\')'
+            // RFC 1123 (Queue service REST API, Peek Messages); '' when empty.
+            oldest: '@xpath(xml(body(\'Peek_tasks\')), \'string(/QueueMessagesList/QueueMessage[1]/InsertionTime)\')'
+          }
+        }
+        If_backlog: {
+          type: 'If'
+          runAfter: {
+            Backlog: [
+              'Succeeded'
+            ]
+          }
+          expression: {
+            and: [
+              {
+                greater: [
+                  '@outputs(\'Backlog\')?[\'visible\']'
+                  0
+                ]
+              }
+              {
+                less: [
+                  '@ticks(parseDateTime(if(empty(outputs(\'Backlog\')?[\'oldest\']), utcNow(), outputs(\'Backlog\')?[\'oldest\'])))'
+                  '@ticks(addMinutes(utcNow(), -${backlogAlertMinutes}))'
+                ]
+              }
+            ]
+          }
+          actions: {
+            Report_backlog: {
+              type: 'Compose'
+              runAfter: {}
+              inputs: {
+                queue: tasksQueueName
+                visible: '@{outputs(\'Backlog\')?[\'visible\']}'
+                oldest: '@{outputs(\'Backlog\')?[\'oldest\']}'
+              }
+              trackedProperties: {
+                queue: '@{action()[\'inputs\'][\'queue\']}'
+                visible: '@{action()[\'inputs\'][\'visible\']}'
+                oldest: '@{action()[\'inputs\'][\'oldest\']}'
+              }
+            }
+          }
+          else: {
+            actions: {}
+          }
+        }
         List_groups: {
           type: 'Http'
           runAfter: {}
@@ -1181,6 +1306,7 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
             method: 'GET'
             uri: '${groupsUrl}?api-version=${aciApiVersion}'
             authentication: armAuth
+            retryPolicy: backgroundRetry
           }
           runtimeConfiguration: {
             paginationPolicy: {
@@ -1223,6 +1349,7 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                 method: 'GET'
                 uri: '${groupsUrl}/@{items(\'For_each_group\')?[\'name\']}?api-version=${aciApiVersion}'
                 authentication: armAuth
+                retryPolicy: backgroundRetry
               }
             }
             Facts: {
@@ -1336,6 +1463,8 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                 ]
               }
               actions: {
+                // Nothing waits for the name here: a 202 is success, and the
+                // action does not poll the operation (DisableAsyncPattern).
                 Delete_group: {
                   type: 'Http'
                   runAfter: {}
@@ -1343,7 +1472,9 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                     method: 'DELETE'
                     uri: '${groupsUrl}/@{items(\'For_each_group\')?[\'name\']}?api-version=${aciApiVersion}'
                     authentication: armAuth
+                    retryPolicy: backgroundRetry
                   }
+                  operationOptions: 'DisableAsyncPattern'
                 }
               }
               else: {
@@ -1377,6 +1508,7 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                     method: 'POST'
                     uri: '${groupsUrl}/@{items(\'For_each_group\')?[\'name\']}/stop?api-version=${aciApiVersion}'
                     authentication: armAuth
+                    retryPolicy: backgroundRetry
                   }
                 }
               }
@@ -1481,11 +1613,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
               'x-ms-version': queueApiVersion
             }
             authentication: storageAuth
-          }
-          retryPolicy: {
-            type: 'exponential'
-            count: 3
-            interval: 'PT10S'
+            retryPolicy: backgroundRetry
           }
         }
         // 200 with an empty <QueueMessagesList />: nothing due. 404: the
@@ -1582,11 +1710,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                 method: 'GET'
                 uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
                 authentication: armAuth
-              }
-              retryPolicy: {
-                type: 'exponential'
-                count: 3
-                interval: 'PT10S'
+                retryPolicy: backgroundRetry
               }
             }
             Route_group: {
@@ -1640,11 +1764,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                                 method: 'DELETE'
                                 uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
                                 authentication: armAuth
-                              }
-                              retryPolicy: {
-                                type: 'exponential'
-                                count: 3
-                                interval: 'PT10S'
+                                retryPolicy: backgroundRetry
                               }
                             }
                             Mark_restart: {
@@ -1764,6 +1884,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                 method: 'GET'
                 uri: '${vault.properties.vaultUri}secrets/${vaultEntryNames.WORKER_WEBHOOK_SECRET}?api-version=7.4'
                 authentication: vaultAuth
+                retryPolicy: backgroundRetry
               }
               runtimeConfiguration: secureInputsAndOutputs
             }
@@ -1775,17 +1896,19 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                 ]
               }
               runtimeConfiguration: secureInputsAndOutputs
-              retryPolicy: {
-                type: 'exponential'
-                count: 4
-                interval: 'PT15S'
-                minimumInterval: 'PT10S'
-                maximumInterval: 'PT2M'
-              }
               inputs: {
                 method: 'PUT'
                 uri: '${groupsUrl}/${deliverGroupName}?api-version=${aciApiVersion}'
                 authentication: armAuth
+                // A create refused for quota or capacity (429, 5xx) is worth
+                // a few patient retries: the drain has no visibility timeout.
+                retryPolicy: {
+                  type: 'exponential'
+                  count: 4
+                  interval: 'PT15S'
+                  minimumInterval: 'PT10S'
+                  maximumInterval: 'PT2M'
+                }
                 body: {
                   location: location
                   tags: union(workerTags, {
@@ -1878,15 +2001,26 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
 }
 
 // The three workflows manage container groups in this resource group and
-// nothing else: read/write/delete/stop groups, follow ACI's asynchronous
-// operations (a DELETE may answer 202; the trigger waits for it before it
-// creates the next attempt under the same name), and attach the runtime
-// identity to them.
+// nothing else: read/write/delete/stop groups, and follow ACI's asynchronous
+// operations: a DELETE may answer 202 (ContainerGroups_Delete is a
+// long-running operation in the ACI REST specification), and an HTTP action
+// then polls the operation URL it is given (the asynchronous pattern,
+// "Run actions in a synchronous operation pattern" in the Logic Apps schema
+// reference). The trigger must wait for it before it creates the next attempt
+// under the same name, so the role may read ACI's operations and operation
+// results; the cleanup does not wait (DisableAsyncPattern). Attaching the
+// runtime identity to a group (userAssignedIdentities/assign/action) is not
+// here: it is granted on that one identity below, so no other identity in the
+// resource group can be attached.
 resource launcherRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(resourceGroup().id, 'worker-task-launcher')
   properties: {
-    roleName: 'Worker task launcher (${resourceGroup().name})'
-    description: 'Create, read, stop and delete container groups and assign the worker identity to them.'
+    // Role names are unique in the whole Entra tenant, at most 128 characters
+    // (learn.microsoft.com/azure/role-based-access-control/custom-roles,
+    // "Custom role properties"): the resource group name alone repeats across
+    // subscriptions (RoleDefinitionWithSameNameExists), its id's hash does not.
+    roleName: 'Worker task launcher (${take(resourceGroup().name, 60)}, ${uniqueString(resourceGroup().id)})'
+    description: 'Create, read, stop and delete container groups and follow their asynchronous operations.'
     type: 'CustomRole'
     assignableScopes: [
       resourceGroup().id
@@ -1900,7 +2034,6 @@ resource launcherRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
           'Microsoft.ContainerInstance/containerGroups/stop/action'
           'Microsoft.ContainerInstance/locations/operations/read'
           'Microsoft.ContainerInstance/locations/operationResults/read'
-          'Microsoft.ManagedIdentity/userAssignedIdentities/assign/action'
         ]
         notActions: []
       }
@@ -1931,6 +2064,18 @@ resource deliverLauncher 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
   properties: {
     roleDefinitionId: launcherRole.id
     principalId: deliver.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The cleanup peeks at the tasks queue for the backlog report: read-only, on
+// that one queue.
+resource cleanupTasksReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(tasksQueue.id, cleanup.id, queueDataReaderRoleId)
+  scope: tasksQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', queueDataReaderRoleId)
+    principalId: cleanup.identity.principalId
     principalType: 'ServicePrincipal'
   }
 }
@@ -1967,12 +2112,38 @@ resource triggerQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource triggerSecrets 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(vault.id, trigger.id, secretsUserRoleId)
-  scope: vault
+// The trigger reads the three secrets it hands to a task group, and nothing
+// else in the vault (not the storage connection string): Key Vault RBAC
+// roles can be assigned on a single secret.
+resource triggerSecrets 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for (name, i) in triggerSecretNames: {
+  name: guid(triggerSecretEntries[i].id, trigger.id, secretsUserRoleId)
+  scope: triggerSecretEntries[i]
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', secretsUserRoleId)
     principalId: trigger.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}]
+
+// Attaching the worker identity to the groups they create: Managed Identity
+// Operator (built in: read and assign user-assigned identities), on that one
+// identity only. The cleanup creates nothing and gets none.
+resource triggerIdentityOperator 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(workerIdentity.id, trigger.id, identityOperatorRoleId)
+  scope: workerIdentity
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', identityOperatorRoleId)
+    principalId: trigger.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource deliverIdentityOperator 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(workerIdentity.id, deliver.id, identityOperatorRoleId)
+  scope: workerIdentity
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', identityOperatorRoleId)
+    principalId: deliver.identity.principalId
     principalType: 'ServicePrincipal'
   }
 }
@@ -2194,6 +2365,46 @@ resource abnormalEndsAlert 'Microsoft.Insights/scheduledQueryRules@2022-06-15' =
       allOf: [
         {
           query: abnormalEndsQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: {
+      actionGroups: [
+        actionGroupId
+      ]
+    }
+  }
+}
+
+// Intake stalled: the hourly cleanup found a task message waiting, visible,
+// for longer than backlogAlertMinutes. The usual cause is a redeployment that
+// disabled the trigger (triggerState) or a trigger that cannot read the queue.
+resource backlogAlert 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: 'alert-${client}-worker-backlog'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'alert-${client}-worker-backlog'
+    description: 'A task message in ${tasksQueueName} has waited, visible, for more than ${backlogAlertMinutes} minutes: intake is stalled. Check that la-${client}-worker-trigger is Enabled (a redeployment with triggerState=Disabled switches it off) and its failed-polls alert.'
+    severity: 2
+    enabled: true
+    scopes: [
+      workspace.id
+    ]
+    evaluationFrequency: 'PT30M'
+    windowSize: 'PT1H'
+    criteria: {
+      allOf: [
+        {
+          query: backlogQuery
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

@@ -38,15 +38,25 @@ param alertWebhookUrl string = ''
 @description('Monthly budget for the resource group, in the billing currency.')
 param monthlyBudget int = 50
 
-@description('First day of the budget period (yyyy-MM-01); pass the original value on redeployments.')
-param budgetStartDate string = utcNow('yyyy-MM-01')
+// No default: the Consumption API refuses to change a budget's start date
+// ("Start date of budgets cannot be updated"), and a default of this month
+// would change it on every redeployment from the second month on. Set it once,
+// to the first day of the month of the first deployment, in the parameter file.
+@description('First day of the budget period (yyyy-MM-01): the month of the first deployment, then never changed (Azure refuses to move a budget\'s start).')
+@minLength(10)
+@maxLength(10)
+param budgetStartDate string
 
 @allowed([
   'Enabled'
   'Disabled'
 ])
-@description('State of the queue trigger and of the outbox drain. Disabled until the first image has been pushed and the manual test passed.')
-param triggerState string = 'Disabled'
+// Enabled by default: a redeployment is how an image is rolled out, and a
+// default of Disabled would switch intake off at every rollout without any
+// alert (a disabled workflow fails nothing). The first deployment, before an
+// image exists, passes triggerState=Disabled on the command line.
+@description('State of the queue trigger and of the outbox drain. Pass Disabled only for the first deployment, until the first image is pushed and the manual test passed.')
+param triggerState string = 'Enabled'
 
 @description('Seconds a received message stays hidden from other trigger runs: the worst case of one run plus the start of the group; then the worker in the group holds the lease (WORKER_VISIBILITY_TIMEOUT).')
 @minValue(1800)
@@ -66,6 +76,10 @@ param triggerIntervalSeconds int = 30
 @minValue(1)
 @maxValue(15)
 param deliverIntervalMinutes int = 5
+
+@description('alert-<client>-worker-backlog fires when a visible task message was inserted more than this many minutes ago (the hourly cleanup looks): intake is stalled.')
+@minValue(15)
+param backlogAlertMinutes int = 60
 
 @description('Container groups the worker ended itself (exit 0 or 1) are deleted this many hours after they finished; groups that ended abnormally stay for the next attempt.')
 @minValue(1)
@@ -87,9 +101,13 @@ param tags object = {}
 
 var suffix = uniqueString(resourceGroup().id, client)
 var compactClient = replace(client, '-', '')
-var storageAccountName = take('st${compactClient}${suffix}', 24)
-var registryName = take('cr${compactClient}${suffix}', 50)
-var keyVaultName = take('kv${compactClient}${suffix}', 24)
+// Globally unique names keep all 13 characters of the suffix: the client is
+// cut instead (2 + 9 + 13 = 24, the storage and vault limit; a registry takes
+// 50, room for the whole client). tests/infra.rs checks this for a 20-character
+// client.
+var storageAccountName = 'st${take(compactClient, 9)}${suffix}'
+var registryName = 'cr${compactClient}${suffix}'
+var keyVaultName = 'kv${take(compactClient, 9)}${suffix}'
 var workspaceName = 'log-${client}-worker'
 var allTags = union(tags, {
   workload: 'worker'
@@ -145,6 +163,17 @@ module monitoring '../modules/monitoring.bicep' = {
   }
 }
 
+// The task dashboard (an Azure Monitor workbook on the worker's log lines).
+module dashboard '../modules/dashboard.bicep' = {
+  name: 'dashboard-${client}'
+  params: {
+    client: client
+    location: location
+    tags: allTags
+    workspaceId: monitoring.outputs.workspaceId
+  }
+}
+
 // Read back here (not output by the module) so the key only ever travels into
 // a secure parameter.
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -191,6 +220,7 @@ module trigger 'logic-app-trigger.bicep' = {
     maxDequeueCount: maxDequeueCount
     deliverIntervalMinutes: deliverIntervalMinutes
     finishedRetentionHours: finishedRetentionHours
+    backlogAlertMinutes: backlogAlertMinutes
   }
 }
 

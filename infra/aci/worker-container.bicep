@@ -21,8 +21,9 @@ param keyVaultName string
 param workspaceName string
 param storageAccountName string
 
-@description('The task envelope, as a queue message would hold it (JSON or base64 JSON).')
-param taskData string = '{"task_id":"manual-echo-1","task_type":"echo","payload":{"hello":"from aci"}}'
+@secure()
+@description('The task envelope, as a queue message would hold it (JSON or base64 JSON), e.g. {"task_id":"manual-echo-1","task_type":"echo","payload":{"hello":"from aci"}}. Secure, so no default: it reaches the group as a secure value.')
+param taskData string
 
 @description('Group name: at most 63 lowercase letters, digits and single hyphens.')
 @maxLength(63)
@@ -37,8 +38,12 @@ param memoryInGb string = '2'
 @description('WORKER_TASK_TIMEOUT in seconds.')
 param taskTimeoutSeconds int = 1800
 
-@description('Creation time, recorded in a tag for the cleanup workflow.')
-param createdAt string = utcNow()
+// ISO 8601 round-trip format ('o', e.g. 2026-05-01T17:53:18.1234567Z), the
+// format the Logic App's utcNow() writes into the same tag and that ticks()
+// in the cleanup workflow parses; ARM's utcNow() without a format would give
+// the basic form 20260501T175318Z.
+@description('Creation time (ISO 8601), recorded in a tag for the cleanup workflow.')
+param createdAt string = utcNow('o')
 
 resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = {
   name: registryName

@@ -77,8 +77,14 @@ param alertWebhookUrl string = ''
 @description('Monthly budget for the resource group, in the billing currency.')
 param monthlyBudget int = 50
 
-@description('First day of the budget period (yyyy-MM-01); pass the original value on redeployments.')
-param budgetStartDate string = utcNow('yyyy-MM-01')
+// No default: the Consumption API refuses to change a budget's start date
+// ("Start date of budgets cannot be updated"), and a default of this month
+// would change it on every redeployment from the second month on. Set it once,
+// to the first day of the month of the first deployment, in the parameter file.
+@description('First day of the budget period (yyyy-MM-01): the month of the first deployment, then never changed (Azure refuses to move a budget\'s start).')
+@minLength(10)
+@maxLength(10)
+param budgetStartDate string
 
 @secure()
 @description('SUPABASE_KEY for exec handlers (any non-empty placeholder when unused).')
@@ -96,9 +102,13 @@ param tags object = {}
 
 var suffix = uniqueString(resourceGroup().id, client)
 var compactClient = replace(client, '-', '')
-var storageAccountName = take('st${compactClient}${suffix}', 24)
-var registryName = take('cr${compactClient}${suffix}', 50)
-var keyVaultName = take('kv${compactClient}${suffix}', 24)
+// Globally unique names keep all 13 characters of the suffix: the client is
+// cut instead (2 + 9 + 13 = 24, the storage and vault limit; a registry takes
+// 50, room for the whole client). tests/infra.rs checks this for a 20-character
+// client.
+var storageAccountName = 'st${take(compactClient, 9)}${suffix}'
+var registryName = 'cr${compactClient}${suffix}'
+var keyVaultName = 'kv${take(compactClient, 9)}${suffix}'
 var workspaceName = 'log-${client}-worker'
 var environmentName = 'cae-${client}-worker'
 var jobName = 'job-${client}-worker'
@@ -152,6 +162,17 @@ module monitoring '../modules/monitoring.bicep' = {
     alertWebhookUrl: alertWebhookUrl
     monthlyBudget: monthlyBudget
     budgetStartDate: budgetStartDate
+  }
+}
+
+// The task dashboard (an Azure Monitor workbook on the worker's log lines).
+module dashboard '../modules/dashboard.bicep' = {
+  name: 'dashboard-${client}'
+  params: {
+    client: client
+    location: location
+    tags: allTags
+    workspaceId: monitoring.outputs.workspaceId
   }
 }
 

@@ -48,7 +48,8 @@ param cpuCores string = '1'
 @description('Memory in GB (a decimal string, e.g. 2 or 1.5).')
 param memoryInGb string = '2'
 
-@description('The task envelope (JSON or base64 JSON): what a queue message holds.')
+@secure()
+@description('The task envelope (JSON or base64 JSON): what a queue message holds. A secure value: a plain one is returned by every read of the group.')
 param taskData string
 
 @description('WORKER_TASK_TIMEOUT in seconds: the only timeout on this path.')
@@ -102,9 +103,11 @@ resource group 'Microsoft.ContainerInstance/containerGroups@2023-05-01' = {
             }
           }
           environmentVariables: [
+            // Secure: the payload is the backend's data, and a plain value
+            // is returned to anyone who can read the group (Reader).
             {
               name: 'TASK_DATA'
-              value: taskData
+              secureValue: taskData
             }
             {
               name: 'WORKER_LOG_FORMAT'

@@ -29,8 +29,10 @@ param alertWebhookUrl string = ''
 @minValue(1)
 param monthlyBudget int = 50
 
-@description('First day of the budget period (yyyy-MM-01). Keep the first value on later deployments.')
-param budgetStartDate string = utcNow('yyyy-MM-01')
+@description('First day of the budget period (yyyy-MM-01), fixed at the first deployment: the Consumption API refuses to change a budget\'s start date, so it has no default that could move.')
+@minLength(10)
+@maxLength(10)
+param budgetStartDate string
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2022-10-01' = {
   name: workspaceName

@@ -35,7 +35,9 @@ resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' = {
   }
   properties: {
     adminUserEnabled: false
-    anonymousPullEnabled: false
+    // No anonymousPullEnabled: API version 2023-07-01 has no such property
+    // (the preview versions and Standard/Premium do); anonymous pull is off
+    // unless enabled, so every pull needs the AcrPull identity.
     // checkov:skip=CKV_AZURE_139: ACI groups outside a VNet pull over the public endpoint; every pull still needs the AcrPull identity.
     publicNetworkAccess: 'Enabled'
   }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::egress::{egress_error_in, EgressPolicy};
+use crate::egress::{egress_error_in, error_chain, truncate, EgressPolicy};
 use crate::handler::{Handler, HandlerError, HandlerFuture, TaskContext};
 
 /// Response bodies larger than this are refused rather than buffered.
@@ -95,7 +95,7 @@ impl Handler for Http {
                 .map_err(|e| HandlerError::transient(format!("cannot build HTTP client: {e}")))?;
             // reqwest quotes the full URL in its errors; the query may hold a
             // SAS signature or token, so errors carry this form instead.
-            let shown = crate::webhook::redact_url(&url);
+            let shown = crate::egress::redact_url(&url);
             let mut req = client.request(method, url).timeout(timeout);
             for (k, v) in &input.headers {
                 req = req.header(k, v);
@@ -152,31 +152,4 @@ impl Handler for Http {
             })
         })
     }
-}
-
-/// `Display` of an error and its causes on one line (reqwest's top-level
-/// message alone rarely says what failed).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
-}
-
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }

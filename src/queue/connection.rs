@@ -15,7 +15,7 @@
 use base64::Engine;
 use url::Url;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// The variable that holds the connection string; errors name it.
 pub const CONNECTION_STRING_VAR: &str = "AZURE_STORAGE_CONNECTION_STRING";

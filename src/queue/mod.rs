@@ -27,7 +27,7 @@ pub mod connection;
 pub mod names;
 pub mod shared_key;
 
-pub use names::{poison_queue, tasks_queue, validate_queue_name};
+pub use names::{poison_queue, tasks_queue, validate_queue_name, webhooks_queue};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +45,7 @@ use azure_storage_queue::models::{
 };
 use azure_storage_queue::{QueueClient, QueueServiceClient, QueueServiceClientOptions};
 
-use crate::config::Secret;
+use crate::secret::Secret;
 use connection::{Credential, CONNECTION_STRING_VAR};
 use shared_key::{SasPolicy, SharedKeyPolicy};
 
@@ -74,7 +74,7 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 const X_MS_POPRECEIPT: HeaderName = HeaderName::from_static("x-ms-popreceipt");
 
-/// Where the storage settings come from; built from [`crate::config::Options`].
+/// How to reach the storage account; `config` builds it from the options.
 #[derive(Clone, Debug, Default)]
 pub struct StorageSettings {
     pub connection_string: Option<Secret>,
@@ -85,24 +85,6 @@ pub struct StorageSettings {
 
 impl StorageSettings {
     /// Empty values count as unset (`AZURE_CLIENT_ID=` in a template is common).
-    pub fn from_options(o: &crate::config::Options) -> Self {
-        fn nonempty(s: &Option<String>) -> Option<String> {
-            s.as_deref()
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        }
-        Self {
-            connection_string: o
-                .connection_string
-                .clone()
-                .filter(|s| !s.expose().trim().is_empty()),
-            queue_endpoint: nonempty(&o.queue_endpoint),
-            account: nonempty(&o.storage_account),
-            managed_identity_client_id: nonempty(&o.managed_identity_client_id),
-        }
-    }
-
     /// Whether any way to reach storage is configured.
     pub fn is_configured(&self) -> bool {
         self.connection_string.is_some() || self.queue_endpoint.is_some() || self.account.is_some()
@@ -894,26 +876,6 @@ mod tests {
         assert_eq!(s.queue("acme-tasks").unwrap().name(), "acme-tasks");
         let e = s.queue("Acme").unwrap_err();
         assert!(matches!(e, QueueError::Config { .. }), "{e}");
-    }
-
-    #[test]
-    fn settings_from_options_ignore_empty_values() {
-        use clap::Parser;
-        let cli = crate::config::Cli::try_parse_from([
-            "worker",
-            "--connection-string",
-            " ",
-            "--storage-account",
-            "acme",
-            "--managed-identity-client-id",
-            "",
-        ])
-        .unwrap();
-        let s = StorageSettings::from_options(&cli.opts);
-        assert!(s.connection_string.is_none());
-        assert_eq!(s.account.as_deref(), Some("acme"));
-        assert!(s.managed_identity_client_id.is_none());
-        assert!(s.is_configured());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 const AUTHORIZATION: HeaderName = HeaderName::from_static("authorization");
 const X_MS_DATE: HeaderName = HeaderName::from_static("x-ms-date");
