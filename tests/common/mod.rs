@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod azurite;
+pub mod backend;
 pub mod consume;
 pub mod proxy;
 pub mod receiver;
