@@ -407,48 +407,31 @@ async fn run(
     msg: &Message,
     task_cancel: &CancellationToken,
 ) -> Step {
-    let span = tracing::Span::current();
     let settings = &consumer.settings;
-    let client = target.client.as_deref();
     let task = match task::decode(msg.text.as_bytes()) {
-        Ok((task, _)) => task,
-        Err(e) => {
-            let salvage = task::salvage(msg.text.as_bytes());
-            tracing::error!(message_id = %msg.id, error = %e, "message is not a valid task; moving it to the poison queue");
-            let outcome = Outcome::failed(
-                format!("invalid task: {e}"),
-                Retry::Permanent,
-                Duration::ZERO,
-            );
-            let event = Event::from_outcome(
-                salvage.task_id.as_deref().unwrap_or("unknown"),
-                salvage.task_type.as_deref().unwrap_or("unknown"),
-                salvage.client.as_deref().or(client),
-                msg.dequeue_count,
-                &outcome,
-            );
-            return Step {
-                then: Then::Poison,
-                webhook: salvage.webhook_url,
-                event: Some(event),
-                status: Status::Failed,
-                task_type: "unknown".into(),
-                duration: None,
-            };
-        }
+        Ok((task, _)) => Arc::new(task),
+        Err(e) => return refuse_undecodable(target, msg, &e),
     };
+    let span = tracing::Span::current();
     span.record("task_id", task.task_id.as_str());
     span.record("task_type", task.task_type.as_str());
-    let task = Arc::new(task);
-    let client = task.client.as_deref().or(client).map(str::to_owned);
+    let client = task.client.as_deref().or(target.client.as_deref());
     let event_for = |outcome: &Outcome| {
         Event::from_outcome(
             &task.task_id,
             &task.task_type,
-            client.as_deref(),
+            client,
             msg.dequeue_count,
             outcome,
         )
+    };
+    let step = |then: Then, outcome: &Outcome, ran: bool| Step {
+        event: matches!(then, Then::Delete | Then::Poison).then(|| event_for(outcome)),
+        webhook: task.webhook_url.clone(),
+        then,
+        status: outcome.status(),
+        task_type: metric_label(consumer, &task.task_type),
+        duration: ran.then(|| outcome.duration()),
     };
 
     if msg.dequeue_count > settings.max_dequeue_count {
@@ -458,21 +441,49 @@ async fn run(
         );
         tracing::error!(%error, "moving message to the poison queue before running it");
         let outcome = Outcome::failed(error, Retry::Permanent, Duration::ZERO);
-        return Step {
-            then: Then::Poison,
-            event: Some(event_for(&outcome)),
-            webhook: task.webhook_url.clone(),
-            status: Status::Failed,
-            task_type: metric_label(consumer, &task.task_type),
-            duration: None,
-        };
+        return step(Then::Poison, &outcome, false);
     }
-
     let outcome = consumer
         .app
         .run(task.clone(), msg.dequeue_count, task_cancel)
         .await;
-    let then = match outcome.status() {
+    step(
+        then_for(&outcome, msg.dequeue_count, settings),
+        &outcome,
+        true,
+    )
+}
+
+/// A message that is not a task can never succeed: poison it, and report
+/// `task.failed` when a webhook URL can still be read from it.
+fn refuse_undecodable(target: &Target, msg: &Message, e: &task::DecodeError) -> Step {
+    let salvage = task::salvage(msg.text.as_bytes());
+    tracing::error!(message_id = %msg.id, error = %e, "message is not a valid task; moving it to the poison queue");
+    let outcome = Outcome::failed(
+        format!("invalid task: {e}"),
+        Retry::Permanent,
+        Duration::ZERO,
+    );
+    let event = Event::from_outcome(
+        salvage.task_id.as_deref().unwrap_or("unknown"),
+        salvage.task_type.as_deref().unwrap_or("unknown"),
+        salvage.client.as_deref().or(target.client.as_deref()),
+        msg.dequeue_count,
+        &outcome,
+    );
+    Step {
+        then: Then::Poison,
+        webhook: salvage.webhook_url,
+        event: Some(event),
+        status: Status::Failed,
+        task_type: "unknown".into(),
+        duration: None,
+    }
+}
+
+/// What a run's outcome means for its message.
+fn then_for(outcome: &Outcome, dequeue_count: u32, settings: &Settings) -> Then {
+    match outcome.status() {
         Status::Succeeded => Then::Delete,
         Status::Cancelled => {
             Then::Release("task cancelled by shutdown; message released for another worker")
@@ -484,24 +495,16 @@ async fn run(
             );
             Then::Poison
         }
-        Status::Failed | Status::TimedOut if msg.dequeue_count >= settings.max_dequeue_count => {
+        Status::Failed | Status::TimedOut if dequeue_count >= settings.max_dequeue_count => {
             tracing::error!(
-                attempts = msg.dequeue_count,
+                attempts = dequeue_count,
                 "last attempt failed; moving message to the poison queue"
             );
             Then::Poison
         }
         Status::Failed | Status::TimedOut => {
-            Then::RetryIn(retry_delay(settings.retry_delay, msg.dequeue_count))
+            Then::RetryIn(retry_delay(settings.retry_delay, dequeue_count))
         }
-    };
-    Step {
-        event: matches!(then, Then::Delete | Then::Poison).then(|| event_for(&outcome)),
-        webhook: task.webhook_url.clone(),
-        then,
-        status: outcome.status(),
-        task_type: metric_label(consumer, &task.task_type),
-        duration: Some(outcome.duration()),
     }
 }
 

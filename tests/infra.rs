@@ -3682,7 +3682,10 @@ fn dashboard_queries_read_what_the_binary_writes() {
     let lines = dashboard.var("linesQuery").template().expect("linesQuery");
     assert!(lines.contains("ContainerInstanceLog_CL | project TimeGenerated, Line = Message"));
     assert!(lines.contains("ContainerInstanceLog | project TimeGenerated, Line = Message"));
-    assert!(lines.contains("by Line"), "a line in two tables counts once");
+    assert!(
+        lines.contains("by Line"),
+        "a line in two tables counts once"
+    );
     assert!(lines.contains("ContainerAppConsoleLogs_CL | project TimeGenerated, Line = Log_s"));
     for file in ["infra/aci/main.bicep", "infra/containerapps/main.bicep"] {
         let main = Bicep::load(file);
