@@ -16,6 +16,7 @@ use super::names::validate_queue_name;
 use super::operations::Queue;
 use super::settings::{StorageSettings, ACCOUNT_VAR, CLIENT_ID_VAR, QUEUE_ENDPOINT_VAR};
 use super::shared_key::{SasPolicy, SharedKeyPolicy};
+use crate::secret::Secret;
 
 /// Longest a TCP (and TLS) connection may take to establish.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,70 +99,22 @@ impl QueueService {
     /// error names the setting to fix.
     pub fn new(s: &StorageSettings) -> Result<Self, QueueError> {
         let mut options = client_options()?;
-        let (endpoint, account, auth, credential): (
-            Url,
-            Option<String>,
-            AuthMode,
-            Option<Arc<dyn TokenCredential>>,
-        ) = if let Some(cs) = &s.connection_string {
-            let parsed = connection::parse(cs.expose()).map_err(QueueError::config)?;
-            let auth = match &parsed.credential {
-                Credential::SharedKey { account, key } => {
-                    let policy = SharedKeyPolicy::new(account, key)
-                        .map_err(|e| QueueError::config(format!("{CONNECTION_STRING_VAR}: {e}")))?;
-                    options.per_try_policies.push(Arc::new(policy));
-                    AuthMode::SharedKey
-                }
-                Credential::Sas(sas) => {
-                    options
-                        .per_call_policies
-                        .push(Arc::new(SasPolicy::new(sas.clone())));
-                    AuthMode::Sas
-                }
-            };
-            (parsed.endpoint, parsed.account, auth, None)
+        let access = if let Some(cs) = &s.connection_string {
+            Access::connection_string(cs, &mut options)?
         } else if s.queue_endpoint.is_some() || s.account.is_some() {
-            let endpoint = match &s.queue_endpoint {
-                Some(e) => {
-                    connection::parse_endpoint(e, QUEUE_ENDPOINT_VAR).map_err(QueueError::config)?
-                }
-                None => {
-                    let a = s.account.as_deref().unwrap_or_default();
-                    connection::account_endpoint(a, "https", "core.windows.net")
-                        .map_err(|e| QueueError::config(format!("{ACCOUNT_VAR}: {e}")))?
-                }
-            };
-            if endpoint.scheme() != "https" {
-                return Err(QueueError::config(format!(
-                    "{QUEUE_ENDPOINT_VAR} must use https with managed identity (Entra ID tokens are \
-                     never sent over plain http); for Azurite use {CONNECTION_STRING_VAR}=UseDevelopmentStorage=true"
-                )));
-            }
-            let client_id = s.managed_identity_client_id.clone();
-            let credential =
-                ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
-                    user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
-                    client_options: credential_client_options()?,
-                }))
-                .map_err(|e| {
-                    QueueError::config(format!(
-                        "cannot set up the managed identity credential ({CLIENT_ID_VAR}): {}",
-                        describe_azure_error(&e)
-                    ))
-                })?;
-            (
-                endpoint,
-                s.account.clone(),
-                AuthMode::ManagedIdentity { client_id },
-                Some(credential),
-            )
+            Access::managed_identity(s)?
         } else {
             return Err(QueueError::config(format!(
                 "no storage account configured: set {CONNECTION_STRING_VAR}, or {QUEUE_ENDPOINT_VAR} \
                  (or {ACCOUNT_VAR}) to use a managed identity"
             )));
         };
-
+        let Access {
+            endpoint,
+            account,
+            auth,
+            credential,
+        } = access;
         let client = QueueServiceClient::new(
             endpoint.clone(),
             credential,
@@ -212,6 +165,85 @@ impl QueueService {
     }
 }
 
+/// Where requests go and how they are authorized, before the client exists.
+struct Access {
+    endpoint: Url,
+    account: Option<String>,
+    auth: AuthMode,
+    /// Only for Entra ID; a connection string's key or SAS is applied by a
+    /// pipeline policy instead, because the SDK knows only tokens.
+    credential: Option<Arc<dyn TokenCredential>>,
+}
+
+impl Access {
+    /// Adds the Shared Key or SAS policy to `options`.
+    fn connection_string(cs: &Secret, options: &mut ClientOptions) -> Result<Self, QueueError> {
+        let parsed = connection::parse(cs.expose()).map_err(QueueError::config)?;
+        let auth = match &parsed.credential {
+            Credential::SharedKey { account, key } => {
+                let policy = SharedKeyPolicy::new(account, key)
+                    .map_err(|e| QueueError::config(format!("{CONNECTION_STRING_VAR}: {e}")))?;
+                // Per try: the signature covers x-ms-date, which each retry renews.
+                options.per_try_policies.push(Arc::new(policy));
+                AuthMode::SharedKey
+            }
+            Credential::Sas(sas) => {
+                options
+                    .per_call_policies
+                    .push(Arc::new(SasPolicy::new(sas.clone())));
+                AuthMode::Sas
+            }
+        };
+        Ok(Access {
+            endpoint: parsed.endpoint,
+            account: parsed.account,
+            auth,
+            credential: None,
+        })
+    }
+
+    fn managed_identity(s: &StorageSettings) -> Result<Self, QueueError> {
+        let endpoint = managed_identity_endpoint(s)?;
+        let client_id = s.managed_identity_client_id.clone();
+        let credential = ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+            user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+            client_options: credential_client_options()?,
+        }))
+        .map_err(|e| {
+            QueueError::config(format!(
+                "cannot set up the managed identity credential ({CLIENT_ID_VAR}): {}",
+                describe_azure_error(&e)
+            ))
+        })?;
+        Ok(Access {
+            endpoint,
+            account: s.account.clone(),
+            auth: AuthMode::ManagedIdentity { client_id },
+            credential: Some(credential),
+        })
+    }
+}
+
+/// The explicit endpoint wins over one derived from the account name; either
+/// must be https, because a bearer token must never cross the wire in clear.
+fn managed_identity_endpoint(s: &StorageSettings) -> Result<Url, QueueError> {
+    let endpoint = match &s.queue_endpoint {
+        Some(e) => connection::parse_endpoint(e, QUEUE_ENDPOINT_VAR).map_err(QueueError::config)?,
+        None => {
+            let a = s.account.as_deref().unwrap_or_default();
+            connection::account_endpoint(a, "https", "core.windows.net")
+                .map_err(|e| QueueError::config(format!("{ACCOUNT_VAR}: {e}")))?
+        }
+    };
+    if endpoint.scheme() != "https" {
+        return Err(QueueError::config(format!(
+            "{QUEUE_ENDPOINT_VAR} must use https with managed identity (Entra ID tokens are \
+             never sent over plain http); for Azurite use {CONNECTION_STRING_VAR}=UseDevelopmentStorage=true"
+        )));
+    }
+    Ok(endpoint)
+}
+
 /// The HTTP client with timeouts, and retries kept short.
 fn client_options() -> Result<ClientOptions, QueueError> {
     let http = reqwest::Client::builder()
@@ -246,7 +278,6 @@ fn credential_client_options() -> Result<ClientOptions, QueueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
 
     fn settings(cs: &str) -> StorageSettings {
         StorageSettings {
@@ -298,6 +329,24 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, QueueError::Config { .. }));
         assert!(e.to_string().contains(QUEUE_ENDPOINT_VAR), "{e}");
+    }
+
+    #[test]
+    fn managed_identity_endpoint_prefers_the_explicit_one() {
+        let both = StorageSettings {
+            queue_endpoint: Some("https://q.example.net/".into()),
+            account: Some("acme".into()),
+            ..Default::default()
+        };
+        let url = managed_identity_endpoint(&both).unwrap();
+        assert_eq!(url.as_str(), "https://q.example.net/");
+        let account_only = StorageSettings {
+            account: Some("acme".into()),
+            ..Default::default()
+        };
+        let url = managed_identity_endpoint(&account_only).unwrap();
+        assert_eq!(url.scheme(), "https");
+        assert_eq!(url.host_str(), Some("acme.queue.core.windows.net"));
     }
 
     #[test]
