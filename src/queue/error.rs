@@ -74,75 +74,30 @@ pub(super) fn classify_error(
     e: &azure_core::Error,
 ) -> QueueError {
     use azure_core::error::ErrorKind;
-    let host = context.endpoint.host_str().unwrap_or("");
-    let port = context
-        .endpoint
-        .port_or_known_default()
-        .map(|p| format!(":{p}"))
-        .unwrap_or_default();
     match e.kind() {
         ErrorKind::HttpResponse {
             status, error_code, ..
-        } => {
-            let code = error_code.as_deref().unwrap_or("");
-            let status_num = u16::from(*status);
-            let what = if code.is_empty() {
-                format!("{status_num}")
-            } else {
-                format!("{status_num} {code}")
-            };
-            match (*status, code) {
-                (StatusCode::BadRequest, "PopReceiptMismatch") => QueueError::LeaseLost {
-                    detail: format!("{op} on `{queue}`: {what}"),
-                    gone: false,
-                },
-                (StatusCode::NotFound, "MessageNotFound") => QueueError::LeaseLost {
-                    detail: format!("{op} on `{queue}`: {what}"),
-                    gone: true,
-                },
-                (StatusCode::NotFound, "QueueNotFound") => QueueError::QueueNotFound {
-                    queue: queue.to_owned(),
-                },
-                (StatusCode::Unauthorized | StatusCode::Forbidden, _) => QueueError::Auth {
-                    detail: format!("{op} on `{queue}` was refused ({what}): {}", context.auth_hint),
-                },
-                (StatusCode::Conflict, "QueueBeingDeleted") => QueueError::Transient {
-                    detail: format!("{op} on `{queue}`: {what} (the queue is being deleted; retry in a minute)"),
-                },
-                (
-                    StatusCode::RequestTimeout
-                    | StatusCode::TooManyRequests
-                    | StatusCode::InternalServerError
-                    | StatusCode::BadGateway
-                    | StatusCode::ServiceUnavailable
-                    | StatusCode::GatewayTimeout,
-                    _,
-                ) => QueueError::Transient {
-                    detail: format!("{op} on `{queue}`: {what}"),
-                },
-                (_, "OutOfRangeInput" | "InvalidResourceName") if status_num < 500 => {
-                    QueueError::Other {
-                        detail: format!(
-                            "{op} on `{queue}` was rejected ({what}); check the queue name and endpoint path"
-                        ),
-                    }
-                }
-                (_, "RequestBodyTooLarge" | "MessageTooLarge") => QueueError::Other {
-                    detail: format!(
-                        "{op} on `{queue}` was rejected ({what}): queue messages are limited to 64 KiB"
-                    ),
-                },
-                _ => QueueError::Other {
-                    detail: format!("{op} on `{queue}` failed: {what}"),
-                },
+        } => classify_response(
+            op,
+            queue,
+            &context.auth_hint,
+            *status,
+            error_code.as_deref().unwrap_or(""),
+        ),
+        ErrorKind::Connection | ErrorKind::Io => {
+            let host = context.endpoint.host_str().unwrap_or("");
+            let port = context
+                .endpoint
+                .port_or_known_default()
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default();
+            QueueError::Transient {
+                detail: format!(
+                    "{op} on `{queue}`: cannot reach {host}{port}: {}",
+                    describe_azure_error(e)
+                ),
             }
         }
-        ErrorKind::Connection | ErrorKind::Io => QueueError::Transient {
-            detail: format!(
-                "{op} on `{queue}`: cannot reach {host}{port}: {}",
-                describe_azure_error(e)
-            ),
-        },
         ErrorKind::Credential => QueueError::Auth {
             detail: format!(
                 "{op} on `{queue}`: no token from the managed identity ({}); assign a managed \
@@ -157,6 +112,69 @@ pub(super) fn classify_error(
         #[allow(unreachable_patterns)]
         _ => QueueError::Other {
             detail: format!("{op} on `{queue}`: {}", describe_azure_error(e)),
+        },
+    }
+}
+
+/// The service answered: its status and `x-ms-error-code` (`code`, empty
+/// when absent) decide whether the lease is lost, the queue is missing, the
+/// credentials are refused, or a retry may help.
+fn classify_response(
+    op: &str,
+    queue: &str,
+    auth_hint: &str,
+    status: StatusCode,
+    code: &str,
+) -> QueueError {
+    let status_num = u16::from(status);
+    let what = if code.is_empty() {
+        format!("{status_num}")
+    } else {
+        format!("{status_num} {code}")
+    };
+    match (status, code) {
+        (StatusCode::BadRequest, "PopReceiptMismatch") => QueueError::LeaseLost {
+            detail: format!("{op} on `{queue}`: {what}"),
+            gone: false,
+        },
+        (StatusCode::NotFound, "MessageNotFound") => QueueError::LeaseLost {
+            detail: format!("{op} on `{queue}`: {what}"),
+            gone: true,
+        },
+        (StatusCode::NotFound, "QueueNotFound") => QueueError::QueueNotFound {
+            queue: queue.to_owned(),
+        },
+        (StatusCode::Unauthorized | StatusCode::Forbidden, _) => QueueError::Auth {
+            detail: format!("{op} on `{queue}` was refused ({what}): {auth_hint}"),
+        },
+        (StatusCode::Conflict, "QueueBeingDeleted") => QueueError::Transient {
+            detail: format!(
+                "{op} on `{queue}`: {what} (the queue is being deleted; retry in a minute)"
+            ),
+        },
+        (
+            StatusCode::RequestTimeout
+            | StatusCode::TooManyRequests
+            | StatusCode::InternalServerError
+            | StatusCode::BadGateway
+            | StatusCode::ServiceUnavailable
+            | StatusCode::GatewayTimeout,
+            _,
+        ) => QueueError::Transient {
+            detail: format!("{op} on `{queue}`: {what}"),
+        },
+        (_, "OutOfRangeInput" | "InvalidResourceName") if status_num < 500 => QueueError::Other {
+            detail: format!(
+                "{op} on `{queue}` was rejected ({what}); check the queue name and endpoint path"
+            ),
+        },
+        (_, "RequestBodyTooLarge" | "MessageTooLarge") => QueueError::Other {
+            detail: format!(
+                "{op} on `{queue}` was rejected ({what}): queue messages are limited to 64 KiB"
+            ),
+        },
+        _ => QueueError::Other {
+            detail: format!("{op} on `{queue}` failed: {what}"),
         },
     }
 }
@@ -232,6 +250,50 @@ mod tests {
         );
         assert_eq!(redact_sas("no secret here"), "no secret here");
         assert_eq!(redact_sas("a sig=x"), "a sig=REDACTED");
+    }
+
+    fn response(status: StatusCode, code: &str) -> QueueError {
+        classify_response(
+            "delete message",
+            "acme-tasks",
+            "check the key",
+            status,
+            code,
+        )
+    }
+
+    #[test]
+    fn responses_map_to_what_the_caller_does_next() {
+        assert!(matches!(
+            response(StatusCode::BadRequest, "PopReceiptMismatch"),
+            QueueError::LeaseLost { gone: false, .. }
+        ));
+        assert!(matches!(
+            response(StatusCode::NotFound, "MessageNotFound"),
+            QueueError::LeaseLost { gone: true, .. }
+        ));
+        assert!(matches!(
+            response(StatusCode::NotFound, "QueueNotFound"),
+            QueueError::QueueNotFound { queue } if queue == "acme-tasks"
+        ));
+        let e = response(StatusCode::Forbidden, "AuthorizationFailure");
+        assert!(matches!(e, QueueError::Auth { .. }), "{e}");
+        assert!(e.to_string().contains("check the key"), "{e}");
+        for (status, code) in [
+            (StatusCode::Conflict, "QueueBeingDeleted"),
+            (StatusCode::TooManyRequests, ""),
+            (StatusCode::ServiceUnavailable, "ServerBusy"),
+        ] {
+            assert!(response(status, code).is_transient(), "{status:?} {code}");
+        }
+        // Any other refusal is not worth retrying.
+        let e = response(StatusCode::BadRequest, "InvalidQueryParameterValue");
+        assert_eq!(
+            e.to_string(),
+            "storage error: delete message on `acme-tasks` failed: 400 InvalidQueryParameterValue"
+        );
+        let e = response(StatusCode::PayloadTooLarge, "RequestBodyTooLarge");
+        assert!(e.to_string().contains("64 KiB"), "{e}");
     }
 
     #[test]
