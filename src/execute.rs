@@ -10,10 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::handler::{Retry, TaskContext};
+use crate::handler::{HandlerResult, Retry, TaskContext};
 pub use crate::outcome::{Outcome, Status};
 use crate::registry::Registry;
 use crate::task::Task;
@@ -60,15 +61,7 @@ pub async fn execute(
         joined = &mut join => Some(joined),
         () = tokio::time::sleep(timeout) => None,
         () = cancel.cancelled() => {
-            // Give the handler a moment to observe cancellation and clean up.
-            task_cancel.cancel();
-            match tokio::time::timeout(Duration::from_secs(2), &mut join).await {
-                Ok(_) | Err(_) => {}
-            }
-            join.abort();
-            let outcome = Outcome::Cancelled {
-                duration: started.elapsed(),
-            };
+            let outcome = stop_cancelled(join, &task_cancel, started).await;
             tracing::warn!(duration_ms = outcome.duration().as_millis() as u64, "task cancelled");
             return outcome;
         }
@@ -81,11 +74,41 @@ pub async fn execute(
             let _ = join.await;
             Outcome::TimedOut { timeout }
         }
-        Some(Ok(Ok(result))) => Outcome::Succeeded { result, duration },
+        Some(joined) => finished(joined, cancel, duration),
+    };
+    log_outcome(&outcome, duration);
+    outcome
+}
+
+/// Shutdown: the handler gets a moment to observe its cancelled token and
+/// clean up, then its future is aborted.
+async fn stop_cancelled(
+    mut join: JoinHandle<HandlerResult>,
+    task_cancel: &CancellationToken,
+    started: Instant,
+) -> Outcome {
+    task_cancel.cancel();
+    match tokio::time::timeout(Duration::from_secs(2), &mut join).await {
+        Ok(_) | Err(_) => {}
+    }
+    join.abort();
+    Outcome::Cancelled {
+        duration: started.elapsed(),
+    }
+}
+
+/// The outcome of a handler that ended within its timeout.
+fn finished(
+    joined: Result<HandlerResult, JoinError>,
+    cancel: &CancellationToken,
+    duration: Duration,
+) -> Outcome {
+    match joined {
+        Ok(Ok(result)) => Outcome::Succeeded { result, duration },
         // The handler saw the shutdown before `select!` did.
-        Some(Ok(Err(_))) if cancel.is_cancelled() => Outcome::Cancelled { duration },
-        Some(Ok(Err(e))) => Outcome::failed(e.message, e.retry, duration),
-        Some(Err(join_error)) => {
+        Ok(Err(_)) if cancel.is_cancelled() => Outcome::Cancelled { duration },
+        Ok(Err(e)) => Outcome::failed(e.message, e.retry, duration),
+        Err(join_error) => {
             let what = if join_error.is_panic() {
                 "handler panicked"
             } else {
@@ -93,7 +116,10 @@ pub async fn execute(
             };
             Outcome::failed(what, Retry::Transient, duration)
         }
-    };
+    }
+}
+
+fn log_outcome(outcome: &Outcome, duration: Duration) {
     let duration_ms = duration.as_millis() as u64;
     match outcome.status() {
         Status::Succeeded => tracing::info!(duration_ms, "task succeeded"),
@@ -105,7 +131,6 @@ pub async fn execute(
             "task did not succeed"
         ),
     }
-    outcome
 }
 
 #[cfg(test)]
@@ -187,6 +212,16 @@ mod tests {
         )
         .await;
         assert_eq!(o.status(), Status::Cancelled);
+    }
+
+    #[test]
+    fn an_error_after_shutdown_counts_as_cancelled() {
+        let d = Duration::from_millis(5);
+        let err = || Ok(Err(crate::handler::HandlerError::permanent("stopped")));
+        let cancel = CancellationToken::new();
+        assert_eq!(finished(err(), &cancel, d).status(), Status::Failed);
+        cancel.cancel();
+        assert_eq!(finished(err(), &cancel, d).status(), Status::Cancelled);
     }
 
     #[tokio::test]

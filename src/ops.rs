@@ -126,26 +126,14 @@ pub async fn enqueue(
 
 /// `worker check`: one `ok`/`FAIL` line per item; `Ok(true)` when all are ok.
 pub async fn check(opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError> {
-    let mut all_ok = true;
-    let mut line = |out: &mut dyn Write, item: &str, result: Result<String, String>| {
-        let r = match result {
-            Ok(note) if note.is_empty() => writeln!(out, "ok   {item}"),
-            Ok(note) => writeln!(out, "ok   {item}: {note}"),
-            Err(reason) => {
-                all_ok = false;
-                writeln!(out, "FAIL {item}: {reason}")
-            }
-        };
-        r.map_err(OpsError::from)
-    };
+    let mut report = Report { out, all_ok: true };
 
     let handlers_item = match &opts.handlers_file {
         Some(p) => format!("handlers file {}", p.display()),
         None => "handlers".to_owned(),
     };
     let registry = Registry::standard(&opts.egress(), opts.handlers_file.as_deref());
-    line(
-        out,
+    report.line(
         &handlers_item,
         registry
             .map(|r| format!("{} task types", r.names().len()))
@@ -155,11 +143,11 @@ pub async fn check(opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError
     let settings = opts.storage();
     let service = match QueueService::new(&settings) {
         Ok(s) => {
-            line(out, "storage", Ok(s.describe()))?;
+            report.line("storage", Ok(s.describe()))?;
             Some(s)
         }
         Err(e) => {
-            line(out, "storage", Err(e.to_string()))?;
+            report.line("storage", Err(e.to_string()))?;
             None
         }
     };
@@ -167,64 +155,131 @@ pub async fn check(opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError
     let targets = match opts.queues() {
         Ok(t) => t,
         Err(e) => {
-            line(out, "queues", Err(e))?;
+            report.line("queues", Err(e))?;
             return Ok(false);
         }
     };
     let Some(service) = service else {
-        line(
-            out,
+        report.line(
             "queues",
             Err("not checked: the storage settings above must be fixed first".into()),
         )?;
         return Ok(false);
     };
     for t in targets {
-        let poison = poison_queue(&t.queue);
-        let outbox = match t.outbox() {
-            Ok(o) => o,
-            Err(e) => {
-                line(out, "outbox", Err(e))?;
-                continue;
-            }
-        };
-        let outbox_poison = poison_queue(&outbox);
-        for (name, optional) in [
-            (t.queue.as_str(), None),
-            (poison.as_str(), Some("nothing poisoned so far")),
-            (outbox.as_str(), Some("no webhook had to wait so far")),
-            (
-                outbox_poison.as_str(),
-                Some("no webhook given up on so far"),
-            ),
-        ] {
-            let item = format!("queue {name}");
-            let result = match service.queue(name) {
-                Err(e) => Err(e.to_string()),
-                Ok(q) => match q.approximate_count().await {
-                    Ok(n) => Ok(format!("about {n} messages")),
-                    // Poison queues and outboxes are created on first use.
-                    Err(QueueError::QueueNotFound { .. }) if optional.is_some() => Ok(format!(
-                        "not created yet ({})",
-                        optional.unwrap_or_default()
-                    )),
-                    Err(QueueError::QueueNotFound { .. }) => Err(
-                        "does not exist; create it (`worker enqueue` does) or check \
-                         WORKER_CLIENT / WORKER_QUEUE_NAME for a typo"
-                            .into(),
-                    ),
-                    Err(e) => Err(e.to_string()),
-                },
-            };
-            line(out, &item, result)?;
-        }
+        check_queues(&mut report, &service, &t).await?;
     }
-    Ok(all_ok)
+    Ok(report.all_ok)
+}
+
+/// The lines of `worker check`, and whether any of them failed.
+struct Report<'a> {
+    out: &'a mut dyn Write,
+    all_ok: bool,
+}
+
+impl Report<'_> {
+    fn line(&mut self, item: &str, result: Result<String, String>) -> Result<(), OpsError> {
+        match result {
+            Ok(note) if note.is_empty() => writeln!(self.out, "ok   {item}"),
+            Ok(note) => writeln!(self.out, "ok   {item}: {note}"),
+            Err(reason) => {
+                self.all_ok = false;
+                writeln!(self.out, "FAIL {item}: {reason}")
+            }
+        }
+        .map_err(OpsError::from)
+    }
+}
+
+/// One client's tasks queue, its poison queue, its outbox and the outbox's
+/// poison queue.
+async fn check_queues(
+    report: &mut Report<'_>,
+    service: &QueueService,
+    t: &QueueNames,
+) -> Result<(), OpsError> {
+    let poison = poison_queue(&t.queue);
+    let outbox = match t.outbox() {
+        Ok(o) => o,
+        Err(e) => return report.line("outbox", Err(e)),
+    };
+    let outbox_poison = poison_queue(&outbox);
+    for (name, optional) in [
+        (t.queue.as_str(), None),
+        (poison.as_str(), Some("nothing poisoned so far")),
+        (outbox.as_str(), Some("no webhook had to wait so far")),
+        (
+            outbox_poison.as_str(),
+            Some("no webhook given up on so far"),
+        ),
+    ] {
+        let result = match service.queue(name) {
+            Err(e) => Err(e.to_string()),
+            Ok(q) => queue_status(q.approximate_count().await, optional),
+        };
+        report.line(&format!("queue {name}"), result)?;
+    }
+    Ok(())
+}
+
+/// `optional` is set for the queues created on first use (poison queues and
+/// outboxes), so their absence is fine and says why.
+fn queue_status(count: Result<u64, QueueError>, optional: Option<&str>) -> Result<String, String> {
+    match count {
+        Ok(n) => Ok(format!("about {n} messages")),
+        Err(QueueError::QueueNotFound { .. }) if optional.is_some() => Ok(format!(
+            "not created yet ({})",
+            optional.unwrap_or_default()
+        )),
+        Err(QueueError::QueueNotFound { .. }) => Err(
+            "does not exist; create it (`worker enqueue` does) or check \
+             WORKER_CLIENT / WORKER_QUEUE_NAME for a typo"
+                .into(),
+        ),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_queues_created_on_first_use_may_be_missing() {
+        let missing = || {
+            Err(QueueError::QueueNotFound {
+                queue: "acme-tasks".into(),
+            })
+        };
+        assert_eq!(
+            queue_status(missing(), Some("nothing poisoned so far")),
+            Ok("not created yet (nothing poisoned so far)".into())
+        );
+        let e = queue_status(missing(), None).unwrap_err();
+        assert!(e.contains("WORKER_CLIENT"), "{e}");
+        assert_eq!(queue_status(Ok(3), None), Ok("about 3 messages".into()));
+        let auth = Err(QueueError::Auth { detail: "x".into() });
+        assert!(queue_status(auth, Some("optional")).is_err());
+    }
+
+    #[test]
+    fn a_failed_line_fails_the_report() {
+        let mut buf = Vec::new();
+        let mut report = Report {
+            out: &mut buf,
+            all_ok: true,
+        };
+        report.line("storage", Ok(String::new())).unwrap();
+        report.line("handlers", Ok("5 task types".into())).unwrap();
+        assert!(report.all_ok);
+        report.line("queue q", Err("gone".into())).unwrap();
+        assert!(!report.all_ok);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "ok   storage\nok   handlers: 5 task types\nFAIL queue q: gone\n"
+        );
+    }
 
     #[test]
     fn envelope_is_validated() {

@@ -657,30 +657,7 @@ enum End {
 impl Exec {
     async fn run_child(&self, ctx: &TaskContext) -> Result<Value, HandlerError> {
         let spec = &self.spec;
-        let mut cmd = Command::new(&spec.command[0]);
-        cmd.args(&spec.command[1..])
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        die_with_worker(&mut cmd);
-        for var in BASE_ENV
-            .iter()
-            .copied()
-            .chain(spec.env.iter().map(String::as_str))
-        {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
-        cmd.env("WORKER_TASK_ID", &ctx.task.task_id)
-            .env("WORKER_TASK_TYPE", &ctx.task.task_type)
-            .env("WORKER_ATTEMPT", ctx.attempt.to_string());
-        if let Some(dir) = &spec.working_dir {
-            cmd.current_dir(dir);
-        }
-        let child = spawn(cmd).await.map_err(|e| {
+        let child = spawn(self.command(ctx)).await.map_err(|e| {
             HandlerError::transient(format!(
                 "cannot start `{}` for handler `{}`: {e} (check WORKER_HANDLERS_FILE and PATH)",
                 spec.command[0], self.name
@@ -707,16 +684,7 @@ impl Exec {
         });
         let mut io_done = false;
 
-        // The task deadline is enforced by `execute`, which reports it as
-        // timed_out and drops this future (the group's `Drop` then stops the
-        // children). A timer here for the same instant would race it and turn
-        // some task timeouts into failures, so only a handler timeout stricter
-        // than the deadline gets one.
-        let remaining = ctx.deadline.saturating_duration_since(Instant::now());
-        let limit = spec
-            .timeout_seconds
-            .map(Duration::from_secs_f64)
-            .filter(|t| *t < remaining);
+        let limit = stricter_limit(spec.timeout_seconds, ctx.deadline);
         let expired = async move {
             match limit {
                 Some(l) => tokio::time::sleep(l).await,
@@ -734,17 +702,10 @@ impl Exec {
                 () = ctx.cancel.cancelled() => break End::Cancelled,
             }
         };
-        let mut killed = false;
-        if !matches!(end, End::Exited(_)) {
-            let stop = group.stop();
-            tokio::pin!(stop);
-            killed = loop {
-                tokio::select! {
-                    () = &mut io, if !io_done => io_done = true,
-                    killed = &mut stop => break killed,
-                }
-            };
-        }
+        let killed = match end {
+            End::Exited(_) => false,
+            End::TimedOut | End::Cancelled => stop_reading(&mut group, &mut io, &mut io_done).await,
+        };
         if !io_done && tokio::time::timeout(PIPE_DRAIN, &mut io).await.is_err() {
             tracing::warn!(
                 handler = %self.name,
@@ -757,26 +718,70 @@ impl Exec {
 
         let status = match end {
             End::Exited(status) => status,
-            End::TimedOut => {
-                let secs = limit.map_or(0.0, |l| l.as_secs_f64());
-                let how = if killed {
-                    format!(
-                        "SIGKILL: still running {}s after SIGTERM",
-                        grace.as_secs_f64()
-                    )
-                } else {
-                    "it exited on SIGTERM".to_owned()
-                };
-                return Err(HandlerError::transient(format!(
-                    "handler `{}` timed out after {secs:.1}s; its process group was killed ({how})",
-                    self.name
-                )));
-            }
+            End::TimedOut => return Err(self.timed_out(limit, killed, grace)),
             End::Cancelled => return Err(HandlerError::transient("cancelled")),
         };
         let status = status.map_err(|e| {
             HandlerError::transient(format!("waiting for `{}` failed: {e}", self.name))
         })?;
+        self.result(status, &log, &out)
+    }
+
+    /// The child's command: its own process group, dying with the worker, and
+    /// only the environment it is meant to see.
+    fn command(&self, ctx: &TaskContext) -> Command {
+        let spec = &self.spec;
+        let mut cmd = Command::new(&spec.command[0]);
+        cmd.args(&spec.command[1..])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        die_with_worker(&mut cmd);
+        for var in BASE_ENV
+            .iter()
+            .copied()
+            .chain(spec.env.iter().map(String::as_str))
+        {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        cmd.env("WORKER_TASK_ID", &ctx.task.task_id)
+            .env("WORKER_TASK_TYPE", &ctx.task.task_type)
+            .env("WORKER_ATTEMPT", ctx.attempt.to_string());
+        if let Some(dir) = &spec.working_dir {
+            cmd.current_dir(dir);
+        }
+        cmd
+    }
+
+    fn timed_out(&self, limit: Option<Duration>, killed: bool, grace: Duration) -> HandlerError {
+        let secs = limit.map_or(0.0, |l| l.as_secs_f64());
+        let how = if killed {
+            format!(
+                "SIGKILL: still running {}s after SIGTERM",
+                grace.as_secs_f64()
+            )
+        } else {
+            "it exited on SIGTERM".to_owned()
+        };
+        HandlerError::transient(format!(
+            "handler `{}` timed out after {secs:.1}s; its process group was killed ({how})",
+            self.name
+        ))
+    }
+
+    /// A child that exited by itself: its stdout (JSON when it parses) on
+    /// success, otherwise an error with the tail of its stderr, permanent for
+    /// the exit codes the spec names.
+    fn result(
+        &self,
+        status: ExitStatus,
+        log: &StderrLog,
+        out: &[u8],
+    ) -> Result<Value, HandlerError> {
         if !status.success() {
             let code = status.code();
             let what = match code {
@@ -789,7 +794,7 @@ impl Exec {
             } else {
                 format!("handler `{}` failed with {what}: {tail}", self.name)
             };
-            let permanent = code.is_some_and(|c| spec.permanent_exit_codes.contains(&c));
+            let permanent = code.is_some_and(|c| self.spec.permanent_exit_codes.contains(&c));
             return Err(if permanent {
                 HandlerError::permanent(message)
             } else {
@@ -802,8 +807,37 @@ impl Exec {
                 self.name
             )));
         }
-        Ok(serde_json::from_slice(&out)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&out).trim_end().to_owned())))
+        Ok(serde_json::from_slice(out)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(out).trim_end().to_owned())))
+    }
+}
+
+/// The handler's own `timeout_seconds`, when it ends before the task
+/// deadline. The deadline itself is enforced by `execute`, which reports it
+/// as timed_out and drops this future (the group's `Drop` then stops the
+/// children); a timer here for the same instant would race it and turn some
+/// task timeouts into failures.
+fn stricter_limit(timeout_seconds: Option<f64>, deadline: Instant) -> Option<Duration> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    timeout_seconds
+        .map(Duration::from_secs_f64)
+        .filter(|t| *t < remaining)
+}
+
+/// Stops the process group (SIGTERM, then SIGKILL after the grace) while
+/// still reading its output; `true` when SIGKILL was needed.
+async fn stop_reading(
+    group: &mut Group,
+    io: &mut (impl std::future::Future<Output = ()> + Unpin),
+    io_done: &mut bool,
+) -> bool {
+    let stop = group.stop();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut *io, if !*io_done => *io_done = true,
+            killed = &mut stop => break killed,
+        }
     }
 }
 
@@ -831,6 +865,17 @@ mod tests {
 
     fn handler(toml_text: &str) -> Arc<dyn Handler> {
         parse(toml_text).unwrap().remove(0).1
+    }
+
+    #[test]
+    fn only_a_handler_timeout_before_the_deadline_gets_a_timer() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        assert_eq!(
+            stricter_limit(Some(5.0), deadline),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(stricter_limit(Some(120.0), deadline), None);
+        assert_eq!(stricter_limit(None, deadline), None);
     }
 
     #[test]

@@ -54,41 +54,64 @@ pub struct ConnectionString {
 /// Parses a connection string. Errors name [`CONNECTION_STRING_VAR`] and what
 /// is missing or malformed, never a value.
 pub fn parse(raw: &str) -> Result<ConnectionString, String> {
-    let fields = split(raw)?;
-    let get = |k: &str| {
-        fields
+    let fields = Fields(split(raw)?);
+    if fields
+        .get("usedevelopmentstorage")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return development_storage(&fields);
+    }
+    let account = account_name(&fields)?;
+    let endpoint = endpoint(&fields, account.as_deref())?;
+    let credential = credential(&fields, account.as_deref())?;
+    Ok(ConnectionString {
+        endpoint,
+        account,
+        credential,
+    })
+}
+
+/// The parts of a connection string, keys lowercased.
+struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    /// The value of `key`; when a key repeats, the last one counts.
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
             .iter()
             .rev()
-            .find(|(key, _)| key == k)
+            .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
-    };
-
-    if get("usedevelopmentstorage").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        let endpoint = match get("developmentstorageproxyuri") {
-            Some(proxy) => {
-                let mut url =
-                    parse_endpoint(proxy, "DevelopmentStorageProxyUri").map_err(in_var)?;
-                url.set_port(Some(DEV_QUEUE_PORT)).map_err(|()| {
-                    format!(
-                        "DevelopmentStorageProxyUri in {CONNECTION_STRING_VAR} cannot take a port"
-                    )
-                })?;
-                url.set_path(&format!("/{DEV_ACCOUNT}"));
-                url
-            }
-            None => parse_endpoint(DEV_QUEUE_ENDPOINT, "UseDevelopmentStorage").map_err(in_var)?,
-        };
-        return Ok(ConnectionString {
-            endpoint,
-            account: Some(DEV_ACCOUNT.into()),
-            credential: Credential::SharedKey {
-                account: DEV_ACCOUNT.into(),
-                key: Secret::new(DEV_ACCOUNT_KEY),
-            },
-        });
     }
+}
 
-    let account = get("accountname")
+/// `UseDevelopmentStorage=true`: Azurite's fixed account and key, on the
+/// proxy's host when one is given.
+fn development_storage(fields: &Fields) -> Result<ConnectionString, String> {
+    let endpoint = match fields.get("developmentstorageproxyuri") {
+        Some(proxy) => {
+            let mut url = parse_endpoint(proxy, "DevelopmentStorageProxyUri").map_err(in_var)?;
+            url.set_port(Some(DEV_QUEUE_PORT)).map_err(|()| {
+                format!("DevelopmentStorageProxyUri in {CONNECTION_STRING_VAR} cannot take a port")
+            })?;
+            url.set_path(&format!("/{DEV_ACCOUNT}"));
+            url
+        }
+        None => parse_endpoint(DEV_QUEUE_ENDPOINT, "UseDevelopmentStorage").map_err(in_var)?,
+    };
+    Ok(ConnectionString {
+        endpoint,
+        account: Some(DEV_ACCOUNT.into()),
+        credential: Credential::SharedKey {
+            account: DEV_ACCOUNT.into(),
+            key: Secret::new(DEV_ACCOUNT_KEY),
+        },
+    })
+}
+
+fn account_name(fields: &Fields) -> Result<Option<String>, String> {
+    let account = fields
+        .get("accountname")
         .filter(|a| !a.is_empty())
         .map(str::to_owned);
     if let Some(a) = &account {
@@ -101,34 +124,43 @@ pub fn parse(raw: &str) -> Result<ConnectionString, String> {
             ));
         }
     }
-    let endpoint = match get("queueendpoint").filter(|e| !e.is_empty()) {
-        Some(e) => parse_endpoint(e, "QueueEndpoint").map_err(in_var)?,
-        None => {
-            let Some(account) = &account else {
-                return Err(format!(
-                    "{CONNECTION_STRING_VAR} has neither QueueEndpoint nor AccountName, so the queue \
-                     service address is unknown; copy the full connection string from the storage \
-                     account's Access keys page, or use UseDevelopmentStorage=true for Azurite"
-                ));
-            };
-            let protocol = get("defaultendpointsprotocol")
-                .unwrap_or("https")
-                .to_ascii_lowercase();
-            if protocol != "https" && protocol != "http" {
-                return Err(format!(
-                    "DefaultEndpointsProtocol in {CONNECTION_STRING_VAR} must be https or http"
-                ));
-            }
-            let suffix = get("endpointsuffix")
-                .filter(|s| !s.is_empty())
-                .unwrap_or(DEFAULT_ENDPOINT_SUFFIX);
-            account_endpoint(account, &protocol, suffix)
-                .map_err(|e| format!("{CONNECTION_STRING_VAR}: {e}"))?
-        }
-    };
+    Ok(account)
+}
 
-    if let Some(key) = get("accountkey").filter(|k| !k.is_empty()) {
-        let Some(account) = account.clone() else {
+/// An explicit `QueueEndpoint` wins; otherwise the endpoint is derived from
+/// the account name, protocol and suffix, as the portal's strings expect.
+fn endpoint(fields: &Fields, account: Option<&str>) -> Result<Url, String> {
+    if let Some(e) = fields.get("queueendpoint").filter(|e| !e.is_empty()) {
+        return parse_endpoint(e, "QueueEndpoint").map_err(in_var);
+    }
+    let Some(account) = account else {
+        return Err(format!(
+            "{CONNECTION_STRING_VAR} has neither QueueEndpoint nor AccountName, so the queue \
+             service address is unknown; copy the full connection string from the storage \
+             account's Access keys page, or use UseDevelopmentStorage=true for Azurite"
+        ));
+    };
+    let protocol = fields
+        .get("defaultendpointsprotocol")
+        .unwrap_or("https")
+        .to_ascii_lowercase();
+    if protocol != "https" && protocol != "http" {
+        return Err(format!(
+            "DefaultEndpointsProtocol in {CONNECTION_STRING_VAR} must be https or http"
+        ));
+    }
+    let suffix = fields
+        .get("endpointsuffix")
+        .filter(|s| !s.is_empty())
+        .unwrap_or(DEFAULT_ENDPOINT_SUFFIX);
+    account_endpoint(account, &protocol, suffix)
+        .map_err(|e| format!("{CONNECTION_STRING_VAR}: {e}"))
+}
+
+/// An `AccountKey` wins over a `SharedAccessSignature` given next to it.
+fn credential(fields: &Fields, account: Option<&str>) -> Result<Credential, String> {
+    if let Some(key) = fields.get("accountkey").filter(|k| !k.is_empty()) {
+        let Some(account) = account else {
             return Err(format!(
                 "{CONNECTION_STRING_VAR} has an AccountKey but no AccountName; Shared Key signing needs both"
             ));
@@ -142,16 +174,15 @@ pub fn parse(raw: &str) -> Result<ConnectionString, String> {
                  from the storage account's Access keys page"
             ));
         }
-        return Ok(ConnectionString {
-            endpoint,
-            account: Some(account.clone()),
-            credential: Credential::SharedKey {
-                account,
-                key: Secret::new(key),
-            },
+        return Ok(Credential::SharedKey {
+            account: account.to_owned(),
+            key: Secret::new(key),
         });
     }
-    if let Some(sas) = get("sharedaccesssignature").filter(|s| !s.is_empty()) {
+    if let Some(sas) = fields
+        .get("sharedaccesssignature")
+        .filter(|s| !s.is_empty())
+    {
         let sas = sas.trim_start_matches('?');
         if !sas.split('&').any(|p| p.starts_with("sig=")) {
             return Err(format!(
@@ -159,11 +190,7 @@ pub fn parse(raw: &str) -> Result<ConnectionString, String> {
                  copy the whole SAS token"
             ));
         }
-        return Ok(ConnectionString {
-            endpoint,
-            account,
-            credential: Credential::Sas(Secret::new(sas)),
-        });
+        return Ok(Credential::Sas(Secret::new(sas)));
     }
     Err(format!(
         "{CONNECTION_STRING_VAR} has neither AccountKey nor SharedAccessSignature; add one, \
@@ -268,6 +295,21 @@ mod tests {
         assert_eq!(c.endpoint.as_str(), "https://acme.queue.core.windows.net/");
         assert_eq!(key_of(&c), ("acme", KEY));
         assert_eq!(c.account.as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn account_key_wins_over_sas_and_the_last_repeat_counts() {
+        let c = parse(&format!(
+            "AccountName=acme;SharedAccessSignature=sv=1&sig=x;AccountKey={KEY}"
+        ))
+        .unwrap();
+        assert_eq!(key_of(&c), ("acme", KEY));
+        let c = parse(&format!(
+            "AccountName=old;AccountName=acme;AccountKey={KEY}"
+        ))
+        .unwrap();
+        assert_eq!(key_of(&c), ("acme", KEY));
+        assert_eq!(c.endpoint.as_str(), "https://acme.queue.core.windows.net/");
     }
 
     #[test]
