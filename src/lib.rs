@@ -29,6 +29,7 @@
 //! - [`poison`]: `poison list|replay`, for tasks and (`--webhooks`) for undeliverable webhooks.
 //! - [`lease`]: a received message's lease: renewal, the newest pop receipt, delete / release / retry / poison.
 //! - [`consumer`]: one received message: run, report (deliver or outbox), settle; shared by poller and job mode.
+//! - [`schedule`]: which of several queues to poll next (backoff when empty or failing, round-robin).
 //! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown).
 //! - [`job`]: job mode: one leased message per execution, then the due outbox entries.
 //! - [`metrics`]: metric names (a leaf shared by what counts and what serves).
@@ -55,6 +56,7 @@ pub mod poller;
 pub mod queue;
 pub mod registry;
 pub mod retry;
+pub mod schedule;
 pub mod secret;
 pub mod single;
 pub mod task;

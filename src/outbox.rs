@@ -20,12 +20,12 @@
 //! where `worker poison list|replay --webhooks` finds it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,6 +35,7 @@ use url::Url;
 use crate::egress::redact_url;
 use crate::lease::{send_creating, settle_call};
 use crate::queue::{Message, Queue, QueueError, MAX_BATCH};
+use crate::schedule::Schedule;
 use crate::webhook::{count, results, AttemptError, Event, Notifier, WebhookError};
 
 /// Largest entry, as the service counts it (XML-escaped): queue messages
@@ -218,12 +219,127 @@ impl DrainStats {
     }
 }
 
-struct Poll {
-    outbox: Outbox,
-    next: Instant,
-    backoff: Duration,
-    empty_since_settle: bool,
-    depth_at: Instant,
+/// The drain loop's state: what one [`Drain::step`] needs.
+struct Drain {
+    notifier: Arc<Notifier>,
+    outboxes: Vec<Outbox>,
+    cfg: DrainConfig,
+    stats: Arc<DrainStats>,
+    schedule: Schedule,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    /// Signalled whenever an entry is done with.
+    settled: Arc<Notify>,
+    /// When the last entry was done with: "empty" counts only after it.
+    last_settled: Arc<Mutex<Instant>>,
+    /// When each outbox's depth is sampled next (for the metric).
+    depth_at: Vec<Instant>,
+    lease: Duration,
+    taken: u64,
+}
+
+impl Drain {
+    fn idle(&self) -> bool {
+        self.slots.available_permits() == self.cfg.max_in_flight.max(1)
+    }
+
+    /// One turn: wait for room or for the next outbox to be due, or receive
+    /// its due entries and start one delivery each. `false`: stop.
+    async fn step(&mut self, shutdown: &CancellationToken) -> bool {
+        if shutdown.is_cancelled() || self.cfg.max_entries.is_some_and(|m| self.taken >= m) {
+            return false;
+        }
+        let settled = self
+            .last_settled
+            .lock()
+            .map_or_else(|p| *p.into_inner(), |g| *g);
+        if self.cfg.exit_when_empty && self.idle() && self.schedule.all_empty_since(settled) {
+            return false;
+        }
+        let Some((i, due)) = self.schedule.next() else {
+            return false;
+        };
+        if due > Instant::now() || self.slots.available_permits() == 0 {
+            let notify = self.settled.clone();
+            tokio::select! {
+                () = tokio::time::sleep_until(due.max(Instant::now() + Duration::from_millis(1))) => {}
+                () = notify.notified() => {}
+                () = shutdown.cancelled() => return false,
+            }
+            return true;
+        }
+        self.schedule.picked(i);
+        self.sample_depth(i).await;
+        let free = self.slots.available_permits() as u64;
+        let remaining = self.cfg.max_entries.map_or(u64::MAX, |m| m - self.taken);
+        let want = free.min(remaining).min(u64::from(MAX_BATCH)).max(1) as u8;
+        match self.outboxes[i].queue.receive(want, self.lease).await {
+            Ok(batch) if batch.is_empty() => {
+                self.schedule.empty(i);
+            }
+            Ok(batch) => {
+                self.schedule.brought(i);
+                self.start(i, batch);
+            }
+            // Nothing was ever outboxed for this client yet.
+            Err(QueueError::QueueNotFound { .. }) => {
+                self.schedule.empty(i);
+            }
+            Err(e) => {
+                DrainStats::inc(&self.stats.queue_errors);
+                let retry_in_ms = self.schedule.failed(i).as_millis() as u64;
+                tracing::warn!(queue = %self.outboxes[i].queue.name(), error = %e, retry_in_ms, "outbox receive failed; retrying");
+            }
+        }
+        true
+    }
+
+    /// Samples outbox `i`'s depth for the metric (and the log, when it holds
+    /// entries) every [`DEPTH_EVERY`].
+    async fn sample_depth(&mut self, i: usize) {
+        if self.depth_at[i] > Instant::now() {
+            return;
+        }
+        self.depth_at[i] = Instant::now() + DEPTH_EVERY;
+        let queue = &self.outboxes[i].queue;
+        if let Ok(depth) = queue.approximate_count().await {
+            ::metrics::gauge!(crate::metrics::OUTBOX_DEPTH, "queue" => queue.name().to_owned())
+                .set(depth as f64);
+            if depth > 0 {
+                tracing::info!(queue = %queue.name(), depth, "outbox depth");
+            }
+        }
+    }
+
+    fn start(&mut self, i: usize, batch: Vec<Message>) {
+        for msg in batch {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                // Cannot happen (we asked for at most the free slots); the
+                // entry reappears when its lease ends.
+                continue;
+            };
+            self.taken += 1;
+            let (notifier, outbox, stats) = (
+                self.notifier.clone(),
+                self.outboxes[i].clone(),
+                self.stats.clone(),
+            );
+            let (settled, last_settled) = (self.settled.clone(), self.last_settled.clone());
+            let span =
+                tracing::info_span!("outbox", queue = %outbox.queue.name(), message_id = %msg.id);
+            self.tracker.spawn(
+                async move {
+                    deliver_entry(&notifier, &outbox, msg, &stats).await;
+                    if let Ok(mut t) = last_settled.lock() {
+                        *t = Instant::now();
+                    }
+                    drop(permit);
+                    settled.notify_one();
+                }
+                .instrument(span),
+            );
+        }
+    }
 }
 
 /// Drains `outboxes` until `shutdown` fires (or the stop conditions in `cfg`
@@ -234,151 +350,33 @@ pub async fn run(
     cfg: DrainConfig,
     shutdown: CancellationToken,
 ) -> Arc<DrainStats> {
-    let stats = Arc::new(DrainStats::default());
-    let slots = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    let tracker = TaskTracker::new();
-    let lease = notifier.request_timeout() * 3 + LEASE_MARGIN;
     let now = Instant::now();
-    let mut polls: Vec<Poll> = outboxes
-        .into_iter()
-        .map(|outbox| Poll {
-            outbox,
-            next: now,
-            backoff: Duration::ZERO,
-            empty_since_settle: false,
-            depth_at: now,
-        })
-        .collect();
-    let mut taken: u64 = 0;
-    let mut cursor = 0;
-    let settled = Arc::new(tokio::sync::Notify::new());
-    while !polls.is_empty() && !shutdown.is_cancelled() {
-        if cfg.max_entries.is_some_and(|m| taken >= m) {
-            break;
-        }
-        let idle = slots.available_permits() == cfg.max_in_flight.max(1);
-        if cfg.exit_when_empty && idle && polls.iter().all(|p| p.empty_since_settle) {
-            break;
-        }
-        let n = polls.len();
-        let i = (0..n)
-            .map(|k| (cursor + k) % n)
-            .min_by_key(|&i| polls[i].next)
-            .unwrap_or(0);
-        cursor = (i + 1) % n;
-        let due = polls[i].next;
-        if due > Instant::now() || slots.available_permits() == 0 {
-            tokio::select! {
-                () = tokio::time::sleep_until(due.max(Instant::now() + Duration::from_millis(1))) => {}
-                () = settled.notified() => {}
-                () = shutdown.cancelled() => break,
-            }
-            continue;
-        }
-        let poll = &mut polls[i];
-        if poll.depth_at <= Instant::now() {
-            poll.depth_at = Instant::now() + DEPTH_EVERY;
-            if let Ok(depth) = poll.outbox.queue.approximate_count().await {
-                ::metrics::gauge!(crate::metrics::OUTBOX_DEPTH, "queue" => poll.outbox.queue.name().to_owned())
-                    .set(depth as f64);
-            }
-        }
-        let free = slots.available_permits() as u64;
-        let remaining = cfg.max_entries.map_or(u64::MAX, |m| m - taken);
-        let want = free.min(remaining).min(u64::from(MAX_BATCH)).max(1) as u8;
-        match poll.outbox.queue.receive(want, lease).await {
-            Ok(batch) if batch.is_empty() => {
-                poll.empty_since_settle = slots.available_permits() == cfg.max_in_flight.max(1);
-                poll.backoff = (poll.backoff * 2)
-                    .max(Duration::from_millis(100))
-                    .min(cfg.max_poll_interval);
-                poll.next = Instant::now() + poll.backoff;
-            }
-            Ok(batch) => {
-                poll.empty_since_settle = false;
-                poll.backoff = Duration::ZERO;
-                poll.next = Instant::now();
-                for msg in batch {
-                    let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        // Cannot happen (we asked for at most `free`); the
-                        // entry reappears when its lease ends.
-                        continue;
-                    };
-                    taken += 1;
-                    let (notifier, outbox, stats, settled) = (
-                        notifier.clone(),
-                        poll.outbox.clone(),
-                        stats.clone(),
-                        settled.clone(),
-                    );
-                    let span = tracing::info_span!("outbox", queue = %outbox.queue.name(), message_id = %msg.id);
-                    tracker.spawn(
-                        async move {
-                            deliver_entry(&notifier, &outbox, msg, &stats).await;
-                            drop(permit);
-                            settled.notify_one();
-                        }
-                        .instrument(span),
-                    );
-                }
-            }
-            // Nothing was ever outboxed for this client yet.
-            Err(QueueError::QueueNotFound { .. }) => {
-                poll.empty_since_settle = slots.available_permits() == cfg.max_in_flight.max(1);
-                poll.backoff = cfg.max_poll_interval;
-                poll.next = Instant::now() + poll.backoff;
-            }
-            Err(e) => {
-                DrainStats::inc(&stats.queue_errors);
-                poll.empty_since_settle = false;
-                poll.backoff = (poll.backoff * 2)
-                    .max(Duration::from_millis(100))
-                    .min(Duration::from_secs(10));
-                poll.next = Instant::now() + poll.backoff;
-                tracing::warn!(queue = %poll.outbox.queue.name(), error = %e, retry_in_ms = poll.backoff.as_millis() as u64, "outbox receive failed; retrying");
-            }
-        }
-    }
-    tracker.close();
-    tracker.wait().await;
-    stats
+    let mut drain = Drain {
+        lease: notifier.request_timeout() * 3 + LEASE_MARGIN,
+        schedule: Schedule::new(outboxes.len(), cfg.max_poll_interval),
+        depth_at: vec![now; outboxes.len()],
+        slots: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+        stats: Arc::new(DrainStats::default()),
+        tracker: TaskTracker::new(),
+        settled: Arc::new(Notify::new()),
+        last_settled: Arc::new(Mutex::new(now)),
+        taken: 0,
+        notifier,
+        outboxes,
+        cfg,
+    };
+    while drain.step(&shutdown).await {}
+    drain.tracker.close();
+    drain.tracker.wait().await;
+    drain.stats
 }
 
 /// One attempt at one entry, then delete, reschedule or poison it.
 pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, stats: &DrainStats) {
-    let mut entry = match Entry::parse(&msg.text) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "outbox message is not an entry; moving it to the poison queue");
-            let junk = Entry {
-                v: 0,
-                webhook_id: "-".into(),
-                event_type: "-".into(),
-                task_id: "-".into(),
-                url: String::new(),
-                body: String::new(),
-                attempts: 0,
-                outbox_attempts: 0,
-                outboxed_at: String::new(),
-                last_error: e,
-            };
-            return give_up(outbox, &msg, &junk, &msg.text, stats).await;
-        }
-    };
-    let schedule_len = u32::try_from(outbox.schedule.len()).unwrap_or(u32::MAX);
-    if msg.dequeue_count > schedule_len.saturating_add(CRASH_SLACK) {
-        entry.last_error = format!(
-            "taken {} times without a recorded result (deliverers crashed); last error: {}",
-            msg.dequeue_count, entry.last_error
-        );
-        let text = entry.to_text();
-        return give_up(outbox, &msg, &entry, &text, stats).await;
-    }
-    let url = match Url::parse(&entry.url) {
-        Ok(u) => u,
-        Err(e) => {
-            entry.last_error = format!("the entry's URL is invalid: {e}");
-            let text = entry.to_text();
+    let (mut entry, url) = match deliverable(outbox, &msg) {
+        Ok(ok) => ok,
+        Err(refused) => {
+            let (entry, text) = *refused;
             return give_up(outbox, &msg, &entry, &text, stats).await;
         }
     };
@@ -402,23 +400,19 @@ pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, s
     };
     entry.last_error = error.describe();
     entry.outbox_attempts += 1;
-    if matches!(error, AttemptError::Refused(_)) || entry.outbox_attempts >= schedule_len {
+    let next = outbox.schedule.get(entry.outbox_attempts as usize).copied();
+    let (Some(delay), false) = (next, matches!(error, AttemptError::Refused(_))) else {
         let text = entry.to_text();
         return give_up(outbox, &msg, &entry, &text, stats).await;
-    }
-    let delay = outbox
-        .schedule
-        .get(entry.outbox_attempts as usize)
-        .copied()
-        .unwrap_or(Duration::ZERO);
+    };
     let text = entry.to_text();
-    match settle_call(|| {
+    let rescheduled = settle_call(|| {
         outbox
             .queue
             .update(&msg.id, &msg.pop_receipt, delay, Some(&text))
     })
-    .await
-    {
+    .await;
+    match rescheduled {
         Ok(_) => {
             count(results::RETRIED);
             DrainStats::inc(&stats.retried);
@@ -429,6 +423,47 @@ pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, s
         Err(e) => {
             DrainStats::inc(&stats.queue_errors);
             tracing::warn!(error = %e, "could not reschedule an outbox entry; it reappears when its lease ends");
+        }
+    }
+}
+
+/// The entry and its URL, or what to poison instead: an unreadable message
+/// (verbatim), an entry whose deliverers kept dying, or one with a bad URL.
+fn deliverable(outbox: &Outbox, msg: &Message) -> Result<(Entry, Url), Box<(Entry, String)>> {
+    let mut entry = match Entry::parse(&msg.text) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "outbox message is not an entry; moving it to the poison queue");
+            let junk = Entry {
+                v: 0,
+                webhook_id: "-".into(),
+                event_type: "-".into(),
+                task_id: "-".into(),
+                url: String::new(),
+                body: String::new(),
+                attempts: 0,
+                outbox_attempts: 0,
+                outboxed_at: String::new(),
+                last_error: e,
+            };
+            return Err(Box::new((junk, msg.text.clone())));
+        }
+    };
+    let schedule_len = u32::try_from(outbox.schedule.len()).unwrap_or(u32::MAX);
+    if msg.dequeue_count > schedule_len.saturating_add(CRASH_SLACK) {
+        entry.last_error = format!(
+            "taken {} times without a recorded result (deliverers crashed); last error: {}",
+            msg.dequeue_count, entry.last_error
+        );
+        let text = entry.to_text();
+        return Err(Box::new((entry, text)));
+    }
+    match Url::parse(&entry.url) {
+        Ok(url) => Ok((entry, url)),
+        Err(e) => {
+            entry.last_error = format!("the entry's URL is invalid: {e}");
+            let text = entry.to_text();
+            Err(Box::new((entry, text)))
         }
     }
 }
