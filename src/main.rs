@@ -78,23 +78,8 @@ fn with_env_tip(mut e: clap::Error) -> clap::Error {
 
 fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Result<ExitCode> {
     let opts = cli.opts;
-    match &cli.command {
-        Some(Command::EnvVars) => {
-            for v in worker::config::env_vars() {
-                println!("{}", serde_json::to_string(&v)?);
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        Some(Command::Handlers) => {
-            let registry = build_registry(&opts)?;
-            let rows = registry.describe();
-            let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-            for (name, description) in rows {
-                println!("{name:width$}  {description}");
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        _ => {}
+    if print_listing(cli.command.as_ref(), &opts)? {
+        return Ok(ExitCode::SUCCESS);
     }
     telemetry::init(opts.log_format);
     if let Some(cmd @ (Command::Enqueue(_) | Command::Check | Command::Poison(_))) = &cli.command {
@@ -129,105 +114,140 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
     for w in opts.timing_warnings() {
         tracing::warn!("{w}");
     }
-    if let Some(raw) = single_input {
-        // One task needs no thread pool; a current-thread runtime starts faster
-        // and keeps the container's memory small.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return rt.block_on(async {
-            let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone())?;
-            if let Some(handed) = handed_message(&opts) {
-                return run_leased(&opts, app, handed, &raw, shutdown).await;
-            }
-            let outbox = single_outbox(&opts);
-            let report = single::run(
-                &app,
-                &raw,
-                outbox.as_ref().map_err(String::as_str),
-                shutdown,
-            )
-            .await;
-            println!("{}", serde_json::to_string(&report.event)?);
-            Ok(if report.succeeded {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        });
-    }
-    if let Some(Command::Deliver(args)) = &cli.command {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return rt.block_on(deliver(&opts, app, args.exit_when_empty));
-    }
-    let job = matches!(cli.command, Some(Command::Job))
-        || (cli.command.is_none() && opts.mode == Mode::Job);
-    let poll_args = match cli.command {
-        Some(Command::Poll(args)) => args,
-        _ => PollArgs::default(),
-    };
-    // Job mode runs one task, like single-task mode: no thread pool needed.
-    let rt = if job {
+    // One task (single-task, job, deliver) needs no thread pool: a
+    // current-thread runtime starts faster and keeps a container small.
+    let current_thread = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
+            .build()
     };
-    rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone())?;
-        // A job execution was started because its queue holds messages: it
-        // skips creating queues (a round trip per task); a missing poison
-        // queue is still created on first use.
-        let targets = connect(&opts, !job).await?;
-        let settings = settings(&opts);
-        let stats = Arc::new(Stats::default());
-        // Outcomes waiting for delivery: as many as webhook requests may be in flight.
-        let backlog = opts.webhook_concurrency as usize;
-        let consumer = Arc::new(Consumer::new(app, settings, stats, shutdown.clone(), backlog));
-        if job {
-            let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
-                anyhow::anyhow!("job mode consumes exactly one queue, but {} are configured (WORKER_CLIENT)", t.len())
-            })?;
-            let queue = target.queue.name().to_owned();
-            let job = within_budget(job::run(consumer, target), &shutdown);
-            return match job.await? {
-                Ok(None) => {
-                    tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Ok(Some(p)) => Ok(exit_code(&p)),
-                Err(e) => Err(anyhow::Error::new(e).context(format!(
-                    "cannot receive from {queue} (check WORKER_CLIENT / WORKER_QUEUE_NAME and the storage settings)"
-                ))),
+    if let Some(raw) = single_input {
+        return current_thread()?.block_on(run_single(&opts, app, &raw));
+    }
+    match cli.command {
+        Some(Command::Deliver(args)) => {
+            current_thread()?.block_on(deliver(&opts, app, args.exit_when_empty))
+        }
+        Some(Command::Job) => current_thread()?.block_on(run_job(&opts, app)),
+        None if opts.mode == Mode::Job => current_thread()?.block_on(run_job(&opts, app)),
+        command => {
+            let poll_args = match command {
+                Some(Command::Poll(args)) => args,
+                _ => PollArgs::default(),
             };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run_poll(&opts, app, poll_args))
         }
-        let health = Arc::new(Health::new(exporter::health_threshold(Duration::from_secs_f64(opts.max_poll_interval))));
-        if let Some(addr) = opts.metrics_addr {
-            exporter::serve(addr, health.clone(), shutdown.clone()).await?;
+    }
+}
+
+/// `worker env-vars` and `worker handlers`: listings on stdout, no logging
+/// set up. `false` for every other command.
+fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bool> {
+    match command {
+        Some(Command::EnvVars) => {
+            for v in worker::config::env_vars() {
+                println!("{}", serde_json::to_string(&v)?);
+            }
         }
-        let cfg = poller::Config {
-            batch_size: opts.batch_size,
-            concurrency: opts.concurrency as usize,
-            max_poll_interval: Duration::from_secs_f64(opts.max_poll_interval),
-            shutdown_grace: Duration::from_secs_f64(opts.shutdown_grace),
-            max_tasks: poll_args.max_tasks,
-            exit_when_empty: poll_args.exit_when_empty,
-            summary_every: Duration::from_secs(60),
-            // A quarter of the webhook slots for retries from the outbox; the
-            // rest stay free for fresh outcomes.
-            outbox_in_flight: (opts.webhook_concurrency as usize / 4).max(1),
-        };
-        tracing::info!(queues = ?cfg_queues(&targets), config = ?opts, "polling");
-        poller::run(consumer, targets, cfg, health).await;
-        Ok(ExitCode::SUCCESS)
+        Some(Command::Handlers) => {
+            let rows = build_registry(opts)?.describe();
+            let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+            for (name, description) in rows {
+                println!("{name:width$}  {description}");
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Single-task mode: the task alone, or holding the message it came from.
+async fn run_single(opts: &Options, app: Arc<App>, raw: &[u8]) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    if let Some(handed) = handed_message(opts) {
+        return run_leased(opts, app, handed, raw, shutdown).await;
+    }
+    let outbox = single_outbox(opts);
+    let report = single::run(&app, raw, outbox.as_ref().map_err(String::as_str), shutdown).await;
+    println!("{}", serde_json::to_string(&report.event)?);
+    Ok(if report.succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
+}
+
+fn consumer(opts: &Options, app: Arc<App>, shutdown: &CancellationToken) -> Arc<Consumer> {
+    // Outcomes waiting for delivery: as many as webhook requests may be in flight.
+    let backlog = opts.webhook_concurrency as usize;
+    Arc::new(Consumer::new(
+        app,
+        settings(opts),
+        Arc::new(Stats::default()),
+        shutdown.clone(),
+        backlog,
+    ))
+}
+
+/// Job mode: one message, then the due outbox entries.
+async fn run_job(opts: &Options, app: Arc<App>) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    // A job execution was started because its queue holds messages: it
+    // skips creating queues (a round trip per task); a missing poison queue
+    // is still created on first use.
+    let targets = connect(opts, false).await?;
+    let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
+        anyhow::anyhow!(
+            "job mode consumes exactly one queue, but {} are configured (WORKER_CLIENT)",
+            t.len()
+        )
+    })?;
+    let queue = target.queue.name().to_owned();
+    let consumer = consumer(opts, app, &shutdown);
+    match within_budget(job::run(consumer, target), &shutdown).await? {
+        Ok(None) => {
+            tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Some(p)) => Ok(exit_code(&p)),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot receive from {queue} (check WORKER_CLIENT / WORKER_QUEUE_NAME and the storage settings)"
+        ))),
+    }
+}
+
+/// Polling mode, until a signal (or --max-tasks / --exit-when-empty).
+async fn run_poll(opts: &Options, app: Arc<App>, args: PollArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let targets = connect(opts, true).await?;
+    let consumer = consumer(opts, app, &shutdown);
+    let health = Arc::new(Health::new(exporter::health_threshold(
+        Duration::from_secs_f64(opts.max_poll_interval),
+    )));
+    if let Some(addr) = opts.metrics_addr {
+        exporter::serve(addr, health.clone(), shutdown.clone()).await?;
+    }
+    let cfg = poller::Config {
+        batch_size: opts.batch_size,
+        concurrency: opts.concurrency as usize,
+        max_poll_interval: Duration::from_secs_f64(opts.max_poll_interval),
+        shutdown_grace: Duration::from_secs_f64(opts.shutdown_grace),
+        max_tasks: args.max_tasks,
+        exit_when_empty: args.exit_when_empty,
+        summary_every: Duration::from_secs(60),
+        // A quarter of the webhook slots for retries from the outbox; the
+        // rest stay free for fresh outcomes.
+        outbox_in_flight: (opts.webhook_concurrency as usize / 4).max(1),
+    };
+    tracing::info!(queues = ?cfg_queues(&targets), config = ?opts, "polling");
+    poller::run(consumer, targets, cfg, health).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cfg_queues(targets: &[Target]) -> Vec<&str> {
@@ -323,13 +343,7 @@ async fn run_leased(
             t.len()
         )
     })?;
-    let consumer = Arc::new(Consumer::new(
-        app,
-        settings(opts),
-        Arc::new(Stats::default()),
-        shutdown.clone(),
-        1,
-    ));
+    let consumer = consumer(opts, app, &shutdown);
     let queue = target.queue.name().to_owned();
     let p = within_budget(single::run_leased(consumer, target, handed, raw), &shutdown)
         .await?
