@@ -371,6 +371,7 @@ pub async fn run(
     ));
     let summary_task = tokio::spawn(summary_loop(
         stats.clone(),
+        targets.iter().map(|t| t.queue.clone()).collect(),
         cfg.summary_every,
         shutdown.clone(),
     ));
@@ -398,13 +399,25 @@ pub async fn run(
     summary
 }
 
-/// Logs one line with the counters every `every`.
-async fn summary_loop(stats: Arc<Stats>, every: Duration, stop: CancellationToken) {
+/// Logs one line with the counters every `every`, and one `queue depth` line
+/// per consumed queue (approximate count, visible or not): the backlog a
+/// dashboard charts.
+async fn summary_loop(
+    stats: Arc<Stats>,
+    queues: Vec<crate::queue::Queue>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut last = (Summary::of(&stats).ran(), Instant::now());
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
+        }
+        for q in &queues {
+            if let Ok(depth) = q.approximate_count().await {
+                tracing::info!(queue = %q.name(), depth, "queue depth");
+            }
         }
         let now = Summary::of(&stats);
         let elapsed = last.1.elapsed().as_secs_f64().max(1e-3);
