@@ -3591,6 +3591,35 @@ fn key_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
     }
 }
 
+/// The field names of the `tracing` event that logs `text` as its message, read
+/// from the macro call in `source` (`tracing::info!(queue = %q.name(), depth,
+/// "queue depth")` gives `queue`, `depth`); `None` when no call logs it.
+fn fields_logged_with(source: &str, text: &str) -> Option<BTreeSet<String>> {
+    let end = source.find(&format!("\"{text}\""))?;
+    let start = source[..end].rfind("tracing::")?;
+    let args = &source[start..end];
+    let args = &args[args.find('(')? + 1..];
+    let mut fields = BTreeSet::new();
+    let (mut depth, mut from) = (0usize, 0usize);
+    for (i, c) in args.char_indices().chain([(args.len(), ',')]) {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                let arg = args[from..i].trim();
+                let name = arg.split('=').next().unwrap_or("").trim();
+                let name = name.trim_start_matches(['%', '?']);
+                if !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                    fields.insert(name.to_owned());
+                }
+                from = i + 1;
+            }
+            _ => {}
+        }
+    }
+    Some(fields)
+}
+
 #[test]
 fn dashboard_queries_read_what_the_binary_writes() {
     // Real JSON lines: one task that succeeds, one that fails, in the mode
@@ -3644,6 +3673,36 @@ fn dashboard_queries_read_what_the_binary_writes() {
     assert!(queries.len() >= 5, "the dashboard has its queries");
     let mut checked = 0;
     for (name, query) in &queries {
+        // The messages it selects; those the two runs cannot produce (they
+        // need a queue: `queue depth`, `outbox depth`, ...) must be tracing
+        // messages in the source, word for word, and the fields that call
+        // logs count as fields of its line: the runs show that JSON lines
+        // carry an event's fields at the top level (`duration_ms`, `status`).
+        let mut selected = Vec::new();
+        let marker = "tostring(log.message) in (";
+        if let Some(at) = query.find(marker) {
+            let rest = &query[at + marker.len()..];
+            let list = &rest[..rest.find(')').expect("closed list")];
+            selected.extend(list.split(',').map(|t| t.trim().trim_matches('"')));
+        }
+        let mut source_fields: Option<BTreeSet<String>> = None;
+        for text in &selected {
+            if messages.contains(*text) {
+                continue;
+            }
+            let fields = fields_logged_with(&source, text)
+                .unwrap_or_else(|| panic!("{name}: the worker never logs {text:?}"));
+            // Only fields every selected source-only message logs.
+            source_fields = Some(match source_fields {
+                None => fields,
+                Some(seen) => seen.intersection(&fields).cloned().collect(),
+            });
+            checked += 1;
+        }
+        assert!(
+            paths.contains("duration_ms") && paths.contains("status"),
+            "JSON lines carry the event's fields at the top level ({paths:?})"
+        );
         // Every `log.<path>` is a field the binary writes.
         for (i, _) in query.match_indices("log.") {
             let before = query[..i].chars().last().unwrap_or(' ');
@@ -3656,26 +3715,59 @@ fn dashboard_queries_read_what_the_binary_writes() {
                 .collect();
             let field = field.trim_end_matches('.');
             assert!(
-                paths.contains(field),
-                "{name}: log.{field} is not a field of the worker's JSON lines ({paths:?})"
+                paths.contains(field) || source_fields.as_ref().is_some_and(|f| f.contains(field)),
+                "{name}: log.{field} is not a field of the worker's JSON lines ({paths:?}) \
+                 nor of every source-only message it selects ({source_fields:?})"
             );
             checked += 1;
         }
-        // Every message text compared with log.message is one it writes.
-        let marker = "tostring(log.message) in (";
-        if let Some(at) = query.find(marker) {
-            let rest = &query[at + marker.len()..];
-            let list = &rest[..rest.find(')').expect("closed list")];
-            for text in list.split(',').map(|t| t.trim().trim_matches('"')) {
-                assert!(
-                    messages.contains(text) || source.contains(&format!("\"{text}\"")),
-                    "{name}: the worker never logs {text:?}"
-                );
-                checked += 1;
-            }
-        }
+        checked += selected.len();
     }
     assert!(checked > 10, "only {checked} references checked");
+    // The depth chart's lines: both messages log the queue's name and its depth.
+    for text in ["queue depth", "outbox depth"] {
+        let fields = fields_logged_with(&source, text).expect(text);
+        assert!(
+            fields.contains("queue") && fields.contains("depth"),
+            "{text}: {fields:?}"
+        );
+        assert!(
+            queries
+                .iter()
+                .any(|(_, q)| q.contains(&format!("\"{text}\""))),
+            "the dashboard charts {text:?}"
+        );
+    }
+
+    // The cost estimate: every placeholder replaced, by the size and prices
+    // both deployments pass in.
+    let cost = dashboard.var("costQuery").template().expect("costQuery");
+    let priced = format!("{:?}", dashboard.var("costQueryPriced"));
+    for placeholder in [
+        "__VCPU__",
+        "__GB__",
+        "__PRICE_VCPU_SECOND__",
+        "__PRICE_GB_SECOND__",
+    ] {
+        assert!(cost.contains(placeholder), "costQuery uses {placeholder}");
+        assert!(
+            priced.contains(placeholder),
+            "costQueryPriced replaces {placeholder}"
+        );
+    }
+    let executions = dashboard
+        .var("executionsQuery")
+        .template()
+        .expect("executionsQuery");
+    assert!(format!("{:?}", dashboard.var("executionsQueryForJob")).contains("__JOB_NAME__"));
+    // The environment logs to the legacy destination, whose system table is
+    // ContainerAppSystemLogs_CL with _s columns.
+    let job = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/containerapps/job.bicep"),
+    )
+    .expect("job.bicep");
+    assert!(job.contains("destination: 'log-analytics'"));
+    assert!(executions.contains("ContainerAppSystemLogs_CL\n| where JobName_s == \"__JOB_NAME__\""));
 
     // The lines come from the tables both paths write, with the same columns
     // the READMEs' queries use; both deployments include the dashboard.
@@ -3696,5 +3788,29 @@ fn dashboard_queries_read_what_the_binary_writes() {
             &Value::Expr("monitoring.outputs.workspaceId".into()),
             "{file}"
         );
+        let params = main
+            .module("../modules/dashboard.bicep")
+            .body
+            .at(&["params"])
+            .clone();
+        for (param, expr) in [
+            ("vcpuCores", "cpuCores"),
+            ("memoryInGb", "memoryInGb"),
+            ("pricePerVcpuSecond", "pricePerVcpuSecond"),
+            ("pricePerGbSecond", "pricePerGbSecond"),
+        ] {
+            assert_eq!(
+                params.at(&[param]),
+                &Value::Expr(expr.into()),
+                "{file}: {param}"
+            );
+            assert!(main.params.contains_key(expr), "{file}: {expr}");
+        }
+        let job = params.get("jobName");
+        if file.contains("containerapps") {
+            assert_eq!(job, Some(&Value::Expr("jobName".into())), "{file}");
+        } else {
+            assert!(job.is_none(), "{file}: ACI has no job");
+        }
     }
 }

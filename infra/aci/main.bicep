@@ -97,6 +97,16 @@ param openaiApiKey string
 @description('WORKER_WEBHOOK_SECRET: whsec_ + base64 of 24-64 random bytes.')
 param webhookSecret string
 
+// List prices for the dashboard's cost estimate only (nothing is billed by
+// them): USD, pay-as-you-go, East US, Linux container groups, as quoted in
+// README.md next to this file; recorded 2026-12-01 and not re-checked against
+// the live price list since. Set your region's and currency's prices here.
+@description('Dashboard cost estimate: list price per vCPU-second (decimal string; default USD, East US, Linux container groups, 2026-12-01).')
+param pricePerVcpuSecond string = '0.0000113'
+
+@description('Dashboard cost estimate: list price per GB-second of memory (decimal string; default USD, East US, Linux container groups, 2026-12-01).')
+param pricePerGbSecond string = '0.0000012'
+
 param tags object = {}
 
 var suffix = uniqueString(resourceGroup().id, client)
@@ -171,6 +181,10 @@ module dashboard '../modules/dashboard.bicep' = {
     location: location
     tags: allTags
     workspaceId: monitoring.outputs.workspaceId
+    vcpuCores: cpuCores
+    memoryInGb: memoryInGb
+    pricePerVcpuSecond: pricePerVcpuSecond
+    pricePerGbSecond: pricePerGbSecond
   }
 }
 

@@ -98,6 +98,16 @@ param openaiApiKey string
 @description('WORKER_WEBHOOK_SECRET: whsec_ + base64 of 24-64 random bytes.')
 param webhookSecret string
 
+// List prices for the dashboard's cost estimate only (nothing is billed by
+// them): USD, pay-as-you-go, East US, the Consumption profile, active usage, as quoted in
+// README.md next to this file; recorded 2026-12-01 and not re-checked against
+// the live price list since. Set your region's and currency's prices here.
+@description('Dashboard cost estimate: list price per vCPU-second (decimal string; default USD, East US, the Consumption profile, active usage, 2026-12-01).')
+param pricePerVcpuSecond string = '0.000024'
+
+@description('Dashboard cost estimate: list price per GiB-second of memory (decimal string; default USD, East US, the Consumption profile, active usage, 2026-12-01).')
+param pricePerGbSecond string = '0.000003'
+
 param tags object = {}
 
 var suffix = uniqueString(resourceGroup().id, client)
@@ -173,6 +183,11 @@ module dashboard '../modules/dashboard.bicep' = {
     location: location
     tags: allTags
     workspaceId: monitoring.outputs.workspaceId
+    vcpuCores: cpuCores
+    memoryInGb: memoryInGb
+    pricePerVcpuSecond: pricePerVcpuSecond
+    pricePerGbSecond: pricePerGbSecond
+    jobName: jobName
   }
 }
 
