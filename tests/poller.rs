@@ -462,7 +462,10 @@ async fn worker_rides_out_an_azurite_restart() {
     w.wait_for_log("serving /metrics and /healthz");
     let healthz = format!("http://{}/healthz", metrics_addr(&w.logs()));
     assert_succeeded(&events(&rx, 1, ARRIVAL)[0], 1);
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let status = |http: &reqwest::Client| {
         let (http, url) = (http.clone(), healthz.clone());
         async move { http.get(url).send().await.unwrap().status().as_u16() }
@@ -634,7 +637,10 @@ async fn metrics_and_health_are_served() {
     events(&rx, 5, ARRIVAL);
     down.recv(ARRIVAL).expect("the down backend is tried");
 
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let queue = format!("{}-tasks", c.name);
     let wanted = [
         r#"worker_tasks_total{task_type="echo",outcome="succeeded"} 4"#.to_owned(),
