@@ -278,7 +278,7 @@ async fn long_task_with_a_short_lease_runs_once_between_two_workers() {
         c.worker()
             .arg("poll")
             // Renewal at half-life leaves 3 s of slack on a loaded machine.
-            .env("WORKER_VISIBILITY_TIMEOUT", &LEASE.as_secs().to_string())
+            .env("WORKER_VISIBILITY_TIMEOUT", LEASE.as_secs().to_string())
             .env("WORKER_MAX_POLL_INTERVAL", "0.3")
             .spawn()
     };
