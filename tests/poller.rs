@@ -353,6 +353,9 @@ async fn sigterm_releases_an_unfinished_message_at_once() {
         .arg("poll")
         .env("WORKER_SHUTDOWN_GRACE", "1")
         .env("WORKER_VISIBILITY_TIMEOUT", "300")
+        // No receive in flight beside the task that could bring the released
+        // message once more before exit (the dequeue count below is exact).
+        .env("WORKER_CONCURRENCY", "1")
         .spawn();
     w.wait_for_log("task started");
     w.signal(Signal::SIGTERM);
@@ -911,11 +914,16 @@ async fn releases_at_shutdown_count_toward_the_poison_limit() {
             Some(&hook(&rx)),
         ))
         .await;
+    // One slot: while the task runs no receive is in flight, so each
+    // interrupted run is exactly one delivery. (With free slots, a receive
+    // answered after the release brings the message once more, and hands it
+    // back: a second delivery in the same run, as a slow Azurite shows.)
     let w = |c: &Client| {
         c.worker()
             .arg("poll")
             .env("WORKER_SHUTDOWN_GRACE", "0")
             .env("WORKER_MAX_DEQUEUE_COUNT", "2")
+            .env("WORKER_CONCURRENCY", "1")
     };
     for _ in 0..2 {
         let mut run = w(&c).spawn();
