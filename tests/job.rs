@@ -141,8 +141,14 @@ async fn killed_execution_leaves_the_message_to_the_next_one() {
         Some(&hook(&rx)),
     ))
     .await;
-    let job = || c.worker().arg("job").env("WORKER_VISIBILITY_TIMEOUT", "2");
-    let mut first = job().spawn();
+    // The first execution's short lease lapses soon after it is killed; the
+    // later ones renew at 5 s, long after the 2 s task is done.
+    let job = |lease: &str| {
+        c.worker()
+            .arg("job")
+            .env("WORKER_VISIBILITY_TIMEOUT", lease)
+    };
+    let mut first = job("2").spawn();
     first.wait_for_log("task started");
     assert_eq!(first.kill().code, None);
 
@@ -150,7 +156,7 @@ async fn killed_execution_leaves_the_message_to_the_next_one() {
     // the lease runs out find the queue empty.
     let deadline = Instant::now() + HANG_GUARD;
     let out = loop {
-        let out = job().run();
+        let out = job("10").run();
         out.assert_code(0);
         if !out.stderr.contains(EMPTY) || Instant::now() > deadline {
             break out;

@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -71,7 +72,10 @@ async fn send_and_receive_plain_base64_and_backend_messages() {
         q.name(),
         account_sas("2099-01-01T00:00:00Z")
     );
-    let rsp = reqwest::Client::new()
+    let rsp = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
         .post(url)
         .header("x-ms-version", "2019-12-12")
         .header("content-type", "application/xml")
@@ -286,41 +290,120 @@ async fn sas_connection_strings_work_and_expired_ones_are_auth_errors() {
 
 #[tokio::test]
 async fn use_development_storage_reaches_azurite_on_its_default_port() {
-    // UseDevelopmentStorage=true means the emulator on 127.0.0.1:10001. Start
-    // one there unless one already runs (another test run, a developer's own).
-    let own = match Azurite::try_start_on(10001) {
-        Ok(az) => Some(az),
-        Err(e) if e.contains("EADDRINUSE") => None,
-        Err(e) => panic!("{e}"),
-    };
+    // UseDevelopmentStorage=true means Azurite's account on 127.0.0.1:10001.
     let svc = QueueService::new(&settings("UseDevelopmentStorage=true")).unwrap();
     assert_eq!(
         svc.describe(),
         "account devstoreaccount1 at http://127.0.0.1:10001/devstoreaccount1 (shared key)"
     );
-    let q = svc.queue(&unique_name("devstorage")).unwrap();
-    q.create_if_missing().await.unwrap_or_else(|e| {
-        panic!(
-            "UseDevelopmentStorage=true against 127.0.0.1:10001 (own instance: {}): {e}",
-            own.is_some()
-        )
+    // End to end without taking port 10001, which another test run (or
+    // anything else) may hold: the worker's storage client honours
+    // HTTP_PROXY, and the proxy, on a port of its own, forwards to the shared
+    // Azurite. The URLs it is asked for prove the address; Azurite accepting
+    // the requests proves the well-known account key.
+    let az = Azurite::shared();
+    let (proxy, urls) = forward_proxy(az.port());
+    let client = unique_name("devstorage");
+    let mut cmd = worker_command(Some("UseDevelopmentStorage=true"));
+    cmd.env("HTTP_PROXY", format!("http://127.0.0.1:{proxy}"))
+        .args(["enqueue", "--client", &client, "--task-type", "echo"])
+        .args(["--task-id", "dev-1"]);
+    let o = run_bounded(cmd);
+    assert!(o.status.success(), "{}", explain(&o));
+    let urls: Vec<String> = urls.try_iter().collect();
+    assert!(
+        !urls.is_empty()
+            && urls
+                .iter()
+                .all(|u| u.starts_with("http://127.0.0.1:10001/devstoreaccount1/")),
+        "{urls:?}"
+    );
+    let q = service(az).queue(&format!("{client}-tasks")).unwrap();
+    let got = q.receive(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(got.len(), 1, "{}", explain(&o));
+    let task: serde_json::Value = serde_json::from_str(&got[0].text).unwrap();
+    assert_eq!(task["task_id"], "dev-1");
+}
+
+/// An HTTP forward proxy on a free port that sends every request, whatever
+/// absolute URL it names, to 127.0.0.1:`upstream` with the same method,
+/// path, query, headers and body. Returns its port and the URLs asked for.
+fn forward_proxy(upstream: u16) -> (u16, mpsc::Receiver<String>) {
+    use http_body_util::{BodyExt, Full};
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, urls) = mpsc::channel();
+    // Its own thread and runtime: the test blocks on the worker meanwhile.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (tx, http) = (tx.clone(), http.clone());
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (tx, http) = (tx.clone(), http.clone());
+                        async move {
+                            let _ = tx.send(req.uri().to_string());
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                            let mut headers = parts.headers;
+                            for h in ["host", "proxy-connection", "connection"] {
+                                headers.remove(h);
+                            }
+                            let rsp = http
+                                .request(parts.method, format!("http://127.0.0.1:{upstream}{path}"))
+                                .headers(headers)
+                                .body(body)
+                                .send()
+                                .await
+                                .unwrap();
+                            let mut out = hyper::Response::builder().status(rsp.status());
+                            for (k, v) in rsp.headers() {
+                                if !matches!(
+                                    k.as_str(),
+                                    "content-length" | "transfer-encoding" | "connection"
+                                ) {
+                                    out = out.header(k, v);
+                                }
+                            }
+                            let bytes = rsp.bytes().await.unwrap();
+                            Ok::<_, std::convert::Infallible>(out.body(Full::new(bytes)).unwrap())
+                        }
+                    },
+                );
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
     });
-    q.send("dev", None, None).await.unwrap();
-    let m = q
-        .receive(1, Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
-    assert_eq!(m.text, "dev");
-    q.delete(&m.id, &m.pop_receipt).await.unwrap();
+    (port, urls)
 }
 
 #[tokio::test]
 async fn closed_port_is_a_transient_error_without_a_long_wait() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // Bound but not listening: connections are refused, and nothing else can
+    // take the port while the test holds it.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = closed.local_addr().unwrap().port();
     let cs = format!(
         "AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint=http://127.0.0.1:{port}/{ACCOUNT}"
     );
@@ -339,7 +422,12 @@ async fn closed_port_is_a_transient_error_without_a_long_wait() {
     assert!(e.is_transient(), "{e:?}");
     let shown = e.to_string();
     assert!(shown.contains(&format!("127.0.0.1:{port}")), "{shown}");
+    assert!(
+        shown.contains("refused"),
+        "a closed port, not something else: {shown}"
+    );
     assert!(!shown.contains(ACCOUNT_KEY), "{shown}");
+    drop(closed);
 }
 
 #[tokio::test]
@@ -408,15 +496,85 @@ const STORAGE_VARS: &[&str] = &[
     "TASK_DATA",
 ];
 
-fn worker(connection_string: Option<&str>, args: &[&str]) -> Output {
+/// A developer's proxy settings would reroute the worker's storage calls.
+const PROXY_VARS: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// A worker still running after this is hung; the test fails and kills it.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+fn worker_command(connection_string: Option<&str>) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
-    for v in STORAGE_VARS {
+    for v in STORAGE_VARS.iter().chain(PROXY_VARS) {
         cmd.env_remove(v);
     }
     if let Some(cs) = connection_string {
         cmd.env("AZURE_STORAGE_CONNECTION_STRING", cs);
     }
-    cmd.env("RUST_LOG", "warn").args(args).output().unwrap()
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+fn worker(connection_string: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = worker_command(connection_string);
+    cmd.args(args);
+    run_bounded(cmd)
+}
+
+/// Runs `cmd` to completion like `Command::output`, but kills it and fails
+/// the test if it is still running after [`HANG_GUARD`].
+fn run_bounded(mut cmd: Command) -> Output {
+    use std::io::Read;
+
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+        rx
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + HANG_GUARD;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {HANG_GUARD:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+    let take = |rx: mpsc::Receiver<Vec<u8>>, what: &str| {
+        rx.recv_timeout(left)
+            .unwrap_or_else(|_| panic!("{cmd:?} exited but its {what} stayed open"))
+    };
+    let stdout = take(stdout, "stdout");
+    let stderr = take(stderr, "stderr");
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 fn stdout(o: &Output) -> String {

@@ -132,21 +132,6 @@ impl Azurite {
         Self::launch(None, 0)
     }
 
-    /// An in-memory instance on a given port; the error carries Azurite's
-    /// output (it mentions `EADDRINUSE` when the port is taken).
-    pub fn try_start_on(port: u16) -> Result<Self, String> {
-        let mut me = Azurite {
-            child: None,
-            stdin: None,
-            azurite_pid: None,
-            port,
-            location: None,
-            output: Arc::default(),
-        };
-        me.spawn(port)?;
-        Ok(me)
-    }
-
     /// An instance that keeps its data in a temporary directory, so that
     /// [`Azurite::restart`] brings the queues and messages back.
     pub fn start_persistent() -> Self {

@@ -9,4 +9,5 @@ pub mod backend;
 pub mod consume;
 pub mod proxy;
 pub mod receiver;
+pub mod standard_webhooks;
 pub mod worker;

@@ -255,6 +255,23 @@ impl Running {
     }
 
     fn collect(mut self, status: ExitStatus) -> Output {
+        // The pipes close when the worker and every child holding them are
+        // gone; a child left behind must fail the test, not hang it.
+        let deadline = Instant::now() + HANG_GUARD;
+        let done = |a: &Option<JoinHandle<Vec<u8>>>, b: &Option<JoinHandle<()>>| {
+            a.as_ref().is_none_or(JoinHandle::is_finished)
+                && b.as_ref().is_none_or(JoinHandle::is_finished)
+        };
+        while !done(&self.stdout, &self.stderr) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !done(&self.stdout, &self.stderr) {
+            self.seen.extend(self.lines.try_iter());
+            panic!(
+                "the worker exited ({status}) but its stdout or stderr is still open {HANG_GUARD:?} later (a child process left behind?); stderr:\n{}",
+                self.seen.join("\n")
+            );
+        }
         let stdout = self
             .stdout
             .take()
