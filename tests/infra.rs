@@ -2147,27 +2147,7 @@ fn trigger_run_fits_in_the_visibility_timeout() {
     let bicep = Bicep::load(LOGIC_APP);
     let definition = trigger_definition();
 
-    // Every request of the run has its retry policy where the Workflow
-    // Definition Language reads it: inside `inputs`.
-    let mut all = Vec::new();
-    actions_in(definition.at(&["actions"]), &mut all);
-    for (name, action) in &all {
-        if matches!(
-            action.at(&["type"]).literal(),
-            Some("Http" | "ApiConnection")
-        ) {
-            assert!(
-                resolve(&bicep, action.at(&["inputs"]))
-                    .get("retryPolicy")
-                    .is_some(),
-                "{name}: give it an explicit retryPolicy inside inputs"
-            );
-            assert!(
-                action.get("retryPolicy").is_none(),
-                "{name}: retryPolicy beside inputs"
-            );
-        }
-    }
+    assert_retry_policies_inside_inputs(&bicep, &definition, "trigger");
 
     let mut worst = WorstCase {
         bicep: &bicep,
@@ -3554,21 +3534,30 @@ fn workflows_hold_least_privilege() {
         Some("DisableAsyncPattern")
     );
     for symbol in ["cleanup", "deliver"] {
-        let definition = workflow_definition(symbol);
-        let mut all = Vec::new();
-        actions_in(definition.at(&["actions"]), &mut all);
-        for (name, action) in &all {
-            if matches!(
-                action.at(&["type"]).literal(),
-                Some("Http" | "ApiConnection")
-            ) {
-                assert!(
-                    resolve(&logic, action.at(&["inputs"]))
-                        .get("retryPolicy")
-                        .is_some(),
-                    "{symbol}: {name} has no retryPolicy inside inputs"
-                );
-            }
+        assert_retry_policies_inside_inputs(&logic, &workflow_definition(symbol), symbol);
+    }
+}
+
+/// Every request of a workflow has an explicit retry policy where the
+/// Workflow Definition Language reads it: inside `inputs`, never beside it.
+fn assert_retry_policies_inside_inputs(bicep: &Bicep, definition: &Value, workflow: &str) {
+    let mut all = Vec::new();
+    actions_in(definition.at(&["actions"]), &mut all);
+    for (name, action) in &all {
+        if matches!(
+            action.at(&["type"]).literal(),
+            Some("Http" | "ApiConnection")
+        ) {
+            assert!(
+                resolve(bicep, action.at(&["inputs"]))
+                    .get("retryPolicy")
+                    .is_some(),
+                "{workflow}: {name} has no explicit retryPolicy inside inputs"
+            );
+            assert!(
+                action.get("retryPolicy").is_none(),
+                "{workflow}: {name} has a retryPolicy beside inputs"
+            );
         }
     }
 }
