@@ -366,11 +366,6 @@ impl Options {
         }
     }
 
-    /// The queues the configuration names (see [`queues`]).
-    pub fn queues(&self) -> Result<Vec<QueueNames>, String> {
-        queues(self)
-    }
-
     pub fn task_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.task_timeout)
     }
@@ -460,56 +455,58 @@ impl QueueNames {
     }
 }
 
-/// The queues the configuration names: `<client>-tasks` for each client in
-/// `WORKER_CLIENT`, or `WORKER_QUEUE_NAME` (with at most one client).
-pub fn queues(opts: &Options) -> Result<Vec<QueueNames>, String> {
-    let mut clients: Vec<String> = Vec::new();
-    for c in opts
-        .clients
-        .iter()
-        .map(|c| c.trim())
-        .filter(|c| !c.is_empty())
-    {
-        if !clients.iter().any(|seen| seen == c) {
-            clients.push(c.to_owned());
+impl Options {
+    /// The queues the configuration names: `<client>-tasks` for each client in
+    /// `WORKER_CLIENT`, or `WORKER_QUEUE_NAME` (with at most one client).
+    pub fn queues(&self) -> Result<Vec<QueueNames>, String> {
+        let mut clients: Vec<String> = Vec::new();
+        for c in self
+            .clients
+            .iter()
+            .map(|c| c.trim())
+            .filter(|c| !c.is_empty())
+        {
+            if !clients.iter().any(|seen| seen == c) {
+                clients.push(c.to_owned());
+            }
         }
-    }
-    if let Some(q) = opts
-        .queue_name
-        .as_deref()
-        .map(str::trim)
-        .filter(|q| !q.is_empty())
-    {
-        validate_queue_name(q).map_err(|e| format!("WORKER_QUEUE_NAME: {e}"))?;
-        if clients.len() > 1 {
-            return Err(format!(
-                "WORKER_QUEUE_NAME names one queue but WORKER_CLIENT lists {} clients; \
-                 set one client or unset WORKER_QUEUE_NAME",
-                clients.len()
-            ));
+        if let Some(q) = self
+            .queue_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|q| !q.is_empty())
+        {
+            validate_queue_name(q).map_err(|e| format!("WORKER_QUEUE_NAME: {e}"))?;
+            if clients.len() > 1 {
+                return Err(format!(
+                    "WORKER_QUEUE_NAME names one queue but WORKER_CLIENT lists {} clients; \
+                     set one client or unset WORKER_QUEUE_NAME",
+                    clients.len()
+                ));
+            }
+            return Ok(vec![QueueNames {
+                client: clients.pop(),
+                queue: q.to_owned(),
+            }]);
         }
-        return Ok(vec![QueueNames {
-            client: clients.pop(),
-            queue: q.to_owned(),
-        }]);
-    }
-    if clients.is_empty() {
-        return Err(
-            "no queue configured: set WORKER_CLIENT (--client) to use <client>-tasks, \
-             or WORKER_QUEUE_NAME to name the queue"
-                .into(),
-        );
-    }
-    clients
-        .into_iter()
-        .map(|c| {
-            let queue = tasks_queue(&c).map_err(|e| format!("WORKER_CLIENT: {e}"))?;
-            Ok(QueueNames {
-                client: Some(c),
-                queue,
+        if clients.is_empty() {
+            return Err(
+                "no queue configured: set WORKER_CLIENT (--client) to use <client>-tasks, \
+                 or WORKER_QUEUE_NAME to name the queue"
+                    .into(),
+            );
+        }
+        clients
+            .into_iter()
+            .map(|c| {
+                let queue = tasks_queue(&c).map_err(|e| format!("WORKER_CLIENT: {e}"))?;
+                Ok(QueueNames {
+                    client: Some(c),
+                    queue,
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 /// One environment variable the binary reads.
@@ -596,12 +593,14 @@ mod tests {
 
     #[test]
     fn queues_from_clients_and_queue_name() {
-        let t = queues(&opts(&["--client", "acme,beta,acme"])).unwrap();
+        let t = opts(&["--client", "acme,beta,acme"]).queues().unwrap();
         assert_eq!(
             t.iter().map(|t| t.queue.as_str()).collect::<Vec<_>>(),
             ["acme-tasks", "beta-tasks"]
         );
-        let t = queues(&opts(&["--queue-name", "jobs", "--client", "acme"])).unwrap();
+        let t = opts(&["--queue-name", "jobs", "--client", "acme"])
+            .queues()
+            .unwrap();
         assert_eq!(
             t,
             [QueueNames {
@@ -609,19 +608,21 @@ mod tests {
                 queue: "jobs".into()
             }]
         );
-        let e = queues(&opts(&[])).unwrap_err();
+        let e = opts(&[]).queues().unwrap_err();
         assert!(
             e.contains("WORKER_CLIENT") && e.contains("WORKER_QUEUE_NAME"),
             "{e}"
         );
-        let e = queues(&opts(&["--queue-name", "jobs", "--client", "a1,b1"])).unwrap_err();
+        let e = opts(&["--queue-name", "jobs", "--client", "a1,b1"])
+            .queues()
+            .unwrap_err();
         assert!(e.contains("one client"), "{e}");
-        let e = queues(&opts(&["--client", "Acme"])).unwrap_err();
+        let e = opts(&["--client", "Acme"]).queues().unwrap_err();
         assert!(
             e.contains("WORKER_CLIENT") && e.contains("lowercase"),
             "{e}"
         );
-        let e = queues(&opts(&["--queue-name", "x"])).unwrap_err();
+        let e = opts(&["--queue-name", "x"]).queues().unwrap_err();
         assert!(e.contains("WORKER_QUEUE_NAME"), "{e}");
     }
 

@@ -308,21 +308,33 @@ async fn process(
         task_cancel.clone(),
     );
     let step = run(consumer, target, &msg, &task_cancel).await;
-    let processed = |settled: Settled| {
-        consumer.stats.renewed(settled.renewals);
-        Processed {
-            settlement: settled.settlement,
-            status: Some(step.status),
-            task_type: step.task_type.clone(),
-            duration: step.duration,
-            event: step.event.clone(),
-        }
-    };
+    let settled = settle(consumer, target, &msg, lease, &step, slot, &cancel).await;
+    consumer.stats.renewed(settled.renewals);
+    Processed {
+        settlement: settled.settlement,
+        status: Some(step.status),
+        task_type: step.task_type,
+        duration: step.duration,
+        event: step.event,
+    }
+}
+
+/// What the message owes, in order: report (for a delete or a poison), then
+/// the queue call. The slot is freed as soon as the handler is done.
+async fn settle(
+    consumer: &Consumer,
+    target: &Target,
+    msg: &Message,
+    lease: Lease,
+    step: &Step,
+    slot: RunSlot,
+    cancel: &CancellationToken,
+) -> Settled {
     if lease.is_lost() {
         drop(slot);
-        return processed(lease.release("").await);
+        return lease.forfeit().await;
     }
-    let settled = match step.then {
+    match step.then {
         Then::RetryIn(delay) => {
             drop(slot);
             let settled = lease.retry_in(delay).await;
@@ -347,7 +359,7 @@ async fn process(
                     // delivery backlog is full, which is the backpressure.
                     let pending = consumer.backlog.clone().acquire_owned().await.ok();
                     drop(slot);
-                    let reported = report(consumer, target, url, event, &cancel).await;
+                    let reported = report(consumer, target, url, event, cancel).await;
                     drop(pending);
                     consumer.freed.notify_one();
                     reported
@@ -367,8 +379,7 @@ async fn process(
                 lease.delete().await
             }
         }
-    };
-    processed(settled)
+    }
 }
 
 /// Delivers `event`, or hands it to the outbox. `false` when neither worked:

@@ -66,7 +66,8 @@ impl HostGate {
     }
 
     /// Requests in flight now, over all hosts.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         let hosts = self.hosts.lock().map_or(0, |h| {
             h.values()
                 .map(|s| self.per_host - s.available_permits())

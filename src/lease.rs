@@ -121,6 +121,16 @@ impl Lease {
         (Some((self.queue, self.id, receipt)), renewals)
     }
 
+    /// Settles nothing: the lease was lost while the task ran, so the
+    /// message is another worker's now and will be delivered again.
+    pub async fn forfeit(self) -> Settled {
+        let (_, renewals) = self.end().await;
+        Settled {
+            settlement: lost(),
+            renewals,
+        }
+    }
+
     /// Deletes the message: everything it owed the outside world is done.
     pub async fn delete(self) -> Settled {
         let (held, renewals) = self.end().await;
