@@ -189,6 +189,9 @@ pub struct Options {
         global = true
     )]
     pub webhook_allowed_hosts: Option<Vec<HostRule>>,
+    /// Hosts file (/etc/hosts format) consulted before DNS for webhook and `http` task hosts; re-read on every lookup.
+    #[arg(long, env = "WORKER_HOSTS_FILE", global = true)]
+    pub hosts_file: Option<PathBuf>,
     /// Per-request webhook timeout in seconds.
     #[arg(long, env = "WORKER_WEBHOOK_TIMEOUT", default_value_t = 10.0, value_parser = positive_secs, global = true)]
     pub webhook_timeout: f64,
@@ -198,9 +201,12 @@ pub struct Options {
     /// Seconds before the second webhook attempt; doubles each time (with jitter).
     #[arg(long, env = "WORKER_WEBHOOK_INITIAL_BACKOFF", default_value_t = 1.0, value_parser = positive_secs, global = true)]
     pub webhook_initial_backoff: f64,
-    /// Webhook requests in flight at once (one destination host gets at most three quarters); tasks never wait for them.
+    /// Most webhook requests in flight, and outcomes waiting for delivery, over all destinations; each destination's own limit is learned from its answers.
     #[arg(long, env = "WORKER_WEBHOOK_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u32).range(2..=4096), global = true)]
     pub webhook_concurrency: u32,
+    /// Megabytes of outcomes that may wait for delivery (beyond it finished tasks wait); a single larger outcome waits alone.
+    #[arg(long, env = "WORKER_WEBHOOK_BACKLOG_MB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536), global = true)]
+    pub webhook_backlog_mb: u32,
     /// Delays between the outbox's delivery attempts once the in-process attempts failed (s, m, h or d; each at most 7d).
     #[arg(long, env = "WORKER_WEBHOOK_OUTBOX_SCHEDULE", default_value = DEFAULT_OUTBOX_SCHEDULE, value_parser = parse_schedule, global = true)]
     pub webhook_outbox_schedule: Schedule,
@@ -371,10 +377,15 @@ impl Options {
     }
 
     pub fn egress(&self) -> EgressPolicy {
-        match &self.webhook_allowed_hosts {
+        let policy = match &self.webhook_allowed_hosts {
             Some(rules) if !rules.is_empty() => EgressPolicy::allow_hosts(rules.clone()),
             _ => EgressPolicy::public_only(),
-        }
+        };
+        let hosts_file = self
+            .hosts_file
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty());
+        policy.with_hosts_file(hosts_file)
     }
 
     pub fn webhook_retry(&self) -> RetryPolicy {
@@ -384,6 +395,7 @@ impl Options {
             max_backoff: Duration::from_secs(30),
             timeout: Duration::from_secs_f64(self.webhook_timeout),
             concurrency: self.webhook_concurrency as usize,
+            backlog_bytes: (self.webhook_backlog_mb as usize) << 20,
         }
     }
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -39,6 +39,7 @@ use crate::lease::{Lease, Settled};
 use crate::metrics as names;
 use crate::outbox::Outbox;
 use crate::queue::{Message, Queue};
+use crate::shutdown::Shutdown;
 use crate::task;
 use crate::webhook::Event;
 
@@ -173,38 +174,29 @@ pub struct Consumer {
     pub app: Arc<App>,
     pub settings: Settings,
     pub stats: Arc<Stats>,
-    /// Fires when shutdown begins: deliveries then make no new attempt, and
-    /// what they could not deliver goes to the outbox at once.
-    pub shutdown: CancellationToken,
-    /// Bounds the outcomes waiting for delivery (each holds a leased message
-    /// and its event): when it is used up, finished tasks wait for it and the
-    /// poller stops receiving until deliveries catch up.
-    pub backlog: Arc<Semaphore>,
-    /// Signalled whenever a run slot or a backlog permit is freed.
+    /// The process's shutdown: at `requested` deliveries make no new
+    /// attempt (what they could not deliver goes to the outbox at once); at
+    /// `grace_over` running tasks are cancelled and released.
+    pub shutdown: Shutdown,
+    /// Signalled whenever a run slot is freed or a message is settled.
     pub freed: Arc<Notify>,
 }
 
 impl Consumer {
-    pub fn new(
-        app: Arc<App>,
-        settings: Settings,
-        stats: Arc<Stats>,
-        shutdown: CancellationToken,
-        backlog: usize,
-    ) -> Self {
+    pub fn new(app: Arc<App>, settings: Settings, stats: Arc<Stats>, shutdown: Shutdown) -> Self {
         Self {
             app,
             settings,
             stats,
             shutdown,
-            backlog: Arc::new(Semaphore::new(backlog.max(1))),
             freed: Arc::new(Notify::new()),
         }
     }
 
-    /// Whether a finished task could hand its outcome over now.
+    /// Whether a finished task could hand its outcome over now (the
+    /// notifier's backlog, bounded in count and bytes, has room).
     pub fn backlog_has_room(&self) -> bool {
-        self.backlog.available_permits() > 0
+        self.app.notifier.has_room()
     }
 }
 
@@ -250,8 +242,10 @@ enum Then {
     Poison,
     /// No report yet: visible again after the delay.
     RetryIn(Duration),
-    /// No report: visible again at once.
-    Release(&'static str),
+    /// No report: visible again after the delay (the time a cancelled
+    /// handler's child may still take to die, so no second copy runs beside
+    /// it), with the reason logged.
+    Release(Duration, &'static str),
 }
 
 /// The outcome of the run step.
@@ -268,11 +262,11 @@ struct Step {
 /// that order). Never panics, never returns an error: whatever happens is
 /// logged, counted and settled (or left to the visibility timeout, which is
 /// the at-least-once safety net). `slot` is dropped when the handler is done.
+/// The task is cancelled when the shutdown's grace is over or its lease is lost.
 pub async fn process_message(
     consumer: Arc<Consumer>,
     target: Target,
     msg: Message,
-    cancel: CancellationToken,
     slot: RunSlot,
 ) -> Processed {
     let span = tracing::info_span!(
@@ -285,30 +279,27 @@ pub async fn process_message(
         dequeue_count = msg.dequeue_count,
     );
     consumer.stats.started(target.queue.name());
-    let result = process(&consumer, &target, msg, cancel, slot)
+    let result = process(&consumer, &target, msg, slot)
         .instrument(span)
         .await;
     consumer.stats.finished(&result, target.queue.name());
+    consumer.freed.notify_one();
     result
 }
 
-async fn process(
-    consumer: &Consumer,
-    target: &Target,
-    msg: Message,
-    cancel: CancellationToken,
-    slot: RunSlot,
-) -> Processed {
-    let task_cancel = cancel.child_token();
+async fn process(consumer: &Consumer, target: &Target, msg: Message, slot: RunSlot) -> Processed {
+    // The one token of this task: the grace is over, or the lease was lost.
+    let cancel = consumer.shutdown.grace_over().child_token();
     // Held from now until settlement: through the run and the delivery.
     let lease = Lease::start(
         target.queue.clone(),
         &msg,
         consumer.settings.visibility_timeout,
-        task_cancel.clone(),
+        cancel.clone(),
     );
-    let step = run(consumer, target, &msg, &task_cancel).await;
-    let settled = settle(consumer, target, &msg, lease, &step, slot, &cancel).await;
+    let step = run(consumer, target, &msg, &cancel).await;
+    drop(slot);
+    let settled = settle(consumer, target, &msg, lease, &step).await;
     consumer.stats.renewed(settled.renewals);
     Processed {
         settlement: settled.settlement,
@@ -320,23 +311,19 @@ async fn process(
 }
 
 /// What the message owes, in order: report (for a delete or a poison), then
-/// the queue call. The slot is freed as soon as the handler is done.
+/// the queue call.
 async fn settle(
     consumer: &Consumer,
     target: &Target,
     msg: &Message,
     lease: Lease,
     step: &Step,
-    slot: RunSlot,
-    cancel: &CancellationToken,
 ) -> Settled {
     if lease.is_lost() {
-        drop(slot);
         return lease.forfeit().await;
     }
     match step.then {
         Then::RetryIn(delay) => {
-            drop(slot);
             let settled = lease.retry_in(delay).await;
             if settled.settlement == Settlement::Retried {
                 tracing::info!(
@@ -348,30 +335,15 @@ async fn settle(
             }
             settled
         }
-        Then::Release(why) => {
-            drop(slot);
-            lease.release(why).await
-        }
+        Then::Release(delay, why) => lease.release_after(delay, why).await,
         Then::Delete | Then::Poison => {
             let reported = match (&step.webhook, &step.event) {
-                (Some(url), Some(event)) => {
-                    // Free the task slot now; wait (holding it) only when the
-                    // delivery backlog is full, which is the backpressure.
-                    let pending = consumer.backlog.clone().acquire_owned().await.ok();
-                    drop(slot);
-                    let reported = report(consumer, target, url, event, cancel).await;
-                    drop(pending);
-                    consumer.freed.notify_one();
-                    reported
-                }
-                _ => {
-                    drop(slot);
-                    true
-                }
+                (Some(url), Some(event)) => report(consumer, target, url, event, &lease).await,
+                _ => true,
             };
             if !reported {
                 lease
-                    .release("outcome neither delivered nor written to the outbox; released to run and report again")
+                    .release_after(Duration::ZERO, "outcome neither delivered nor written to the outbox before shutdown; released to run and report again")
                     .await
             } else if let Then::Poison = step.then {
                 lease.poison(&target.poison, &msg.text).await
@@ -382,32 +354,46 @@ async fn settle(
     }
 }
 
-/// Delivers `event`, or hands it to the outbox. `false` when neither worked:
-/// the task message must then stay, so a redelivery reports again.
+/// Waits between attempts to write the outbox while the task message is held.
+const HAND_OVER_RETRY: [u64; 6] = [1, 2, 4, 8, 16, 30];
+
+/// Delivers `event`, or hands it to the outbox. A failing outbox write is
+/// tried again (the message stays leased meanwhile, so the task does not
+/// run again for nothing) until it works, the lease is lost, or shutdown is
+/// requested; `false` then: the task message must stay, so a redelivery
+/// reports again.
 async fn report(
     consumer: &Consumer,
     target: &Target,
     url: &url::Url,
     event: &Event,
-    abort: &CancellationToken,
+    lease: &Lease,
 ) -> bool {
     let Err(e) = consumer
         .app
         .notifier
-        .notify(url, event, &consumer.shutdown, abort)
+        .notify(url, event, &consumer.shutdown)
         .await
     else {
         return true;
     };
-    match target.outbox.hand_over(url, event, &e).await {
-        Ok(()) => true,
-        Err(qe) => {
-            consumer.stats.queue_error(target.outbox.queue.name());
-            tracing::error!(error = %qe, outbox = %target.outbox.queue.name(),
-                "webhook not delivered and the outbox cannot be written; keeping the task message");
-            false
+    let requested = consumer.shutdown.requested();
+    for n in 0.. {
+        let qe = match target.outbox.hand_over(url, event, &e).await {
+            Ok(()) => return true,
+            Err(qe) => qe,
+        };
+        consumer.stats.queue_error(target.outbox.queue.name());
+        let wait = Duration::from_secs(HAND_OVER_RETRY[n.min(HAND_OVER_RETRY.len() - 1)]);
+        tracing::error!(error = %qe, outbox = %target.outbox.queue.name(), retry_in_s = wait.as_secs(),
+            "webhook not delivered and the outbox cannot be written; holding the task message and trying again");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = requested.cancelled() => return false,
+            () = lease.lost() => return false,
         }
     }
+    false
 }
 
 /// Decodes, refuses what can never succeed, runs the rest; decides what the
@@ -416,7 +402,7 @@ async fn run(
     consumer: &Consumer,
     target: &Target,
     msg: &Message,
-    task_cancel: &CancellationToken,
+    cancel: &CancellationToken,
 ) -> Step {
     let settings = &consumer.settings;
     let task = match task::decode(msg.text.as_bytes()) {
@@ -456,10 +442,15 @@ async fn run(
     }
     let outcome = consumer
         .app
-        .run(task.clone(), msg.dequeue_count, task_cancel)
+        .run(task.clone(), msg.dequeue_count, cancel)
         .await;
     step(
-        then_for(&outcome, msg.dequeue_count, settings),
+        then_for(
+            &outcome,
+            msg.dequeue_count,
+            settings,
+            stop_grace(consumer, &task.task_type),
+        ),
         &outcome,
         true,
     )
@@ -476,7 +467,10 @@ fn refuse_undecodable(target: &Target, msg: &Message, e: &task::DecodeError) -> 
         Duration::ZERO,
     );
     let event = Event::from_outcome(
-        salvage.task_id.as_deref().unwrap_or("unknown"),
+        &salvage
+            .task_id
+            .clone()
+            .unwrap_or_else(|| task::content_id(msg.text.as_bytes())),
         salvage.task_type.as_deref().unwrap_or("unknown"),
         salvage.client.as_deref().or(target.client.as_deref()),
         msg.dequeue_count,
@@ -493,12 +487,18 @@ fn refuse_undecodable(target: &Target, msg: &Message, e: &task::DecodeError) -> 
 }
 
 /// What a run's outcome means for its message.
-fn then_for(outcome: &Outcome, dequeue_count: u32, settings: &Settings) -> Then {
+fn then_for(
+    outcome: &Outcome,
+    dequeue_count: u32,
+    settings: &Settings,
+    stop_grace: Duration,
+) -> Then {
     match outcome.status() {
         Status::Succeeded => Then::Delete,
-        Status::Cancelled => {
-            Then::Release("task cancelled by shutdown; message released for another worker")
-        }
+        Status::Cancelled => Then::Release(
+            stop_grace,
+            "task cancelled by shutdown; message released for another worker",
+        ),
         Status::Failed | Status::TimedOut if outcome.is_permanent() => {
             tracing::error!(
                 error = outcome.error().unwrap_or_default(),
@@ -517,6 +517,15 @@ fn then_for(outcome: &Outcome, dequeue_count: u32, settings: &Settings) -> Then 
             Then::RetryIn(retry_delay(settings.retry_delay, dequeue_count))
         }
     }
+}
+
+/// How long a cancelled run of `task_type` may leave something running.
+fn stop_grace(consumer: &Consumer, task_type: &str) -> Duration {
+    consumer
+        .app
+        .registry
+        .get(task_type)
+        .map_or(Duration::ZERO, |h| h.stop_grace())
 }
 
 /// The task type as a metric label: only registered types, so that messages

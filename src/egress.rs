@@ -15,10 +15,21 @@
 //! `WORKER_WEBHOOK_ALLOWED_HOSTS` replaces the address rule with an explicit
 //! list of hosts, allowed whatever they resolve to (local development).
 //!
+//! A refusal ([`EgressError`]) is a policy decision and final. A name that
+//! does not resolve (NXDOMAIN, SERVFAIL, a resolver timeout) is not: DNS
+//! blips, and a backend's record may be back in a minute, so it surfaces as a
+//! [`ResolveError`], which callers treat like a refused connection (try
+//! again later). `WORKER_HOSTS_FILE` names a hosts file (the `/etc/hosts`
+//! format) consulted before the system resolver, re-read on every lookup:
+//! it pins a backend's address without touching the machine's DNS, and lets
+//! tests make a name resolve and stop resolving. Names under `.invalid`
+//! never resolve (RFC 6761), without asking any resolver.
+//!
 //! The Azure SDK's own traffic (queues, managed identity) does not go through
 //! here: those endpoints come from the operator, not from tasks.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +46,14 @@ pub enum EgressError {
     NotAllowed(String),
     #[error("host `{host}` resolves to non-public address {addr}; set WORKER_WEBHOOK_ALLOWED_HOSTS to allow it explicitly")]
     Blocked { host: String, addr: IpAddr },
-    #[error("host `{host}` did not resolve: {reason}")]
-    Resolve { host: String, reason: String },
+}
+
+/// A name that did not resolve: transient (DNS trouble passes), never a refusal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("host `{host}` did not resolve: {reason} (DNS trouble is retried)")]
+pub struct ResolveError {
+    pub host: String,
+    pub reason: String,
 }
 
 /// One entry of the allow list: a host, optionally pinned to a port.
@@ -79,19 +96,27 @@ impl std::str::FromStr for HostRule {
 pub struct EgressPolicy {
     /// `None`: only public addresses. `Some`: exactly these hosts.
     allowed_hosts: Option<Vec<HostRule>>,
+    /// `WORKER_HOSTS_FILE`: names listed there resolve to its addresses.
+    hosts_file: Option<PathBuf>,
 }
 
 impl EgressPolicy {
     pub fn public_only() -> Self {
-        Self {
-            allowed_hosts: None,
-        }
+        Self::default()
     }
 
     pub fn allow_hosts(rules: Vec<HostRule>) -> Self {
         Self {
             allowed_hosts: Some(rules),
+            hosts_file: None,
         }
+    }
+
+    /// Resolves names listed in `path` (hosts-file format) to its addresses
+    /// before asking the system resolver.
+    pub fn with_hosts_file(mut self, path: Option<PathBuf>) -> Self {
+        self.hosts_file = path;
+        self
     }
 
     /// The checks that need no DNS: scheme, allow list, IP literals.
@@ -158,19 +183,31 @@ impl EgressPolicy {
             // A proxy would resolve names itself, out of the guard's sight.
             .no_proxy()
             .redirect(redirect);
-        if self.allowed_hosts.is_none() {
-            builder = builder.dns_resolver(Arc::new(GuardedResolver));
-        }
+        builder = builder.dns_resolver(Arc::new(GuardedResolver {
+            public_only: self.allowed_hosts.is_none(),
+            hosts_file: self.hosts_file.clone(),
+        }));
         builder.build()
     }
 }
 
 /// Finds an [`EgressError`] in a reqwest error's cause chain: a refusal is
-/// final, not something to retry.
+/// final, not something to retry. A [`ResolveError`] is not one.
 pub fn egress_error_in(err: &(dyn std::error::Error + 'static)) -> Option<EgressError> {
+    find_in(err)
+}
+
+/// Finds a [`ResolveError`] in an error's cause chain.
+pub fn resolve_error_in(err: &(dyn std::error::Error + 'static)) -> Option<ResolveError> {
+    find_in(err)
+}
+
+fn find_in<T: std::error::Error + Clone + 'static>(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(found) = e.downcast_ref::<EgressError>() {
+        if let Some(found) = e.downcast_ref::<T>() {
             return Some(found.clone());
         }
         cur = e.source();
@@ -178,37 +215,88 @@ pub fn egress_error_in(err: &(dyn std::error::Error + 'static)) -> Option<Egress
     None
 }
 
-/// Resolves names and refuses any whose addresses are not all public.
-struct GuardedResolver;
+/// Resolves names (hosts file first, then the system resolver) and, under
+/// the public-only rule, refuses any whose addresses are not all public.
+struct GuardedResolver {
+    public_only: bool,
+    hosts_file: Option<PathBuf>,
+}
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
+        let (public_only, hosts_file) = (self.public_only, self.hosts_file.clone());
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await
-                .map_err(|e| EgressError::Resolve {
-                    host: host.clone(),
-                    reason: e.to_string(),
-                })?
-                .collect();
-            if addrs.is_empty() {
-                return Err(EgressError::Resolve {
-                    host,
-                    reason: "no addresses".into(),
+            let addrs = resolve(&host, hosts_file.as_deref()).await?;
+            if public_only {
+                if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+                    return Err(EgressError::Blocked {
+                        host,
+                        addr: bad.ip(),
+                    }
+                    .into());
                 }
-                .into());
-            }
-            if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-                return Err(EgressError::Blocked {
-                    host,
-                    addr: bad.ip(),
-                }
-                .into());
             }
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// The addresses of `host`: from `hosts_file` when it lists the name, else
+/// from the system resolver. Never empty.
+pub async fn resolve(
+    host: &str,
+    hosts_file: Option<&Path>,
+) -> Result<Vec<SocketAddr>, ResolveError> {
+    let failed = |reason: String| ResolveError {
+        host: host.to_owned(),
+        reason,
+    };
+    let lower = host.trim_end_matches('.').to_ascii_lowercase();
+    if let Some(path) = hosts_file {
+        // Re-read on every lookup (lookups happen per new connection): an
+        // edit takes effect at once, with no cache to go stale.
+        match tokio::fs::read_to_string(path).await {
+            Ok(text) => {
+                let listed = hosts_lookup(&text, &lower);
+                if !listed.is_empty() {
+                    return Ok(listed
+                        .into_iter()
+                        .map(|ip| SocketAddr::new(ip, 0))
+                        .collect());
+                }
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                "cannot read WORKER_HOSTS_FILE; using the system resolver"),
+        }
+    }
+    if lower == "invalid" || lower.ends_with(".invalid") {
+        return Err(failed(
+            "names under .invalid never resolve (RFC 6761)".into(),
+        ));
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(failed("no addresses".into()));
+    }
+    Ok(addrs)
+}
+
+/// The addresses a hosts file (`ADDRESS NAME [ALIAS...]`, `#` comments) gives `name`.
+fn hosts_lookup(text: &str, name: &str) -> Vec<IpAddr> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let addr: IpAddr = fields.next()?.parse().ok()?;
+            fields
+                .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
+                .then_some(addr)
+        })
+        .collect()
 }
 
 /// Whether an address is reachable on the public internet (and so is not the
@@ -399,6 +487,58 @@ mod tests {
             }
         );
         assert!("".parse::<HostRule>().is_err());
+    }
+
+    #[test]
+    fn hosts_files_are_read_like_etc_hosts() {
+        let text = "# pinned\n127.0.0.1 hook.test other.test\n::1 hook.test # v6\n\nbad line\n10.0.0.1 Upper.Test.\n";
+        assert_eq!(
+            hosts_lookup(text, "hook.test"),
+            vec![ip("127.0.0.1"), ip("::1")]
+        );
+        assert_eq!(hosts_lookup(text, "upper.test"), vec![ip("10.0.0.1")]);
+        assert!(hosts_lookup(text, "pinned").is_empty());
+        assert!(hosts_lookup(text, "missing.test").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_is_not_a_refusal() {
+        let client = EgressPolicy::public_only()
+            .client(Duration::from_secs(2), false)
+            .unwrap();
+        let err = client
+            .post("http://backend.invalid/hook")
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(egress_error_in(&err), None, "{err:?}");
+        assert!(error_chain(&err).contains("did not resolve"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn the_hosts_file_decides_first_and_its_edits_count_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "127.0.0.1 backend.invalid\n").unwrap();
+        let found = resolve("backend.invalid", Some(&path)).await.unwrap();
+        assert_eq!(found[0].ip(), ip("127.0.0.1"));
+        std::fs::write(&path, "# gone\n").unwrap();
+        assert!(resolve("backend.invalid", Some(&path)).await.is_err());
+        // The egress rule still applies to the file's addresses.
+        std::fs::write(&path, "127.0.0.1 backend.invalid\n").unwrap();
+        let client = EgressPolicy::public_only()
+            .with_hosts_file(Some(path))
+            .client(Duration::from_secs(2), false)
+            .unwrap();
+        let err = client
+            .get("http://backend.invalid:9/")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(egress_error_in(&err), Some(EgressError::Blocked { .. })),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

@@ -75,4 +75,10 @@ pub trait Handler: Send + Sync {
     /// Performs the task. Must return promptly once `ctx.cancel` fires; the
     /// runtime also drops the future on timeout, so cleanup belongs in `Drop`.
     fn run<'a>(&'a self, ctx: &'a TaskContext, payload: &'a Value) -> HandlerFuture<'a>;
+    /// How long what a cancelled run started may outlive it (an exec
+    /// child's kill grace): a released message stays hidden that long, so
+    /// no second copy runs beside the first one's leftovers.
+    fn stop_grace(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }

@@ -11,45 +11,50 @@ use std::time::Duration;
 
 use crate::consumer::{self, Consumer, Processed, RunSlot, Target};
 use crate::outbox::{self, DrainConfig};
-use crate::poller::SETTLE_MARGIN;
 use crate::queue::QueueError;
-
-/// From SIGTERM to exit in job mode and for a held single task: the task is
-/// cancelled at once (execute gives it 2 s), webhook requests in flight are
-/// given up and handed to the outbox, and settling gets [`SETTLE_MARGIN`].
-/// Container Apps' default termination grace (30 s) covers it with room
-/// (tests/infra.rs).
-pub const ONE_MESSAGE_SHUTDOWN_BUDGET: Duration = Duration::from_secs(2 + SETTLE_MARGIN.as_secs());
+pub use crate::shutdown::ONE_MESSAGE_SHUTDOWN_BUDGET;
 
 /// Outbox entries a job-mode execution delivers after its task.
 pub const JOB_OUTBOX_ENTRIES: u64 = 32;
 
-/// Leases at most one message, settle it, then deliver up to
+/// How an execution ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The tasks queue was empty.
+    Empty,
+    /// One message, processed to settlement.
+    Processed(Box<Processed>),
+    /// The shutdown deadline came first: what was not settled reappears
+    /// when its lease expires.
+    OutOfTime,
+}
+
+/// Leases at most one message, settles it, then delivers up to
 /// [`JOB_OUTBOX_ENTRIES`] due outbox entries (so executions started for the
-/// outbox do its work too). `Ok(None)` means the tasks queue was empty.
-pub async fn run(consumer: Arc<Consumer>, target: Target) -> Result<Option<Processed>, QueueError> {
-    let received = target
+/// outbox do its work too). Everything is bounded by the shutdown's one
+/// deadline; the outcome of the message does not depend on the outbox work
+/// that follows it.
+pub async fn run(consumer: Arc<Consumer>, target: Target) -> Result<Ended, QueueError> {
+    let shutdown = consumer.shutdown.clone();
+    let receive = target
         .queue
-        .receive(1, consumer.settings.visibility_timeout)
-        .await;
-    let processed = match received {
-        Ok(mut messages) => match messages.pop() {
-            Some(msg) => Some(
-                consumer::process_message(
-                    consumer.clone(),
-                    target.clone(),
-                    msg,
-                    consumer.shutdown.clone(),
-                    RunSlot::none(),
-                )
-                .await,
-            ),
-            None => None,
-        },
-        Err(e) => return Err(e),
+        .receive(1, consumer.settings.visibility_timeout);
+    let Some(received) = shutdown.within(receive).await else {
+        return Ok(Ended::OutOfTime);
     };
-    if !consumer.shutdown.is_cancelled() {
-        let drained = outbox::run(
+    let ended = match received?.pop() {
+        None => Ended::Empty,
+        Some(msg) => {
+            let process =
+                consumer::process_message(consumer.clone(), target.clone(), msg, RunSlot::none());
+            match shutdown.within(process).await {
+                Some(p) => Ended::Processed(Box::new(p)),
+                None => return Ok(Ended::OutOfTime),
+            }
+        }
+    };
+    if !shutdown.is_requested() {
+        let drain = outbox::run(
             consumer.app.notifier.clone(),
             vec![target.outbox.clone()],
             DrainConfig {
@@ -58,10 +63,12 @@ pub async fn run(consumer: Arc<Consumer>, target: Target) -> Result<Option<Proce
                 exit_when_empty: true,
                 max_entries: Some(JOB_OUTBOX_ENTRIES),
             },
-            consumer.shutdown.clone(),
-        )
-        .await;
-        tracing::debug!(?drained, "outbox entries handled");
+            &shutdown,
+        );
+        match shutdown.within(drain).await {
+            Some(drained) => tracing::debug!(?drained, "outbox entries handled"),
+            None => tracing::warn!("shutdown deadline reached while delivering outbox entries; they reappear when their leases end"),
+        }
     }
-    Ok(processed)
+    Ok(ended)
 }

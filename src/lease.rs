@@ -62,13 +62,21 @@ pub struct Settled {
 }
 
 /// A message held invisible by periodic renewal until it is settled.
+/// Dropped unsettled (its future was dropped at the shutdown deadline), it
+/// stops renewing, and the message reappears when its visibility runs out.
 pub struct Lease {
     queue: Queue,
     id: String,
     receipt: Arc<Mutex<String>>,
     stop: CancellationToken,
     lost: CancellationToken,
-    renewal: JoinHandle<u64>,
+    renewal: Option<JoinHandle<u64>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Lease {
@@ -102,7 +110,7 @@ impl Lease {
             receipt,
             stop,
             lost,
-            renewal,
+            renewal: Some(renewal),
         }
     }
 
@@ -110,15 +118,26 @@ impl Lease {
         self.lost.is_cancelled()
     }
 
+    /// Resolves when the lease is lost.
+    pub async fn lost(&self) {
+        self.lost.cancelled().await;
+    }
+
     /// Stops renewing; `None` when the lease was lost meanwhile.
-    async fn end(self) -> (Option<(Queue, String, String)>, u64) {
+    async fn end(mut self) -> (Option<(Queue, String, String)>, u64) {
         self.stop.cancel();
-        let renewals = self.renewal.await.unwrap_or(0);
+        let renewals = match self.renewal.take() {
+            Some(r) => r.await.unwrap_or(0),
+            None => 0,
+        };
         if self.lost.is_cancelled() {
             return (None, renewals);
         }
         let receipt = self.receipt.lock().await.clone();
-        (Some((self.queue, self.id, receipt)), renewals)
+        (
+            Some((self.queue.clone(), self.id.clone(), receipt)),
+            renewals,
+        )
     }
 
     /// Settles nothing: the lease was lost while the task ran, so the
@@ -162,13 +181,13 @@ impl Lease {
         }
     }
 
-    /// Makes the message visible again at once, for another worker; `why`
-    /// is logged when that worked.
-    pub async fn release(self, why: &str) -> Settled {
+    /// Makes the message visible again after `delay` (at once for zero),
+    /// for another worker; `why` is logged when that worked.
+    pub async fn release_after(self, delay: Duration, why: &str) -> Settled {
         let (held, renewals) = self.end().await;
         let settlement = match held {
             None => lost(),
-            Some((queue, id, receipt)) => release(&queue, &id, &receipt, why).await,
+            Some((queue, id, receipt)) => release(&queue, &id, &receipt, delay, why).await,
         };
         Settled {
             settlement,
@@ -206,7 +225,7 @@ impl Lease {
 /// after shutdown began); no lease was taken on it.
 pub async fn release_unstarted(queue: &Queue, msg: &Message) -> Settlement {
     let why = "received while stopping; released without running it";
-    release(queue, &msg.id, &msg.pop_receipt, why).await
+    release(queue, &msg.id, &msg.pop_receipt, Duration::ZERO, why).await
 }
 
 /// Sends `text` to `queue`, creating the queue when it does not exist yet
@@ -257,8 +276,12 @@ async fn renew(
                 wait = half;
                 tracing::debug!(visibility_s = visibility.as_secs(), "lease renewed");
             }
-            Err(QueueError::LeaseLost { detail, .. }) => {
-                tracing::warn!(%detail, "lease lost; cancelling the task");
+            Err(QueueError::LeaseLost { detail, gone }) => {
+                if gone {
+                    tracing::warn!(%detail, "the message is gone (deleted by someone else, or expired past its time-to-live); cancelling the task");
+                } else {
+                    tracing::warn!(%detail, "lease lost (another receive took the message); cancelling the task");
+                }
                 lost.cancel();
                 on_lost.cancel();
                 return renewed;
@@ -295,15 +318,17 @@ where
 }
 
 fn lost() -> Settlement {
-    tracing::warn!(
-        "lease lost before settling; not settling (the message is another worker's now and will be delivered again)"
-    );
+    tracing::warn!("lease lost before settling; not settling (see the renewal's warning for why)");
     Settlement::LeaseLost
 }
 
 fn unsettled(e: &QueueError, what: &str) -> Settlement {
-    if let QueueError::LeaseLost { detail, .. } = e {
-        tracing::warn!(%detail, "could not {what}: lease lost; the message will be delivered again");
+    if let QueueError::LeaseLost { detail, gone } = e {
+        if *gone {
+            tracing::warn!(%detail, "could not {what}: the message is gone (deleted by someone else, or expired)");
+        } else {
+            tracing::warn!(%detail, "could not {what}: lease lost; the message is another receive's now and will be processed again");
+        }
         return Settlement::LeaseLost;
     }
     tracing::error!(error = %e, "could not {what}; the message reappears when its lease expires");
@@ -326,10 +351,10 @@ async fn delete(queue: &Queue, id: &str, receipt: &str) -> Settlement {
     }
 }
 
-async fn release(queue: &Queue, id: &str, receipt: &str, why: &str) -> Settlement {
-    match settle_call(|| queue.update_visibility(id, receipt, Duration::ZERO)).await {
+async fn release(queue: &Queue, id: &str, receipt: &str, delay: Duration, why: &str) -> Settlement {
+    match settle_call(|| queue.update_visibility(id, receipt, delay)).await {
         Ok(_) => {
-            tracing::info!(queue = %queue.name(), message_id = %id, "{why}");
+            tracing::info!(queue = %queue.name(), message_id = %id, visible_in_s = delay.as_secs_f64(), "{why}");
             Settlement::Released
         }
         Err(e) => unsettled(&e, "release the message"),

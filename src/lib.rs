@@ -20,7 +20,8 @@
 //! - [`egress`]: where task-supplied URLs may go (no metadata service, no private hosts).
 //! - [`webhook`]: Standard Webhooks delivery: stable ids, signing, the in-process attempts.
 //! - [`retry`]: the one in-process retry loop (delays as data, a "should retry" predicate, a stop token).
-//! - [`gate`]: how many webhook requests may be in flight, and at most half of them to one host.
+//! - [`limiter`]: how many webhook requests each destination gets at once (learned from its answers), and how many outcomes may wait.
+//! - [`shutdown`]: one shutdown, one deadline: `requested`, `grace_over`, `exit_by`.
 //! - [`outbox`]: `<client>-webhooks`, where undelivered outcomes wait (for about a day) and are drained from.
 //! - [`app`]: the shared parts (registry + notifier) handed to every mode.
 //! - [`single`]: single-task mode (`TASK_DATA`, `worker run`).
@@ -42,11 +43,11 @@ pub mod consumer;
 pub mod egress;
 pub mod execute;
 pub mod exporter;
-pub mod gate;
 pub mod handler;
 pub mod handlers;
 pub mod job;
 pub mod lease;
+pub mod limiter;
 pub mod metrics;
 pub mod ops;
 pub mod outbox;
@@ -58,6 +59,7 @@ pub mod registry;
 pub mod retry;
 pub mod schedule;
 pub mod secret;
+pub mod shutdown;
 pub mod single;
 pub mod task;
 pub mod telemetry;

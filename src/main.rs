@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use tokio_util::sync::CancellationToken;
 
 use worker::app::App;
 use worker::config::{Cli, Command, Mode, Options, PollArgs, RunArgs};
@@ -19,6 +18,7 @@ use worker::outbox::{self, DrainConfig, DrainStats, Outbox};
 use worker::outcome::Status;
 use worker::queue::{self, QueueService};
 use worker::registry::Registry;
+use worker::shutdown::{Shutdown, ONE_MESSAGE_SHUTDOWN_BUDGET, SETTLE_MARGIN};
 use worker::task::MAX_TASK_BYTES;
 use worker::webhook::Notifier;
 use worker::{job, poller, single, telemetry};
@@ -86,7 +86,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let ok = rt.block_on(worker::ops::run(cmd, &opts, &mut std::io::stdout()))?;
+        let ok = rt.block_on(run_ops(cmd, &opts, &mut std::io::stdout()))?;
         return Ok(if ok {
             ExitCode::SUCCESS
         } else {
@@ -143,6 +143,30 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
     }
 }
 
+/// `worker enqueue`, `check` and `poison`; `Ok(false)` means "exit 1".
+async fn run_ops(
+    command: &Command,
+    opts: &Options,
+    out: &mut dyn std::io::Write,
+) -> Result<bool, worker::ops::OpsError> {
+    use worker::config::PoisonCommand;
+    match command {
+        Command::Enqueue(args) => worker::ops::enqueue(opts, args, out).await.map(|()| true),
+        Command::Check => worker::ops::check(opts, out).await,
+        Command::Poison(PoisonCommand::List(args)) => {
+            worker::poison::list(opts, args.webhooks, out)
+                .await
+                .map(|()| true)
+        }
+        Command::Poison(PoisonCommand::Replay(args)) => {
+            worker::poison::replay(opts, args, out).await
+        }
+        _ => Err(worker::ops::OpsError::Usage(
+            "not a queue command (expected enqueue, check or poison)".into(),
+        )),
+    }
+}
+
 /// `worker env-vars` and `worker handlers`: listings on stdout, no logging
 /// set up. `false` for every other command.
 fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bool> {
@@ -166,13 +190,28 @@ fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bo
 
 /// Single-task mode: the task alone, or holding the message it came from.
 async fn run_single(opts: &Options, app: Arc<App>, raw: &[u8]) -> anyhow::Result<ExitCode> {
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
     if let Some(handed) = handed_message(opts) {
+        let shutdown = Shutdown::new(Duration::ZERO, ONE_MESSAGE_SHUTDOWN_BUDGET);
+        spawn_signal_handler(shutdown.clone())?;
         return run_leased(opts, app, handed, raw, shutdown).await;
     }
+    // The handler stops at the signal; a webhook request in flight gets the
+    // first part of the budget, the outbox hand-over the rest.
+    let shutdown = Shutdown::new(ONE_MESSAGE_SHUTDOWN_BUDGET - SETTLE_MARGIN, SETTLE_MARGIN);
+    spawn_signal_handler(shutdown.clone())?;
     let outbox = single_outbox(opts);
-    let report = single::run(&app, raw, outbox.as_ref().map_err(String::as_str), shutdown).await;
+    let run = single::run(
+        &app,
+        raw,
+        outbox.as_ref().map_err(String::as_str),
+        &shutdown,
+    );
+    let Some(report) = shutdown.within(run).await else {
+        anyhow::bail!(
+            "the task did not end within {}s of the signal; its outcome was not reported",
+            shutdown.budget().as_secs()
+        );
+    };
     println!("{}", serde_json::to_string(&report.event)?);
     Ok(if report.succeeded {
         ExitCode::SUCCESS
@@ -181,21 +220,18 @@ async fn run_single(opts: &Options, app: Arc<App>, raw: &[u8]) -> anyhow::Result
     })
 }
 
-fn consumer(opts: &Options, app: Arc<App>, shutdown: &CancellationToken) -> Arc<Consumer> {
-    // Outcomes waiting for delivery: as many as webhook requests may be in flight.
-    let backlog = opts.webhook_concurrency as usize;
+fn consumer(opts: &Options, app: Arc<App>, shutdown: &Shutdown) -> Arc<Consumer> {
     Arc::new(Consumer::new(
         app,
         settings(opts),
         Arc::new(Stats::default()),
         shutdown.clone(),
-        backlog,
     ))
 }
 
 /// Job mode: one message, then the due outbox entries.
 async fn run_job(opts: &Options, app: Arc<App>) -> anyhow::Result<ExitCode> {
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new(Duration::ZERO, ONE_MESSAGE_SHUTDOWN_BUDGET);
     spawn_signal_handler(shutdown.clone())?;
     // A job execution was started because its queue holds messages: it
     // skips creating queues (a round trip per task); a missing poison queue
@@ -209,21 +245,29 @@ async fn run_job(opts: &Options, app: Arc<App>) -> anyhow::Result<ExitCode> {
     })?;
     let queue = target.queue.name().to_owned();
     let consumer = consumer(opts, app, &shutdown);
-    match within_budget(job::run(consumer, target), &shutdown).await? {
-        Ok(None) => {
+    match job::run(consumer, target).await {
+        Ok(job::Ended::Empty) => {
             tracing::info!(%queue, "queue is empty; nothing to do (exit 0)");
             Ok(ExitCode::SUCCESS)
         }
-        Ok(Some(p)) => Ok(exit_code(&p)),
+        Ok(job::Ended::Processed(p)) => Ok(exit_code(&p)),
+        Ok(job::Ended::OutOfTime) => Err(out_of_time(&shutdown)),
         Err(e) => Err(anyhow::Error::new(e).context(format!(
             "cannot receive from {queue} (check WORKER_CLIENT / WORKER_QUEUE_NAME and the storage settings)"
         ))),
     }
 }
 
+fn out_of_time(shutdown: &Shutdown) -> anyhow::Error {
+    anyhow::anyhow!(
+        "not settled within {}s of the signal; the message reappears when its lease expires",
+        shutdown.budget().as_secs()
+    )
+}
+
 /// Polling mode, until a signal (or --max-tasks / --exit-when-empty).
 async fn run_poll(opts: &Options, app: Arc<App>, args: PollArgs) -> anyhow::Result<ExitCode> {
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new(Duration::from_secs_f64(opts.shutdown_grace), SETTLE_MARGIN);
     spawn_signal_handler(shutdown.clone())?;
     let targets = connect(opts, true).await?;
     let consumer = consumer(opts, app, &shutdown);
@@ -231,7 +275,7 @@ async fn run_poll(opts: &Options, app: Arc<App>, args: PollArgs) -> anyhow::Resu
         Duration::from_secs_f64(opts.max_poll_interval),
     )));
     if let Some(addr) = opts.metrics_addr {
-        exporter::serve(addr, health.clone(), shutdown.clone()).await?;
+        exporter::serve(addr, health.clone(), shutdown.requested().clone()).await?;
     }
     let cfg = poller::Config {
         batch_size: opts.batch_size,
@@ -246,7 +290,16 @@ async fn run_poll(opts: &Options, app: Arc<App>, args: PollArgs) -> anyhow::Resu
         outbox_in_flight: (opts.webhook_concurrency as usize / 4).max(1),
     };
     tracing::info!(queues = ?cfg_queues(&targets), config = ?opts, "polling");
-    poller::run(consumer, targets, cfg, health).await;
+    if shutdown
+        .within(poller::run(consumer, targets, cfg, health))
+        .await
+        .is_none()
+    {
+        tracing::error!(
+            budget_s = shutdown.budget().as_secs_f64(),
+            "shutdown deadline reached; what was not settled reappears when its lease expires"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -334,7 +387,7 @@ async fn run_leased(
     app: Arc<App>,
     handed: single::Handed,
     raw: &[u8],
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> anyhow::Result<ExitCode> {
     let targets = connect(opts, false).await?;
     let [target] = <[Target; 1]>::try_from(targets).map_err(|t| {
@@ -345,34 +398,15 @@ async fn run_leased(
     })?;
     let consumer = consumer(opts, app, &shutdown);
     let queue = target.queue.name().to_owned();
-    let p = within_budget(single::run_leased(consumer, target, handed, raw), &shutdown)
-        .await?
+    let p = shutdown
+        .within(single::run_leased(consumer, target, handed, raw))
+        .await
+        .ok_or_else(|| out_of_time(&shutdown))?
         .map_err(|e| anyhow::Error::new(e).context(format!("message on {queue}")))?;
     if let Some(event) = &p.event {
         println!("{}", serde_json::to_string(event)?);
     }
     Ok(exit_code(&p))
-}
-
-/// Runs `fut`; once `shutdown` fires it gets [`job::ONE_MESSAGE_SHUTDOWN_BUDGET`]
-/// more, then the worker gives up (exit 1): what is not settled by then
-/// reappears when its lease expires.
-async fn within_budget<T>(
-    fut: impl std::future::Future<Output = T>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<T> {
-    tokio::pin!(fut);
-    tokio::select! {
-        out = &mut fut => return Ok(out),
-        () = shutdown.cancelled() => {}
-    }
-    match tokio::time::timeout(job::ONE_MESSAGE_SHUTDOWN_BUDGET, fut).await {
-        Ok(out) => Ok(out),
-        Err(_) => anyhow::bail!(
-            "not settled within {}s of the signal; the message reappears when its lease expires",
-            job::ONE_MESSAGE_SHUTDOWN_BUDGET.as_secs()
-        ),
-    }
 }
 
 /// Job mode and held single tasks: 0 only for a success whose message is gone.
@@ -426,12 +460,14 @@ fn single_outbox(opts: &Options) -> Result<Outbox, String> {
 
 /// `worker deliver`: drains the configured clients' outboxes.
 async fn deliver(opts: &Options, app: Arc<App>, exit_when_empty: bool) -> anyhow::Result<ExitCode> {
-    let shutdown = CancellationToken::new();
+    // Requests in flight are given up at the signal (each entry stays in the
+    // outbox); rescheduling them gets the settle margin.
+    let shutdown = Shutdown::new(Duration::ZERO, SETTLE_MARGIN);
     spawn_signal_handler(shutdown.clone())?;
     let targets = connect(opts, false).await?;
     let outboxes: Vec<Outbox> = targets.into_iter().map(|t| t.outbox).collect();
     tracing::info!(outboxes = ?outboxes.iter().map(|o| o.queue.name()).collect::<Vec<_>>(), "delivering from the outbox");
-    let stats = outbox::run(
+    let drain = outbox::run(
         app.notifier.clone(),
         outboxes,
         DrainConfig {
@@ -440,9 +476,14 @@ async fn deliver(opts: &Options, app: Arc<App>, exit_when_empty: bool) -> anyhow
             exit_when_empty,
             max_entries: None,
         },
-        shutdown,
-    )
-    .await;
+        &shutdown,
+    );
+    let Some(stats) = shutdown.within(drain).await else {
+        tracing::warn!(
+            "shutdown deadline reached; entries in flight reappear when their leases end"
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
     tracing::info!(
         delivered = DrainStats::get(&stats.delivered),
         retried = DrainStats::get(&stats.retried),
@@ -504,13 +545,14 @@ fn read_run_input(args: &RunArgs, task_data: Option<Vec<u8>>) -> anyhow::Result<
     }))
 }
 
-/// First SIGTERM/SIGINT cancels `token`; a second one exits at once.
+/// First SIGTERM/SIGINT starts `shutdown` (and fixes its deadline); a second
+/// one exits at once.
 ///
 /// The handlers are installed here, before the task starts, not inside the
 /// spawned task: on a current-thread runtime that task is first polled only
 /// when the task itself yields, and a SIGTERM arriving before then would kill
 /// the process with the default action, without a webhook.
-fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
+fn spawn_signal_handler(shutdown: Shutdown) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -526,8 +568,11 @@ fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
                 std::process::exit(1);
             }
             first = false;
-            tracing::warn!("signal received: stopping");
-            token.cancel();
+            shutdown.trigger();
+            tracing::warn!(
+                budget_s = shutdown.budget().as_secs_f64(),
+                "signal received: stopping"
+            );
         }
     });
     Ok(())

@@ -12,7 +12,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use crate::config::{Command, EnqueueArgs, Options, PoisonCommand, QueueNames};
+use crate::config::{EnqueueArgs, Options, QueueNames};
 use crate::queue::{poison_queue, QueueError, QueueService};
 use crate::registry::Registry;
 use crate::task;
@@ -45,23 +45,6 @@ pub(crate) fn single_target(opts: &Options, command: &str) -> Result<QueueNames,
 
 pub(crate) fn service(opts: &Options) -> Result<QueueService, OpsError> {
     Ok(QueueService::new(&opts.storage())?)
-}
-
-/// Runs one of the queue commands; `Ok(false)` means "exit 1".
-pub async fn run(command: &Command, opts: &Options, out: &mut dyn Write) -> Result<bool, OpsError> {
-    match command {
-        Command::Enqueue(args) => enqueue(opts, args, out).await.map(|()| true),
-        Command::Check => check(opts, out).await,
-        Command::Poison(PoisonCommand::List(args)) => crate::poison::list(opts, args.webhooks, out)
-            .await
-            .map(|()| true),
-        Command::Poison(PoisonCommand::Replay(args)) => {
-            crate::poison::replay(opts, args, out).await
-        }
-        _ => Err(OpsError::Usage(
-            "not a queue command (expected enqueue, check or poison)".into(),
-        )),
-    }
 }
 
 /// The envelope `worker enqueue` sends, as JSON text.

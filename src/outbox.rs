@@ -13,7 +13,7 @@
 //! nothing and survives any restart. [`run`] drains the outbox (polling mode
 //! beside the task queues, job mode after its task, `worker deliver` on its
 //! own): one attempt per due entry, through the same notifier (egress guard,
-//! signing with a fresh timestamp, per-host gate). A failed attempt rewrites
+//! signing with a fresh timestamp, the destination's learned limit). A failed attempt rewrites
 //! the entry with one more attempt recorded and hides it for the next delay of
 //! `WORKER_WEBHOOK_OUTBOX_SCHEDULE`; after the last one, or at once for a URL
 //! the egress guard refuses, the entry goes to `<client>-webhooks-poison`,
@@ -36,6 +36,7 @@ use crate::egress::redact_url;
 use crate::lease::{send_creating, settle_call};
 use crate::queue::{Message, Queue, QueueError, MAX_BATCH};
 use crate::schedule::Schedule;
+use crate::shutdown::Shutdown;
 use crate::webhook::{count, results, AttemptError, Event, Notifier, WebhookError};
 
 /// Largest entry, as the service counts it (XML-escaped): queue messages
@@ -45,13 +46,19 @@ const MAX_ENTRY: usize = 60 * 1024;
 /// before it is given up on.
 const CRASH_SLACK: u32 = 5;
 /// Lease on an entry beyond its one attempt's timeout (three of them: the
-/// wait for a gate slot and the reschedule call come on top). Short on
+/// wait for a request slot and the reschedule call come on top). Short on
 /// purpose: it is also how long an entry stays hidden when the worker
 /// delivering it dies. Should a lease run out under load, another worker
 /// delivers the same entry again, under the same id.
 const LEASE_MARGIN: Duration = Duration::from_secs(15);
 /// How often the drain loop samples each outbox's depth for the metric.
 const DEPTH_EVERY: Duration = Duration::from_secs(30);
+/// When an outcome the notifier deferred (its backend is failing, or holds
+/// its share of the backlog) is first due, and the step by which a deferred
+/// outbox entry's wait grows (up to [`MAX_DEFER`]). Deferrals are not
+/// attempts: they do not use up the schedule.
+pub const DEFER_STEP: Duration = Duration::from_secs(30);
+const MAX_DEFER: Duration = Duration::from_secs(300);
 
 /// One undelivered event. Serialized as the outbox message's text.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +78,18 @@ pub struct Entry {
     /// When the outcome was first handed to the outbox (RFC 3339).
     pub outboxed_at: String,
     pub last_error: String,
+    /// Which delay of the schedule follows the next failed attempt (absent
+    /// in entries written before it existed: the number of outbox attempts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_delay: Option<u32>,
+    /// Times the entry was put back without an attempt (its destination
+    /// could not take a request then).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferrals: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Entry {
@@ -111,6 +130,8 @@ impl Entry {
             outbox_attempts: 0,
             outboxed_at: now_rfc3339(),
             last_error,
+            next_delay: None,
+            deferrals: 0,
         }
     }
 
@@ -152,26 +173,33 @@ pub struct Outbox {
 
 impl Outbox {
     /// Hands over an event the notifier could not deliver: into the outbox,
-    /// due after the first scheduled delay (at once when shutdown cut the
-    /// in-process attempts short), or, for a URL the egress guard refuses,
-    /// straight to the poison queue. `Ok` means the event is durably kept.
+    /// due after the first scheduled delay; at once when shutdown cut the
+    /// in-process attempts short, after [`DEFER_STEP`] when the notifier
+    /// deferred it (in both cases the whole schedule still follows); or, for
+    /// a URL the egress guard refuses, straight to the poison queue. `Ok`
+    /// means the event is durably kept.
     pub async fn hand_over(
         &self,
         url: &Url,
         event: &Event,
         why: &WebhookError,
     ) -> Result<(), QueueError> {
-        let entry = Entry::new(url, event, why.attempts(), why.to_string());
+        let mut entry = Entry::new(url, event, why.attempts(), why.to_string());
         if let WebhookError::Refused(_) = why {
             self.bury(&entry, &entry.to_text()).await?;
             return Ok(());
         }
-        let delay = match why {
-            WebhookError::Stopped { .. } => Duration::ZERO,
-            _ => self.schedule.first().copied().unwrap_or(Duration::ZERO),
+        let (delay, next) = match why {
+            WebhookError::Stopped { .. } => (Duration::ZERO, 0),
+            WebhookError::Deferred { .. } => (DEFER_STEP, 0),
+            _ => (self.schedule.first().copied().unwrap_or(Duration::ZERO), 1),
         };
+        entry.next_delay = Some(next);
         let id = send_creating(&self.queue, &entry.to_text(), Some(delay)).await?;
-        count(results::OUTBOXED);
+        count(match why {
+            WebhookError::Deferred { .. } => results::DEFERRED,
+            _ => results::OUTBOXED,
+        });
         tracing::warn!(outbox = %self.queue.name(), outbox_message_id = %id, webhook_id = %entry.webhook_id,
             task_id = %entry.task_id, next_attempt_in_s = delay.as_secs(), "webhook handed to the outbox");
         Ok(())
@@ -191,7 +219,7 @@ impl Outbox {
 /// How the drain loop runs.
 #[derive(Clone, Debug)]
 pub struct DrainConfig {
-    /// Entries being delivered at once (they also pass the notifier's gate).
+    /// Entries being delivered at once (they also pass the notifier's per-destination limits).
     pub max_in_flight: usize,
     /// Longest pause between polls of an empty outbox.
     pub max_poll_interval: Duration,
@@ -222,6 +250,8 @@ impl DrainStats {
 /// The drain loop's state: what one [`Drain::step`] needs.
 struct Drain {
     notifier: Arc<Notifier>,
+    /// Entries in flight give up their request when the grace is over.
+    abort: CancellationToken,
     outboxes: Vec<Outbox>,
     cfg: DrainConfig,
     stats: Arc<DrainStats>,
@@ -319,17 +349,18 @@ impl Drain {
                 continue;
             };
             self.taken += 1;
-            let (notifier, outbox, stats) = (
+            let (notifier, outbox, stats, abort) = (
                 self.notifier.clone(),
                 self.outboxes[i].clone(),
                 self.stats.clone(),
+                self.abort.clone(),
             );
             let (settled, last_settled) = (self.settled.clone(), self.last_settled.clone());
             let span =
                 tracing::info_span!("outbox", queue = %outbox.queue.name(), message_id = %msg.id);
             self.tracker.spawn(
                 async move {
-                    deliver_entry(&notifier, &outbox, msg, &stats).await;
+                    deliver_entry(&notifier, &outbox, msg, &stats, &abort).await;
                     if let Ok(mut t) = last_settled.lock() {
                         *t = Instant::now();
                     }
@@ -342,16 +373,19 @@ impl Drain {
     }
 }
 
-/// Drains `outboxes` until `shutdown` fires (or the stop conditions in `cfg`
-/// hold), then waits for the entries in flight (each is one bounded request).
+/// Drains `outboxes` until shutdown is requested (or the stop conditions in
+/// `cfg` hold), then waits for the entries in flight: each is one request,
+/// given up when the grace is over. The caller bounds the whole by the
+/// shutdown's deadline.
 pub async fn run(
     notifier: Arc<Notifier>,
     outboxes: Vec<Outbox>,
     cfg: DrainConfig,
-    shutdown: CancellationToken,
+    shutdown: &Shutdown,
 ) -> Arc<DrainStats> {
     let now = Instant::now();
     let mut drain = Drain {
+        abort: shutdown.grace_over().clone(),
         lease: notifier.request_timeout() * 3 + LEASE_MARGIN,
         schedule: Schedule::new(outboxes.len(), cfg.max_poll_interval),
         depth_at: vec![now; outboxes.len()],
@@ -365,14 +399,22 @@ pub async fn run(
         outboxes,
         cfg,
     };
-    while drain.step(&shutdown).await {}
+    while drain.step(shutdown.requested()).await {}
     drain.tracker.close();
     drain.tracker.wait().await;
     drain.stats
 }
 
-/// One attempt at one entry, then delete, reschedule or poison it.
-pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, stats: &DrainStats) {
+/// One attempt at one entry, then delete, reschedule or poison it; or, when
+/// its destination cannot take a request now, put it back for later
+/// without counting an attempt.
+pub async fn deliver_entry(
+    notifier: &Notifier,
+    outbox: &Outbox,
+    msg: Message,
+    stats: &DrainStats,
+    abort: &CancellationToken,
+) {
     let (mut entry, url) = match deliverable(outbox, &msg) {
         Ok(ok) => ok,
         Err(refused) => {
@@ -380,11 +422,12 @@ pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, s
             return give_up(outbox, &msg, &entry, &text, stats).await;
         }
     };
-    entry.attempts += 1;
-    let result = notifier.send(&url, &entry.webhook_id, &entry.body).await;
+    let body = bytes::Bytes::from(entry.body.clone());
+    let result = notifier.send(&url, &entry.webhook_id, body, abort).await;
     let target = redact_url(&url);
     let error = match result {
         Ok(status) => {
+            entry.attempts += 1;
             count(results::DELIVERED);
             DrainStats::inc(&stats.delivered);
             tracing::info!(webhook = %target, webhook_id = %entry.webhook_id, task_id = %entry.task_id,
@@ -396,15 +439,39 @@ pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, s
             }
             return;
         }
+        Err(AttemptError::Busy(busy)) => {
+            count(results::DEFERRED);
+            entry.deferrals += 1;
+            let wait = DEFER_STEP.saturating_mul(entry.deferrals).min(MAX_DEFER);
+            let why = format!("not attempted: {busy}");
+            return put_back(outbox, &msg, &entry, wait, &why, stats).await;
+        }
         Err(e) => e,
     };
+    entry.attempts += 1;
     entry.last_error = error.describe();
     entry.outbox_attempts += 1;
-    let next = outbox.schedule.get(entry.outbox_attempts as usize).copied();
+    let index = entry.next_delay.unwrap_or(entry.outbox_attempts);
+    let next = outbox.schedule.get(index as usize).copied();
     let (Some(delay), false) = (next, matches!(error, AttemptError::Refused(_))) else {
         let text = entry.to_text();
         return give_up(outbox, &msg, &entry, &text, stats).await;
     };
+    entry.next_delay = Some(index + 1);
+    count(results::RETRIED);
+    DrainStats::inc(&stats.retried);
+    put_back(outbox, &msg, &entry, delay, &entry.last_error, stats).await;
+}
+
+/// Rewrites the entry and hides it for `delay`.
+async fn put_back(
+    outbox: &Outbox,
+    msg: &Message,
+    entry: &Entry,
+    delay: Duration,
+    why: &str,
+    stats: &DrainStats,
+) {
     let text = entry.to_text();
     let rescheduled = settle_call(|| {
         outbox
@@ -414,11 +481,9 @@ pub async fn deliver_entry(notifier: &Notifier, outbox: &Outbox, msg: Message, s
     .await;
     match rescheduled {
         Ok(_) => {
-            count(results::RETRIED);
-            DrainStats::inc(&stats.retried);
-            tracing::warn!(webhook = %target, webhook_id = %entry.webhook_id, task_id = %entry.task_id,
-                attempts = entry.attempts, error = %entry.last_error, next_attempt_in_s = delay.as_secs(),
-                "outbox delivery failed; rescheduled");
+            tracing::warn!(webhook_id = %entry.webhook_id, task_id = %entry.task_id,
+                attempts = entry.attempts, deferrals = entry.deferrals, error = %why,
+                next_attempt_in_s = delay.as_secs(), "outbox entry not delivered; rescheduled");
         }
         Err(e) => {
             DrainStats::inc(&stats.queue_errors);
@@ -445,12 +510,18 @@ fn deliverable(outbox: &Outbox, msg: &Message) -> Result<(Entry, Url), Box<(Entr
                 outbox_attempts: 0,
                 outboxed_at: String::new(),
                 last_error: e,
+                next_delay: None,
+                deferrals: 0,
             };
             return Err(Box::new((junk, msg.text.clone())));
         }
     };
     let schedule_len = u32::try_from(outbox.schedule.len()).unwrap_or(u32::MAX);
-    if msg.dequeue_count > schedule_len.saturating_add(CRASH_SLACK) {
+    let accounted = schedule_len
+        .saturating_add(1)
+        .saturating_add(entry.deferrals)
+        .saturating_add(CRASH_SLACK);
+    if msg.dequeue_count > accounted {
         entry.last_error = format!(
             "taken {} times without a recorded result (deliverers crashed); last error: {}",
             msg.dequeue_count, entry.last_error

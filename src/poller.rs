@@ -16,12 +16,14 @@
 //! with paused time; [`run`] is a loop over [`Poller::step`], one receive (or
 //! one wait) per step.
 //!
-//! Shutdown: the `shutdown` token stops receiving; running tasks get
-//! `WORKER_SHUTDOWN_GRACE` from the signal, then are cancelled and their
-//! messages released (visibility 0) for another worker, pending webhooks are
-//! handed to the outbox, and settling gets [`SETTLE_MARGIN`] more. Messages
-//! brought by a receive that was in flight when the signal came are released
-//! without being started.
+//! Shutdown ([`Shutdown`], one deadline computed at the signal): receiving
+//! stops at once; running tasks get `WORKER_SHUTDOWN_GRACE` from the signal,
+//! then are cancelled and their messages released for another worker,
+//! pending webhooks are handed to the outbox, and settling gets
+//! [`SETTLE_MARGIN`] more, up to the deadline, which every stage (the
+//! receive in flight, the tasks, the outbox loop) reads. Messages brought by
+//! a receive that was in flight when the signal came are released without
+//! being started.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -38,12 +40,7 @@ use crate::outbox::{self, DrainConfig};
 use crate::queue::{Message, QueueError};
 pub use crate::schedule::{Schedule, MAX_ERROR_BACKOFF, MIN_POLL_INTERVAL};
 
-/// What settling may take after the grace period, so that SIGTERM to exit
-/// stays within WORKER_SHUTDOWN_GRACE plus a few seconds whatever is running
-/// (the platforms' kill budgets are checked against this in tests/infra.rs).
-pub const SETTLE_MARGIN: Duration = Duration::from_secs(4);
-/// Least time a receive in flight at shutdown gets to bring its answer.
-const RECEIVE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
+pub use crate::shutdown::SETTLE_MARGIN;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -110,8 +107,6 @@ pub struct Poller {
     /// Half the slots (all, with one): when to ask for more messages.
     refill_at: usize,
     tracker: TaskTracker,
-    /// Fires WORKER_SHUTDOWN_GRACE after the signal: tasks are cancelled.
-    tasks_cancel: CancellationToken,
     /// When the last task was settled: "empty" only counts for receives after
     /// it, since a settled task may have made its message visible again.
     last_settled: Arc<Mutex<Instant>>,
@@ -125,22 +120,6 @@ impl Poller {
         cfg: Config,
         health: Arc<Health>,
     ) -> Self {
-        let tasks_cancel = CancellationToken::new();
-        // Cancelled WORKER_SHUTDOWN_GRACE after the signal, wherever the loop
-        // is then: running tasks are cancelled (and released), webhook
-        // requests in flight are given up (and handed to the outbox).
-        tokio::spawn({
-            let (shutdown, grace_over, grace) = (
-                consumer.shutdown.clone(),
-                tasks_cancel.clone(),
-                cfg.shutdown_grace,
-            );
-            async move {
-                shutdown.cancelled().await;
-                tokio::time::sleep(grace).await;
-                grace_over.cancel();
-            }
-        });
         Self {
             schedule: Schedule::new(targets.len(), cfg.max_poll_interval),
             slots: Arc::new(Semaphore::new(cfg.concurrency)),
@@ -152,12 +131,14 @@ impl Poller {
             targets,
             cfg,
             health,
-            tasks_cancel,
         }
     }
 
+    /// Nothing running and nothing waiting to report or settle: only then
+    /// can an empty receive end a --exit-when-empty run (a message whose
+    /// outcome could not be handed over is released and must be received).
     fn idle(&self) -> bool {
-        self.slots.available_permits() == self.cfg.concurrency
+        self.tracker.is_empty()
     }
 
     fn freed(&self) -> Arc<Notify> {
@@ -167,7 +148,7 @@ impl Poller {
     /// One turn of the loop: wait for room or for the next queue to be due,
     /// or receive from it and start what it brought.
     pub async fn step(&mut self) -> Step {
-        let shutdown = self.consumer.shutdown.clone();
+        let shutdown = self.consumer.shutdown.requested().clone();
         if shutdown.is_cancelled() || self.cfg.max_tasks.is_some_and(|m| self.started >= m) {
             return Step::Stop;
         }
@@ -235,7 +216,7 @@ impl Poller {
     /// --exit-when-empty: at once when it was the last one running, since
     /// only a receive after it can end the run.
     async fn wait_until(&mut self, due: Instant) -> Step {
-        let (shutdown, freed) = (self.consumer.shutdown.clone(), self.freed());
+        let (shutdown, freed) = (self.consumer.shutdown.requested().clone(), self.freed());
         tokio::select! {
             () = tokio::time::sleep_until(due) => {}
             () = shutdown.cancelled() => return Step::Stop,
@@ -254,8 +235,9 @@ impl Poller {
     /// Receives from queue `i`. A receive in flight is not abandoned on
     /// shutdown: the service may already have leased messages to it, and
     /// dropping the answer would hide them for the whole visibility timeout.
-    /// Its answer is awaited (for at most the grace) and what it brings is
-    /// handed back by the caller; `None` when even that ran out.
+    /// Its answer is awaited until half the settle margin is left before the
+    /// deadline (the rest is for handing back what it brings, which the
+    /// caller does); `None` when even that ran out.
     async fn receive(&mut self, i: usize, want: u8) -> Option<Result<Vec<Message>, QueueError>> {
         let shutdown = self.consumer.shutdown.clone();
         let receive = self.targets[i]
@@ -264,9 +246,9 @@ impl Poller {
         tokio::pin!(receive);
         let received = tokio::select! {
             r = &mut receive => r,
-            () = shutdown.cancelled() => {
-                let bound = self.cfg.shutdown_grace.max(RECEIVE_ON_SHUTDOWN);
-                tokio::time::timeout(bound, &mut receive).await.ok()?
+            () = shutdown.requested().cancelled() => {
+                let by = shutdown.exit_by().unwrap_or_else(Instant::now);
+                tokio::time::timeout_at(by - SETTLE_MARGIN / 2, &mut receive).await.ok()?
             }
         };
         if received.is_ok() {
@@ -287,9 +269,9 @@ impl Poller {
             self.started += 1;
             let (consumer, target) = (self.consumer.clone(), self.targets[i].clone());
             let run_slot = RunSlot::new(permit, self.freed());
-            let (cancel, last_settled) = (self.tasks_cancel.clone(), self.last_settled.clone());
+            let last_settled = self.last_settled.clone();
             self.tracker.spawn(async move {
-                let _ = consumer::process_message(consumer, target, msg, cancel, run_slot).await;
+                let _ = consumer::process_message(consumer, target, msg, run_slot).await;
                 if let Ok(mut t) = last_settled.lock() {
                     *t = Instant::now();
                 }
@@ -315,41 +297,44 @@ impl Poller {
         }
     }
 
-    /// After the loop: wait for the running tasks (and their webhooks); once
-    /// the grace is over, give settling [`SETTLE_MARGIN`] and no more.
+    /// After the loop: wait for the running tasks (and their webhooks). A
+    /// signal cancels them when the grace is over (each task's token is a
+    /// child of it), and nothing waits past the shutdown's deadline.
     async fn drain_tasks(&self) {
         self.tracker.close();
         if self.tracker.is_empty() {
             return;
         }
-        // Without a signal (--exit-when-empty, --max-tasks) the tasks finish
-        // in their own time; a signal starts the grace whenever it comes.
         tracing::info!(
             in_flight = self.tracker.len(),
             grace_s = self.cfg.shutdown_grace.as_secs_f64(),
             "waiting for running tasks (and their webhooks)"
         );
+        let shutdown = &self.consumer.shutdown;
+        let grace_over = async {
+            shutdown.grace_over().cancelled().await;
+            tracing::warn!(
+                in_flight = self.tracker.len(),
+                "grace period over; cancelling running tasks (their messages are released) and handing pending webhooks to the outbox"
+            );
+            std::future::pending::<()>().await;
+        };
         tokio::select! {
             () = self.tracker.wait() => {}
-            () = self.tasks_cancel.cancelled() => {
-                tracing::warn!(
-                    in_flight = self.tracker.len(),
-                    "grace period over; cancelling running tasks (their messages are released) and handing pending webhooks to the outbox"
+            () = grace_over => {}
+            () = shutdown.deadline() => {
+                tracing::error!(
+                    unsettled = self.tracker.len(),
+                    "messages not settled within the shutdown budget; they reappear when their leases expire"
                 );
-                if tokio::time::timeout(SETTLE_MARGIN, self.tracker.wait()).await.is_err() {
-                    tracing::error!(
-                        unsettled = self.tracker.len(),
-                        "messages not settled within the shutdown budget; they reappear when their leases expire"
-                    );
-                }
             }
         }
     }
 }
 
-/// Runs until the consumer's shutdown token fires (or the stop conditions in
-/// `cfg` hold). The targets' outboxes are drained beside the task queues, by
-/// a loop of their own that takes no task slot.
+/// Runs until shutdown is requested (or the stop conditions in `cfg` hold),
+/// and returns by the shutdown's deadline. The targets' outboxes are drained
+/// beside the task queues, by a loop of their own that takes no task slot.
 pub async fn run(
     consumer: Arc<Consumer>,
     targets: Vec<Target>,
@@ -358,37 +343,33 @@ pub async fn run(
 ) -> Summary {
     let shutdown = consumer.shutdown.clone();
     let stats = consumer.stats.clone();
-    let mut drain = tokio::spawn(outbox::run(
-        consumer.app.notifier.clone(),
-        targets.iter().map(|t| t.outbox.clone()).collect(),
-        DrainConfig {
+    let mut drain = tokio::spawn({
+        let (notifier, shutdown) = (consumer.app.notifier.clone(), shutdown.clone());
+        let outboxes = targets.iter().map(|t| t.outbox.clone()).collect();
+        let drain_cfg = DrainConfig {
             max_in_flight: cfg.outbox_in_flight,
             max_poll_interval: cfg.max_poll_interval,
             exit_when_empty: cfg.exit_when_empty || cfg.max_tasks.is_some(),
             max_entries: None,
-        },
-        shutdown.clone(),
-    ));
+        };
+        async move { outbox::run(notifier, outboxes, drain_cfg, &shutdown).await }
+    });
     let summary_task = tokio::spawn(summary_loop(
         stats.clone(),
         targets.iter().map(|t| t.queue.clone()).collect(),
         cfg.summary_every,
-        shutdown.clone(),
+        shutdown.requested().clone(),
     ));
     let mut poller = Poller::new(consumer, targets, cfg, health);
     while poller.step().await == Step::Continue {}
     poller.drain_tasks().await;
-    let tasks_cancel = poller.tasks_cancel.clone();
     tokio::select! {
         joined = &mut drain => {
             if let Err(e) = joined {
                 tracing::error!(error = %e, "the outbox loop failed");
             }
         }
-        () = async {
-            tasks_cancel.cancelled().await;
-            tokio::time::sleep(SETTLE_MARGIN).await;
-        } => {
+        () = shutdown.deadline() => {
             // Entries still in flight reappear when their short leases expire.
             drain.abort();
         }

@@ -23,7 +23,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use url::Url;
 
@@ -35,6 +34,7 @@ use crate::lease::settle_call;
 use crate::outbox::Outbox;
 use crate::queue::{Message, QueueError};
 use crate::secret::Secret;
+use crate::shutdown::Shutdown;
 use crate::task;
 use crate::webhook::{count, results, Event};
 
@@ -46,19 +46,22 @@ pub struct Report {
 }
 
 /// Decodes `raw`, runs it, notifies (or hands the event to `outbox`), and
-/// returns the report (also printed to stdout by `main`). `shutdown` cancels
-/// the running handler and stops further webhook attempts.
+/// returns the report (also printed to stdout by `main`). When shutdown is
+/// requested the running handler is cancelled at once and no further
+/// webhook attempt starts; the attempt in flight is given up when the grace
+/// is over (and the event handed to the outbox, when there is one). The
+/// caller bounds the whole by the shutdown's deadline.
 pub async fn run(
     app: &App,
     raw: &[u8],
     outbox: Result<&Outbox, &str>,
-    shutdown: CancellationToken,
+    shutdown: &Shutdown,
 ) -> Report {
     let (task, encoding) = match task::decode(raw) {
         Ok(ok) => ok,
         Err(e) => {
             let salvage = task::salvage(raw);
-            let task_id = salvage.task_id.unwrap_or_else(|| "unknown".into());
+            let task_id = salvage.task_id.unwrap_or_else(|| task::content_id(raw));
             let task_type = salvage.task_type.unwrap_or_else(|| "unknown".into());
             tracing::error!(%task_id, error = %e, "invalid task data; nothing was run");
             let outcome = Outcome::failed(
@@ -68,7 +71,7 @@ pub async fn run(
             );
             let event =
                 Event::from_outcome(&task_id, &task_type, salvage.client.as_deref(), 1, &outcome);
-            report(app, salvage.webhook_url.as_ref(), &event, outbox, &shutdown).await;
+            report(app, salvage.webhook_url.as_ref(), &event, outbox, shutdown).await;
             return Report {
                 event,
                 succeeded: false,
@@ -80,7 +83,7 @@ pub async fn run(
     async move {
         tracing::debug!(?encoding, "task decoded");
         let task = Arc::new(task);
-        let outcome = app.run(task.clone(), 1, &shutdown).await;
+        let outcome = app.run(task.clone(), 1, shutdown.requested()).await;
         let event = Event::from_outcome(
             &task.task_id,
             &task.task_type,
@@ -88,7 +91,7 @@ pub async fn run(
             1,
             &outcome,
         );
-        report(app, task.webhook_url.as_ref(), &event, outbox, &shutdown).await;
+        report(app, task.webhook_url.as_ref(), &event, outbox, shutdown).await;
         Report {
             succeeded: outcome.status() == Status::Succeeded,
             event,
@@ -104,13 +107,10 @@ async fn report(
     url: Option<&Url>,
     event: &Event,
     outbox: Result<&Outbox, &str>,
-    shutdown: &CancellationToken,
+    shutdown: &Shutdown,
 ) {
     let Some(url) = url else { return };
-    // Without a held message there is nothing to redeliver: the attempt in
-    // flight is never abandoned.
-    let never = CancellationToken::new();
-    let Err(e) = app.notifier.notify(url, event, shutdown, &never).await else {
+    let Err(e) = app.notifier.notify(url, event, shutdown).await else {
         return;
     };
     let outbox = match outbox {
@@ -177,6 +177,5 @@ pub async fn run_leased(
         text: String::from_utf8_lossy(raw).into_owned(),
         insertion_time: None,
     };
-    let cancel = consumer.shutdown.clone();
-    Ok(consumer::process_message(consumer, target, msg, cancel, RunSlot::none()).await)
+    Ok(consumer::process_message(consumer, target, msg, RunSlot::none()).await)
 }

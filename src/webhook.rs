@@ -13,9 +13,14 @@
 //! The notifier makes the *in-process* attempts (a few, seconds apart). What
 //! they cannot deliver the caller hands to the outbox ([`crate::outbox`]),
 //! which keeps trying for about a day; a webhook never changes the task's
-//! outcome. Every request passes the egress guard and the per-host
-//! [`HostGate`], so one slow backend never holds up another's deliveries.
+//! outcome. Every request passes the egress guard and the destination's
+//! learned concurrency limit ([`crate::limiter`]): a backend gets as many
+//! requests at once as it answers well, and an outcome bound for a backend
+//! that is failing, or that already holds its share of the backlog, goes to
+//! the outbox at once instead of waiting ([`WebhookError::Deferred`]), so one
+//! slow backend never holds up another's deliveries.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -26,14 +31,16 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use url::Url;
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::egress::{
     egress_error_in, error_chain, redact_url, truncate, EgressError, EgressPolicy,
 };
-use crate::gate::HostGate;
+use crate::limiter::{self, Busy, Claim, Limiter, Permit, Signal};
 use crate::outcome::{Outcome, Status};
 use crate::retry::{self, Decision, GaveUp};
+use crate::shutdown::Shutdown;
 
 /// A Standard Webhooks signing secret: `whsec_` + base64 of 24–64 bytes.
 #[derive(Clone)]
@@ -76,8 +83,11 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
-    /// Requests in flight at once, over all destinations.
+    /// Requests in flight at once over all destinations, and outcomes that
+    /// may wait for delivery.
     pub concurrency: usize,
+    /// Bytes of outcomes that may wait for delivery.
+    pub backlog_bytes: usize,
 }
 
 impl Default for RetryPolicy {
@@ -88,6 +98,7 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
             concurrency: 512,
+            backlog_bytes: 64 << 20,
         }
     }
 }
@@ -189,12 +200,20 @@ pub enum WebhookError {
     #[error("webhook URL refused by egress policy: {0}")]
     Refused(#[from] EgressError),
     #[error("receiver answered HTTP {status}: {body}")]
-    Rejected { status: u16, body: String },
+    Rejected {
+        status: u16,
+        body: String,
+        attempts: u32,
+    },
     #[error("gave up after {attempts} attempts; last error: {last}")]
     Exhausted { attempts: u32, last: String },
     /// Shutdown began: no further attempt was made.
     #[error("stopped by shutdown after {attempts} attempts; last error: {last}")]
     Stopped { attempts: u32, last: String },
+    /// Not tried further now: the destination is failing or holds its share
+    /// of the backlog (see [`crate::limiter`]).
+    #[error("deferred after {attempts} attempts: {busy}")]
+    Deferred { attempts: u32, busy: Busy },
     #[error("cannot build HTTP client: {0}")]
     Client(String),
 }
@@ -203,10 +222,10 @@ impl WebhookError {
     /// Attempts made before giving up.
     pub fn attempts(&self) -> u32 {
         match self {
-            WebhookError::Exhausted { attempts, .. } | WebhookError::Stopped { attempts, .. } => {
-                *attempts
-            }
-            WebhookError::Rejected { .. } => 1,
+            WebhookError::Exhausted { attempts, .. }
+            | WebhookError::Stopped { attempts, .. }
+            | WebhookError::Rejected { attempts, .. }
+            | WebhookError::Deferred { attempts, .. } => *attempts,
             WebhookError::Refused(_) | WebhookError::Client(_) => 0,
         }
     }
@@ -224,7 +243,7 @@ pub struct Delivery {
 #[derive(Debug)]
 pub enum AttemptError {
     Refused(EgressError),
-    /// 408, 429, 5xx, timeouts and connection errors: try again later.
+    /// 408, 429, 5xx, timeouts, connection and DNS errors: try again later.
     Retryable {
         last: String,
         retry_after: Option<Duration>,
@@ -234,6 +253,8 @@ pub enum AttemptError {
         status: u16,
         body: String,
     },
+    /// No request was made: the destination may not take one now.
+    Busy(Busy),
     Client(String),
 }
 
@@ -245,6 +266,7 @@ impl AttemptError {
             AttemptError::Retryable { last, .. } => last.clone(),
             AttemptError::Rejected { status, body } if body.is_empty() => format!("HTTP {status}"),
             AttemptError::Rejected { status, body } => format!("HTTP {status}: {body}"),
+            AttemptError::Busy(b) => format!("not attempted: {b}"),
             AttemptError::Client(e) => format!("cannot build HTTP client: {e}"),
         }
     }
@@ -258,6 +280,9 @@ pub mod results {
     pub const RETRIED: &str = "retried";
     /// The in-process attempts are over; the event waits in the outbox.
     pub const OUTBOXED: &str = "outboxed";
+    /// Not attempted now (the backend is failing or holds its share of the
+    /// backlog): the event waits in the outbox without using up the schedule.
+    pub const DEFERRED: &str = "deferred";
     /// Given up on: the event is in `<client>-webhooks-poison`.
     pub const POISONED: &str = "poisoned";
     /// Neither delivered nor kept anywhere but the log (no outbox configured).
@@ -275,7 +300,7 @@ pub struct Notifier {
     retry: RetryPolicy,
     signer: Option<standardwebhooks::Webhook>,
     client: tokio::sync::OnceCell<reqwest::Client>,
-    gate: HostGate,
+    limiter: Arc<Limiter>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -286,6 +311,15 @@ impl std::fmt::Debug for Notifier {
             .field("signed", &self.signer.is_some())
             .finish()
     }
+}
+
+/// The destination an URL's requests count against: `host:port`.
+pub fn destination(url: &Url) -> String {
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
 }
 
 impl Notifier {
@@ -302,13 +336,20 @@ impl Notifier {
                 format!("WORKER_WEBHOOK_SECRET (--webhook-secret) cannot be used to sign: {e}")
             })?),
         };
-        let gate = HostGate::new(retry.concurrency);
+        let limiter = Limiter::new(limiter::Config {
+            max_in_flight: retry.concurrency.max(1),
+            backlog: retry.concurrency.max(1),
+            backlog_bytes: retry.backlog_bytes.max(1),
+            max_wait: retry.timeout,
+            max_pause: retry.max_backoff,
+            ..limiter::Config::default()
+        });
         Ok(Self {
             policy,
             retry,
             signer,
             client: tokio::sync::OnceCell::new(),
-            gate,
+            limiter,
         })
     }
 
@@ -317,19 +358,30 @@ impl Notifier {
         self.retry.timeout
     }
 
+    /// Whether another outcome could wait for delivery now (the poller stops
+    /// receiving while it cannot).
+    pub fn has_room(&self) -> bool {
+        self.limiter.has_room()
+    }
+
+    /// The learned concurrency limit for `url`'s destination, if it was used.
+    pub fn limit_for(&self, url: &Url) -> Option<f64> {
+        self.limiter.limit(&destination(url))
+    }
+
     /// Delivers `event` to `url` with the in-process attempts, logging the
-    /// result. After `stop` fires no new attempt starts (the first always
-    /// does); `abort` also gives up the attempt in flight (the shutdown
-    /// budget is over). Never fails the caller: returns the delivery or the
-    /// reason it did not happen, for the caller to hand to the outbox.
+    /// result. After shutdown is requested no new attempt starts (the first
+    /// always does, unless it would have to wait); once the grace is over the
+    /// attempt in flight is given up too. Never fails the caller: returns the
+    /// delivery or the reason it did not happen, for the caller to hand to
+    /// the outbox.
     pub async fn notify(
         &self,
         url: &Url,
         event: &Event,
-        stop: &CancellationToken,
-        abort: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Result<Delivery, WebhookError> {
-        let result = self.deliver(url, event, stop, abort).await;
+        let result = self.deliver(url, event, shutdown).await;
         let target = redact_url(url);
         match &result {
             Ok(d) => {
@@ -348,35 +400,41 @@ impl Notifier {
         &self,
         url: &Url,
         event: &Event,
-        stop: &CancellationToken,
-        abort: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Result<Delivery, WebhookError> {
-        let body = serde_json::to_string(event).map_err(|e| WebhookError::Client(e.to_string()))?;
+        let body = Bytes::from(
+            serde_json::to_vec(event).map_err(|e| WebhookError::Client(e.to_string()))?,
+        );
         let webhook_id = event.webhook_id();
+        self.policy.check(url)?;
+        let host = destination(url);
+        // The first attempt goes out after a shutdown request too, unless it
+        // would have to wait for room.
+        let claim = tokio::select! {
+            biased;
+            claim = self.limiter.claim(&host, body.len()) => claim,
+            () = shutdown.requested().cancelled() => Err(Busy::Waited),
+        }
+        .map_err(|busy| WebhookError::Deferred { attempts: 0, busy })?;
         let delays: Vec<Duration> = (1..self.retry.attempts.max(1))
             .map(|n| self.retry.backoff(n))
             .collect();
+        let abort = shutdown.grace_over();
         let attempt = |n: u32| {
-            let (webhook_id, body) = (&webhook_id, &body);
+            let (webhook_id, body, claim) = (&webhook_id, &body, &claim);
             async move {
                 if n > 1 {
                     count(results::RETRIED);
                 }
-                // Past the shutdown budget the request in flight is given up
-                // (`abort` fires only after `stop`, so no retry follows).
-                let sent = tokio::select! {
-                    sent = self.send(url, webhook_id, body) => sent,
-                    () = abort.cancelled() => Err(AttemptError::Retryable {
-                        last: "the shutdown budget ran out during the request".into(),
-                        retry_after: None,
-                    }),
-                };
-                sent.map(|status| (status, n))
+                self.attempt(claim, url, webhook_id, body.clone(), abort)
+                    .await
+                    .map(|status| (status, n))
             }
         };
-        // Only connection errors, timeouts, 408, 429 and 5xx are retried
-        // here; any other answer goes to the outbox, which asks again later
-        // on its longer schedule rather than hammering the backend now.
+        // Only connection and DNS errors, timeouts, 408, 429 and 5xx are
+        // retried here; any other answer goes to the outbox, which asks
+        // again later on its longer schedule rather than hammering the
+        // backend now.
         let decide = |e: &AttemptError| match e {
             AttemptError::Retryable { last, retry_after } => {
                 tracing::warn!(error = %last, "webhook attempt failed; retrying");
@@ -386,7 +444,7 @@ impl Notifier {
             }
             _ => Decision::Stop,
         };
-        match retry::run(delays, attempt, decide, stop).await {
+        match retry::run(delays, attempt, decide, shutdown.requested()).await {
             Ok((status, attempts)) => Ok(Delivery {
                 webhook_id,
                 attempts,
@@ -399,7 +457,15 @@ impl Notifier {
             }) => Err(match error {
                 AttemptError::Refused(e) => WebhookError::Refused(e),
                 AttemptError::Client(e) => WebhookError::Client(e),
-                AttemptError::Rejected { status, body } => WebhookError::Rejected { status, body },
+                AttemptError::Rejected { status, body } => WebhookError::Rejected {
+                    status,
+                    body,
+                    attempts,
+                },
+                AttemptError::Busy(busy) => WebhookError::Deferred {
+                    attempts: attempts - 1,
+                    busy,
+                },
                 AttemptError::Retryable { last, .. } if stopped || abort.is_cancelled() => {
                     WebhookError::Stopped { attempts, last }
                 }
@@ -408,64 +474,138 @@ impl Notifier {
         }
     }
 
+    /// One attempt under `claim`: wait for a request slot at the destination
+    /// (or be told it cannot have one now), then send. `abort` gives up the
+    /// wait and the request in flight.
+    async fn attempt(
+        &self,
+        claim: &Claim,
+        url: &Url,
+        webhook_id: &str,
+        body: Bytes,
+        abort: &CancellationToken,
+    ) -> Result<u16, AttemptError> {
+        let given_up = || AttemptError::Retryable {
+            last: "the shutdown budget ran out during the request".into(),
+            retry_after: None,
+        };
+        let permit = tokio::select! {
+            biased;
+            p = claim.start() => p.map_err(AttemptError::Busy)?,
+            () = abort.cancelled() => return Err(given_up()),
+        };
+        tokio::select! {
+            biased;
+            sent = self.request(permit, url, webhook_id, body) => sent,
+            () = abort.cancelled() => Err(given_up()),
+        }
+    }
+
     /// One signed POST of `body` under `webhook_id`, with a fresh timestamp
-    /// and signature, through the egress guard and the per-host gate. No retry.
-    pub async fn send(&self, url: &Url, webhook_id: &str, body: &str) -> Result<u16, AttemptError> {
+    /// and signature, through the egress guard and the destination's limit.
+    /// No retry. Used by the outbox for each of its attempts; `abort` gives
+    /// up the wait and the request.
+    pub async fn send(
+        &self,
+        url: &Url,
+        webhook_id: &str,
+        body: Bytes,
+        abort: &CancellationToken,
+    ) -> Result<u16, AttemptError> {
         self.policy.check(url).map_err(AttemptError::Refused)?;
+        let host = destination(url);
+        let claim = tokio::select! {
+            biased;
+            c = self.limiter.claim(&host, body.len()) => c.map_err(AttemptError::Busy)?,
+            () = abort.cancelled() => return Err(AttemptError::Busy(Busy::Waited)),
+        };
+        self.attempt(&claim, url, webhook_id, body, abort).await
+    }
+
+    /// The request itself; tells the permit what the answer says about load.
+    async fn request(
+        &self,
+        permit: Permit,
+        url: &Url,
+        webhook_id: &str,
+        body: Bytes,
+    ) -> Result<u16, AttemptError> {
         let client = self
             .client
             .get_or_try_init(|| async { self.policy.client(self.retry.timeout, false) })
             .await
             .map_err(|e| AttemptError::Client(e.to_string()))?;
-        let host = format!(
-            "{}:{}",
-            url.host_str().unwrap_or_default(),
-            url.port_or_known_default().unwrap_or_default()
-        );
-        let _pass = self.gate.enter(&host).await;
         let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut req = client
             .post(url.clone())
             .header("content-type", "application/json")
             .header("webhook-id", webhook_id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .body(body.to_owned());
+            .header("webhook-timestamp", timestamp.to_string());
         if let Some(signer) = &self.signer {
             let sig = signer
-                .sign(webhook_id, timestamp, body.as_bytes())
+                .sign(webhook_id, timestamp, &body)
                 .map_err(|e| AttemptError::Client(e.to_string()))?;
             req = req.header("webhook-signature", sig);
         }
-        match req.send().await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                if resp.status().is_success() {
-                    return Ok(status);
-                }
-                let retry_after = parse_retry_after(resp.headers());
-                let text = truncate(&read_capped(resp, ERROR_BODY_LIMIT).await, 200);
-                if status == 408 || status == 429 || (500..600).contains(&status) {
-                    Err(AttemptError::Retryable {
-                        last: format!("HTTP {status}"),
-                        retry_after,
-                    })
-                } else {
-                    Err(AttemptError::Rejected { status, body: text })
-                }
-            }
-            Err(e) => {
-                if let Some(refused) = egress_error_in(&e) {
-                    return Err(AttemptError::Refused(refused));
-                }
-                // Without the URL: its query may hold a token (the redacted
-                // form is in the log line).
-                Err(AttemptError::Retryable {
-                    last: error_chain(&e.without_url()),
-                    retry_after: None,
-                })
-            }
-        }
+        let (signal, result) = match req.body(body).send().await {
+            Ok(resp) => answered(resp).await,
+            Err(e) => failed(e),
+        };
+        permit.finish(signal);
+        result
     }
+}
+
+/// What an answer means: the result, and the signal for the limit.
+async fn answered(resp: reqwest::Response) -> (Signal, Result<u16, AttemptError>) {
+    let status = resp.status().as_u16();
+    let answer = Signal::Answered {
+        rtt: Duration::ZERO,
+    };
+    if resp.status().is_success() {
+        return (answer, Ok(status));
+    }
+    let retry_after = parse_retry_after(resp.headers());
+    let text = truncate(&read_capped(resp, ERROR_BODY_LIMIT).await, 200);
+    let signal = match (status, retry_after) {
+        (429 | 503, Some(d)) => Signal::RetryAfter(d),
+        (408 | 429 | 502 | 503 | 504, _) => Signal::Overloaded,
+        _ => answer,
+    };
+    let result = if status == 408 || status == 429 || (500..600).contains(&status) {
+        Err(AttemptError::Retryable {
+            last: format!("HTTP {status}"),
+            retry_after,
+        })
+    } else {
+        Err(AttemptError::Rejected { status, body: text })
+    };
+    (signal, result)
+}
+
+/// What a failed request means. A refusal by the egress guard is final; a
+/// name that did not resolve says nothing about the backend's load; a
+/// timeout or a refused or reset connection says it is overloaded (or gone).
+fn failed(e: reqwest::Error) -> (Signal, Result<u16, AttemptError>) {
+    if let Some(refused) = egress_error_in(&e) {
+        return (Signal::Ignored, Err(AttemptError::Refused(refused)));
+    }
+    let unresolved = crate::egress::resolve_error_in(&e).is_some();
+    let signal = if unresolved {
+        Signal::Ignored
+    } else {
+        Signal::Overloaded
+    };
+    // Without the URL: its query may hold a token (the redacted form is in
+    // the log line).
+    let last = error_chain(&e.without_url());
+    (
+        signal,
+        Err(AttemptError::Retryable {
+            last,
+            retry_after: None,
+        }),
+    )
 }
 
 /// Most bytes of an error response read (for the log line).

@@ -1,12 +1,17 @@
 //! Chaos: a few hundred tasks through several polling workers on one queue,
 //! while workers are killed (SIGKILL) and stopped (SIGTERM) at random and
-//! replaced, Azurite restarts once, and the one webhook backend answers 200,
-//! answers 503, hangs past the webhook timeout or is away, by turns. Then the
-//! backend answers 200 until everything is through, and:
+//! replaced, Azurite restarts once, and the webhook backend answers 200,
+//! answers 503, hangs past the webhook timeout or is away, by turns; its name
+//! (`backend.invalid`, pinned in a hosts file the workers read) also stops
+//! resolving for a while. A second client's backend, on another host, is
+//! black-holed (it accepts and never answers) until the first client is
+//! through. Then every backend answers 200 until everything is through, and:
 //!
-//! - every task's `task.succeeded` was accepted by the backend at least once;
+//! - every task's `task.succeeded` was accepted by its backend at least once;
 //! - every request for one task carried one and the same `webhook-id`;
-//! - the tasks queue, the outbox and both poison queues are empty.
+//! - the first client was through while the second's backend was still
+//!   black-holed (one black hole never holds up another client);
+//! - the tasks queues, the outboxes and all poison queues are empty.
 //!
 //! The plan is seeded. The seed is printed first (`--nocapture` shows it on
 //! success too); `CHAOS_SEED=<n> cargo test --test chaos` replays the same
@@ -49,16 +54,24 @@ const WEBHOOK_INITIAL_BACKOFF: &str = "0.2";
 const WEBHOOK_TIMEOUT: &str = "2";
 /// How long the hanging backend keeps a request: past the webhook timeout.
 const HANG: Duration = Duration::from_secs(4);
-/// 64 s in all, longer than the chaos: every outbox entry gets an attempt
-/// after the backend is back for good, so none may reach the poison queue.
-const OUTBOX_SCHEDULE: &str = "1s,1s,2s,2s,3s,5s,5s,10s,15s,20s";
+/// 214 s in all, longer than the chaos and the black hole: every outbox
+/// entry gets an attempt after its backend is back for good, so none may
+/// reach the poison queue.
+const OUTBOX_SCHEDULE: &str = "1s,1s,2s,2s,3s,5s,5s,10s,15s,20s,30s,30s,30s,30s,30s";
+/// The second client's tasks (quick echo tasks, queued before the workers
+/// start), all reporting to the black-holed backend.
+const HOLE_TASKS: usize = 40;
+/// The black hole opens at the latest this long after the chaos.
+const HOLE_MAX_AFTER_CHAOS: Duration = Duration::from_secs(60);
+/// The name the first backend is reached by (a hosts file maps it).
+const BACKEND_NAME: &str = "backend.invalid";
 /// Crashes must never poison a task.
 const MAX_DEQUEUE_COUNT: &str = "20";
 /// SIGTERM grace per worker, picked at random: short ones cancel and release
 /// tasks, long ones let them finish and leave pending webhooks to the outbox.
 const GRACES: [&str; 3] = ["1", "3", "10"];
 /// After the chaos: how long delivering and settling the rest may take.
-const DRAIN_BOUND: Duration = Duration::from_secs(120);
+const DRAIN_BOUND: Duration = Duration::from_secs(180);
 /// How long a worker may take to exit after SIGTERM (its grace is at most 10 s).
 const STOP_BOUND: Duration = Duration::from_secs(60);
 /// How long one queue call from the test may take.
@@ -79,11 +92,21 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     let c = rt
         .block_on(async { tokio::time::timeout(QUEUE_BOUND, Client::new(&az, "chaos")).await })
         .expect("create the client's queues on Azurite");
+    let cb = rt
+        .block_on(async { tokio::time::timeout(QUEUE_BOUND, Client::new(&az, "chaos-b")).await })
+        .expect("create the second client's queues on Azurite");
     let svc = az.service();
     let outbox = svc.queue(&format!("{}-webhooks", c.name)).unwrap();
     let outbox_poison = svc.queue(&format!("{}-webhooks-poison", c.name)).unwrap();
+    let b_outbox = svc.queue(&format!("{}-webhooks", cb.name)).unwrap();
+    let b_outbox_poison = svc.queue(&format!("{}-webhooks-poison", cb.name)).unwrap();
     let backend = Backend::start(HANG);
-    let hook = backend.url("/hooks/task");
+    let hole = Backend::start(Duration::from_secs(600));
+    hole.set_mode(Mode::Hang);
+    let hosts_dir = tempfile::tempdir().expect("a temp dir for the hosts file");
+    let hosts = hosts_dir.path().join("hosts");
+    set_resolvable(&hosts, true);
+    let hook = format!("http://{BACKEND_NAME}:{}/hooks/task", backend.port());
     // Plain JSON and base64 of it, the two ways backends enqueue.
     let texts: Vec<String> = plan
         .jobs
@@ -97,13 +120,33 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
             }
         })
         .collect();
+    let hole_ids: Vec<String> = (0..HOLE_TASKS).map(|i| format!("hole-{i:03}")).collect();
+    for id in &hole_ids {
+        let text = task(id, "echo", json!({}), Some(&hole.url("/hooks/task"))).to_string();
+        send(&rt, &cb.tasks, &text, seed);
+    }
 
     let mut next_job = 0;
     while next_job < FIRST_WAVE {
         send(&rt, &c.tasks, &texts[next_job], seed);
         next_job += 1;
     }
-    let mut fleet = Fleet::new(&c, backend.port(), Rng(seed ^ 0x5eed_f1ee));
+    let env = vec![
+        (
+            "WORKER_CLIENT".to_owned(),
+            format!("{},{}", c.name, cb.name),
+        ),
+        (
+            "WORKER_WEBHOOK_ALLOWED_HOSTS".to_owned(),
+            format!(
+                "{BACKEND_NAME}:{},127.0.0.1:{}",
+                backend.port(),
+                hole.port()
+            ),
+        ),
+        ("WORKER_HOSTS_FILE".to_owned(), hosts.display().to_string()),
+    ];
+    let mut fleet = Fleet::new(&c, env, Rng(seed ^ 0x5eed_f1ee));
     for _ in 0..LIVE {
         fleet.spawn();
     }
@@ -114,8 +157,22 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     let mut restart_took = None;
     let mut last_check = Instant::now();
     let mut drained_at = None;
+    let mut next_dns = 0;
+    // When the first client was through, and when the black hole opened.
+    let (mut a_done_at, mut hole_open_at) = (None, None);
     loop {
         let now = t0.elapsed();
+        while next_dns < plan.dns.len() && plan.dns[next_dns].0 <= now {
+            let resolvable = plan.dns[next_dns].1;
+            set_resolvable(&hosts, resolvable);
+            let what = if resolvable {
+                "resolves"
+            } else {
+                "stops resolving"
+            };
+            timeline.push(format!("{:6.1}s {BACKEND_NAME} {what}", secs(now)));
+            next_dns += 1;
+        }
         while next_mode < plan.backend.len() && plan.backend[next_mode].0 <= now {
             let mode = plan.backend[next_mode].1;
             backend.set_mode(mode);
@@ -145,26 +202,52 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
         let chaos_over = now >= plan.chaos_end
             && next_job == plan.jobs.len()
             && next_fault == plan.faults.len()
-            && next_mode == plan.backend.len();
+            && next_mode == plan.backend.len()
+            && next_dns == plan.dns.len();
         if chaos_over && last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
             // Accepted, and nothing left to run or to deliver again.
-            if backend.succeeded_count() == TASKS
+            if a_done_at.is_none()
+                && backend.succeeded_count() == TASKS
                 && count(&rt, &c.tasks) == Ok(0)
                 && count(&rt, &outbox) == Ok(0)
+            {
+                a_done_at = Some(now);
+                timeline.push(format!(
+                    "{:6.1}s first client delivered, queues empty",
+                    secs(now)
+                ));
+            }
+            if hole_open_at.is_none()
+                && (a_done_at.is_some() || now > plan.chaos_end + HOLE_MAX_AFTER_CHAOS)
+            {
+                hole.set_mode(Mode::Ok);
+                hole_open_at = Some(now);
+                timeline.push(format!("{:6.1}s black hole opens", secs(now)));
+            }
+            if a_done_at.is_some()
+                && hole_open_at.is_some()
+                && hole.succeeded_count() == HOLE_TASKS
+                && count(&rt, &cb.tasks) == Ok(0)
+                && count(&rt, &b_outbox) == Ok(0)
             {
                 drained_at = Some(t0.elapsed());
                 timeline.push(format!("{:6.1}s all delivered, queues empty", secs(now)));
                 break;
             }
         }
-        if chaos_over && now > plan.chaos_end + DRAIN_BOUND {
+        let bound = plan.chaos_end + HOLE_MAX_AFTER_CHAOS + DRAIN_BOUND;
+        if chaos_over && now > bound {
             fleet.problems.push(format!(
-                "not drained {DRAIN_BOUND:?} after the chaos: {} of {TASKS} tasks accepted, \
-                 tasks queue {:?}, outbox {:?} messages",
+                "not drained {bound:?} after the start: {} of {TASKS} tasks accepted, \
+                 tasks queue {:?}, outbox {:?} messages; {} of {HOLE_TASKS} black-hole tasks \
+                 accepted, their queue {:?}, outbox {:?}",
                 backend.succeeded_count(),
                 count(&rt, &c.tasks),
-                count(&rt, &outbox)
+                count(&rt, &outbox),
+                hole.succeeded_count(),
+                count(&rt, &cb.tasks),
+                count(&rt, &b_outbox),
             ));
             break;
         }
@@ -174,11 +257,21 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     timeline.push(format!("{:6.1}s all workers stopped", secs(t0.elapsed())));
 
     let mut problems = std::mem::take(&mut fleet.problems);
+    if a_done_at.is_none() || a_done_at > hole_open_at {
+        problems.push(format!(
+            "the first client was not through while the second's backend was black-holed \
+             (through at {a_done_at:?}, black hole opened at {hole_open_at:?})"
+        ));
+    }
     for (q, what) in [
         (&c.tasks, "tasks queue"),
         (&outbox, "outbox"),
         (&c.poison, "tasks poison queue"),
         (&outbox_poison, "outbox poison queue"),
+        (&cb.tasks, "second client's tasks queue"),
+        (&b_outbox, "second client's outbox"),
+        (&cb.poison, "second client's tasks poison queue"),
+        (&b_outbox_poison, "second client's outbox poison queue"),
     ] {
         let n = count_settled(&rt, q, seed);
         if n != 0 {
@@ -195,8 +288,24 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     }
 
     let hits = backend.hits();
-    let check = Check::new(&plan, &hits);
+    let known: BTreeSet<&str> = plan.jobs.iter().map(|j| j.id.as_str()).collect();
+    let check = Check::new(&known, &hits);
     problems.extend(check.problems.iter().cloned());
+    let hole_hits = hole.hits();
+    let hole_check = Check::new(&hole_ids.iter().map(String::as_str).collect(), &hole_hits);
+    problems.extend(
+        hole_check
+            .problems
+            .iter()
+            .map(|p| format!("black hole: {p}")),
+    );
+    if !hole_check.missing.is_empty() {
+        problems.push(format!(
+            "{} of {HOLE_TASKS} black-hole tasks never had task.succeeded accepted: {:?}",
+            hole_check.missing.len(),
+            hole_check.missing
+        ));
+    }
     let missing = check.missing.clone();
     if !missing.is_empty() {
         problems.push(format!(
@@ -209,7 +318,8 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
         "chaos seed {seed}: {TASKS} tasks, {} worker processes ({} SIGKILL, {} SIGTERM), \
          Azurite restart {:.1}s; backend: {} requests ({} accepted, {} answered 503, {} hung, \
          {} dropped after reading), {} connections dropped on accept; {} tasks delivered, \
-         {} duplicate deliveries ({} tasks more than once, at most {} times); chaos {:.1}s, \
+         {} duplicate deliveries ({} tasks more than once, at most {} times); black hole: \
+         {} requests, {} tasks delivered after it opened; first client through at {}; chaos {:.1}s, \
          drained {}, whole test {:.1}s",
         fleet.spawned,
         fleet.kills,
@@ -227,6 +337,9 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
         check.duplicates,
         check.repeated_tasks,
         check.max_per_task,
+        hole_hits.len(),
+        hole_check.delivered,
+        a_done_at.map_or_else(|| "never".to_owned(), |d| format!("{:.1}s", secs(d))),
         secs(plan.chaos_end),
         drained_at.map_or_else(|| "never".to_owned(), |d| format!("at {:.1}s", secs(d))),
         secs(started.elapsed()),
@@ -362,6 +475,8 @@ struct Plan {
     /// The backend's mode from each instant on; [`Mode::Ok`] after the last.
     backend: Vec<(Duration, Mode)>,
     faults: Vec<(Duration, Fault)>,
+    /// Whether the backend's name resolves from each instant on.
+    dns: Vec<(Duration, bool)>,
     /// After this: no more faults, the backend answers 200.
     chaos_end: Duration,
 }
@@ -425,10 +540,23 @@ impl Plan {
             })
             .collect();
         jobs.sort_by_key(|j| j.at);
+        // The name stops resolving once or twice, 3 to 6 s each.
+        let mut dns = Vec::new();
+        let mut at = rng.secs(2.0, 0.4 * secs(chaos_end));
+        for _ in 0..1 + usize::from(rng.coin()) {
+            let back = at + rng.secs(3.0, 6.0);
+            if back + Duration::from_secs(1) >= chaos_end {
+                break;
+            }
+            dns.push((at, false));
+            dns.push((back, true));
+            at = back + rng.secs(3.0, 8.0);
+        }
         Self {
             jobs,
             backend,
             faults,
+            dns,
             chaos_end,
         }
     }
@@ -446,12 +574,25 @@ impl Plan {
             .iter()
             .map(|(t, f)| format!("{:.1}s {f:?}", secs(*t)))
             .collect();
+        let dns: Vec<String> = self
+            .dns
+            .iter()
+            .map(|(t, ok)| {
+                format!(
+                    "{:.1}s {}",
+                    secs(*t),
+                    if *ok { "resolves" } else { "unresolvable" }
+                )
+            })
+            .collect();
         format!(
             "plan: {TASKS} sleep tasks ({FIRST_WAVE} before the workers start), {total:.0} task-seconds, \
-             {b64} base64-encoded; {LIVE} workers x {CONCURRENCY}; chaos {:.1}s\n  backend: {}\n  faults: {}",
+             {b64} base64-encoded; {HOLE_TASKS} echo tasks of a second client to a black hole; \
+             {LIVE} workers x {CONCURRENCY}; chaos {:.1}s\n  backend: {}\n  faults: {}\n  {BACKEND_NAME}: {}",
             secs(self.chaos_end),
             backend.join(", "),
-            faults.join(", ")
+            faults.join(", "),
+            dns.join(", ")
         )
     }
 }
@@ -464,7 +605,8 @@ struct Member {
 /// The workers: [`LIVE`] running, plus those finishing after SIGTERM.
 struct Fleet<'a> {
     client: &'a Client,
-    port: u16,
+    /// Settings every worker gets besides the client's own.
+    env: Vec<(String, String)>,
     rng: Rng,
     live: Vec<Member>,
     stopping: Vec<(Member, Instant)>,
@@ -477,10 +619,10 @@ struct Fleet<'a> {
 }
 
 impl<'a> Fleet<'a> {
-    fn new(client: &'a Client, port: u16, rng: Rng) -> Self {
+    fn new(client: &'a Client, env: Vec<(String, String)>, rng: Rng) -> Self {
         Self {
             client,
-            port,
+            env,
             rng,
             live: Vec::new(),
             stopping: Vec::new(),
@@ -495,14 +637,12 @@ impl<'a> Fleet<'a> {
     fn spawn(&mut self) {
         self.spawned += 1;
         let grace = GRACES[self.rng.below(GRACES.len())];
-        let run = self
-            .client
-            .worker()
+        let mut worker = self.client.worker();
+        for (k, v) in &self.env {
+            worker = worker.env(k, v);
+        }
+        let run = worker
             .arg("poll")
-            .env(
-                "WORKER_WEBHOOK_ALLOWED_HOSTS",
-                format!("127.0.0.1:{}", self.port),
-            )
             .env("WORKER_CONCURRENCY", CONCURRENCY)
             .env("WORKER_VISIBILITY_TIMEOUT", VISIBILITY_TIMEOUT)
             .env("WORKER_WEBHOOK_MAX_ATTEMPTS", WEBHOOK_MAX_ATTEMPTS)
@@ -612,12 +752,12 @@ struct Check {
 }
 
 impl Check {
-    fn new(plan: &Plan, hits: &[Hit]) -> Self {
+    /// What `hits` say about the tasks `known`.
+    fn new<'h>(known: &BTreeSet<&'h str>, hits: &'h [Hit]) -> Self {
         let mut problems = Vec::new();
         let mut ids: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         let mut accepted: BTreeMap<&str, usize> = BTreeMap::new();
         let mut owners: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        let known: BTreeSet<&str> = plan.jobs.iter().map(|j| j.id.as_str()).collect();
         let mut odd = Vec::new();
         for h in hits {
             let (Some(task), Some(kind)) = (h.task_id.as_deref(), h.event_type.as_deref()) else {
@@ -680,6 +820,19 @@ impl Check {
     }
 }
 
+/// Maps the backend's name to 127.0.0.1 in the workers' hosts file, or not.
+fn set_resolvable(hosts: &std::path::Path, resolvable: bool) {
+    let text = if resolvable {
+        format!("127.0.0.1 {BACKEND_NAME}\n")
+    } else {
+        format!("# {BACKEND_NAME} is away\n")
+    };
+    // Write and rename, so a worker never reads half a file.
+    let tmp = hosts.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write the hosts file");
+    std::fs::rename(&tmp, hosts).expect("replace the hosts file");
+}
+
 /// How often the workers logged the lines that show which paths the chaos
 /// took (runs, outbox hand-overs and deliveries, cancellations, lost leases).
 fn paths_taken(logs: &[(String, String)]) -> String {
@@ -689,7 +842,9 @@ fn paths_taken(logs: &[(String, String)]) -> String {
         "webhook handed to the outbox",
         "webhook delivered from the outbox",
         "outbox delivery failed; rescheduled",
-        "the outbox cannot be written; keeping the task message",
+        "the outbox cannot be written",
+        "did not resolve",
+        "deferred",
         "grace period over",
         "lease lost",
         "could not",

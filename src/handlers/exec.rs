@@ -483,6 +483,10 @@ impl Handler for Exec {
     fn run<'a>(&'a self, ctx: &'a TaskContext, _payload: &'a Value) -> HandlerFuture<'a> {
         Box::pin(self.run_child(ctx))
     }
+
+    fn stop_grace(&self) -> Duration {
+        self.kill_grace()
+    }
 }
 
 /// Writes the task JSON to the child's stdin and closes it.
@@ -655,6 +659,14 @@ enum End {
 }
 
 impl Exec {
+    fn kill_grace(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.spec
+                .kill_grace_seconds
+                .unwrap_or(DEFAULT_KILL_GRACE_SECONDS),
+        )
+    }
+
     async fn run_child(&self, ctx: &TaskContext) -> Result<Value, HandlerError> {
         let spec = &self.spec;
         let child = spawn(self.command(ctx)).await.map_err(|e| {
@@ -663,11 +675,7 @@ impl Exec {
                 spec.command[0], self.name
             ))
         })?;
-        let grace = Duration::from_secs_f64(
-            spec.kill_grace_seconds
-                .unwrap_or(DEFAULT_KILL_GRACE_SECONDS),
-        );
-        let mut group = Group::new(child, grace);
+        let mut group = Group::new(child, self.kill_grace());
         let (stdin, stdout, stderr) = match group.child() {
             Some(c) => (c.stdin.take(), c.stdout.take(), c.stderr.take()),
             None => (None, None, None),
@@ -718,7 +726,7 @@ impl Exec {
 
         let status = match end {
             End::Exited(status) => status,
-            End::TimedOut => return Err(self.timed_out(limit, killed, grace)),
+            End::TimedOut => return Err(self.timed_out(limit, killed, self.kill_grace())),
             End::Cancelled => return Err(HandlerError::transient("cancelled")),
         };
         let status = status.map_err(|e| {

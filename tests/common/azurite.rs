@@ -232,6 +232,13 @@ impl Azurite {
         }
     }
 
+    /// The Azurite process itself (not the shell that started it), to stop
+    /// it with SIGSTOP in a test.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> i32 {
+        self.azurite_pid.expect("Azurite is running")
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

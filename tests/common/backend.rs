@@ -31,6 +31,9 @@ pub enum Mode {
     /// Closes every connection without an answer (new ones at once, before
     /// reading anything; kept-alive ones after reading the request).
     Away,
+    /// A small server: answers 200 after `latency_ms`, but 503 at once to
+    /// any request beyond `capacity` in flight.
+    Limited { capacity: usize, latency_ms: u64 },
 }
 
 /// One request as the backend read it.
@@ -60,6 +63,9 @@ struct State {
     dropped: usize,
     /// Task ids whose `task.succeeded` was answered 200.
     succeeded: HashSet<String>,
+    /// Requests being answered now, and the most at once so far.
+    in_flight: usize,
+    peak: usize,
 }
 
 pub struct Backend {
@@ -80,6 +86,8 @@ impl Backend {
             hits: Vec::new(),
             dropped: 0,
             succeeded: HashSet::new(),
+            in_flight: 0,
+            peak: 0,
         }));
         let started = Instant::now();
         let (shutdown, mut stop) = tokio::sync::oneshot::channel::<()>();
@@ -156,6 +164,11 @@ impl Backend {
         self.lock().dropped
     }
 
+    /// The most requests the backend was answering at once so far.
+    pub fn peak_in_flight(&self) -> usize {
+        self.lock().peak
+    }
+
     /// How many distinct tasks had a `task.succeeded` accepted so far.
     pub fn succeeded_count(&self) -> usize {
         self.lock().succeeded.len()
@@ -212,7 +225,13 @@ async fn answer(
     };
     let mode = {
         let mut s = state.lock().expect("backend state");
-        let mode = s.mode;
+        s.in_flight += 1;
+        s.peak = s.peak.max(s.in_flight);
+        let mode = match s.mode {
+            Mode::Limited { capacity, .. } if s.in_flight > capacity => Mode::Unavailable,
+            Mode::Limited { .. } => Mode::Ok,
+            m => m,
+        };
         if mode == Mode::Ok && hit.event_type.as_deref() == Some("task.succeeded") {
             if let Some(id) = &hit.task_id {
                 s.succeeded.insert(id.clone());
@@ -222,18 +241,26 @@ async fn answer(
             answer: mode,
             ..hit
         });
-        mode
+        (mode, s.mode)
     };
     let status = match mode {
-        Mode::Ok => 200,
-        Mode::Unavailable => 503,
-        Mode::Hang => {
+        (Mode::Ok, Mode::Limited { latency_ms, .. }) => {
+            tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+            200
+        }
+        (Mode::Ok, _) => 200,
+        (Mode::Hang, _) => {
             tokio::time::sleep(hang).await;
             503
         }
-        // An error from the service makes hyper close the connection unanswered.
-        Mode::Away => return Err(std::io::Error::other("backend away")),
+        (Mode::Away, _) => {
+            state.lock().expect("backend state").in_flight -= 1;
+            // An error from the service makes hyper close the connection unanswered.
+            return Err(std::io::Error::other("backend away"));
+        }
+        _ => 503,
     };
+    state.lock().expect("backend state").in_flight -= 1;
     Ok(hyper::Response::builder()
         .status(status)
         .body(Full::new(Bytes::new()))

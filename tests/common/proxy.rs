@@ -16,6 +16,7 @@ const MESSAGES_MARKER: &[u8] = b"<MessageText>";
 
 pub struct Proxy {
     port: u16,
+    refuse: Arc<Mutex<Option<Vec<u8>>>>,
     armed: Arc<AtomicBool>,
     drop_delete: Arc<AtomicBool>,
     hold: Arc<Mutex<Duration>>,
@@ -31,7 +32,13 @@ impl Proxy {
         let drop_delete = Arc::new(AtomicBool::new(false));
         let hold = Arc::new(Mutex::new(Duration::ZERO));
         let (tx, held) = mpsc::channel();
-        let (a, h, d) = (armed.clone(), hold.clone(), drop_delete.clone());
+        let refuse: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let (a, h, d, r) = (
+            armed.clone(),
+            hold.clone(),
+            drop_delete.clone(),
+            refuse.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -44,8 +51,8 @@ impl Proxy {
                 );
                 // Set when this connection carries the delete whose answer is lost.
                 let cut = Arc::new(AtomicBool::new(false));
-                let (d, cut2) = (d.clone(), cut.clone());
-                std::thread::spawn(move || pump(client, server, None, Some((d, cut2))));
+                let (d, cut2, r) = (d.clone(), cut.clone(), r.clone());
+                std::thread::spawn(move || pump_requests(client, server, r, (d, cut2)));
                 let (a, h, tx) = (a.clone(), h.clone(), tx.clone());
                 std::thread::spawn(move || {
                     pump(s2, c2, Some((a, h, tx)), Some((Arc::default(), cut)))
@@ -54,6 +61,7 @@ impl Proxy {
         });
         Self {
             port,
+            refuse,
             armed,
             drop_delete,
             hold,
@@ -84,6 +92,12 @@ impl Proxy {
         self.drop_delete.store(true, Ordering::SeqCst);
     }
 
+    /// Cuts every connection whose request line contains `needle` (before
+    /// it reaches Azurite) until called again with `None`.
+    pub fn refuse_requests_containing(&self, needle: Option<&str>) {
+        *self.refuse.lock().expect("lock") = needle.map(|n| n.as_bytes().to_vec());
+    }
+
     /// Waits until an answer with messages is being held.
     pub fn wait_held(&self, timeout: Duration) -> bool {
         self.held.recv_timeout(timeout).is_ok()
@@ -91,6 +105,44 @@ impl Proxy {
 }
 
 type Hold = (Arc<AtomicBool>, Arc<Mutex<Duration>>, mpsc::Sender<()>);
+
+/// Client to Azurite: cuts the connection when a request line contains the
+/// refused text (checked for every request on a kept-alive connection),
+/// else forwards like [`pump`], marking the armed delete.
+fn pump_requests(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    refuse: Arc<Mutex<Option<Vec<u8>>>>,
+    (armed, cutting): Cut,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let line = &chunk[..chunk.iter().position(|b| *b == b'\n').unwrap_or(n)];
+        let refused = refuse
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .is_some_and(|needle| line.windows(needle.len()).any(|w| w == needle.as_slice()));
+        if refused {
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            return;
+        }
+        if chunk.starts_with(b"DELETE ") && armed.swap(false, Ordering::SeqCst) {
+            cutting.store(true, Ordering::SeqCst);
+        }
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
 /// (armed: cut the next delete's answer, this connection is being cut).
 type Cut = (Arc<AtomicBool>, Arc<AtomicBool>);
 
