@@ -143,7 +143,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
     }
 }
 
-/// `worker env-vars` and `worker handlers`: listings on stdout, no logging
+/// `worker env-vars`, `worker handlers` and `worker python-runtime`: listings on stdout, no logging
 /// set up. `false` for every other command.
 fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bool> {
     match command {
@@ -151,6 +151,9 @@ fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bo
             for v in worker::config::env_vars() {
                 println!("{}", serde_json::to_string(&v)?);
             }
+        }
+        Some(Command::PythonRuntime) => {
+            print!("{}", worker::handlers::persistent::PYTHON_RUNTIME);
         }
         Some(Command::Handlers) => {
             let rows = build_registry(opts)?.describe();
