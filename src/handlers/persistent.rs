@@ -139,37 +139,7 @@ fn default_processes() -> usize {
 /// Checks a long-lived table's settings; the error names the handler and field.
 pub(super) fn build(name: String, spec: Spec) -> Result<NamedHandler, String> {
     let at = |msg: String| format!("[handlers.{name}]: {msg}");
-    let (argv, python_runtime) = match (&spec.command, &spec.function) {
-        (Some(c), None) if c.first().is_some_and(|p| !p.is_empty()) && spec.python.is_none() => {
-            (c.clone(), false)
-        }
-        (Some(_), None) if spec.python.is_some() => {
-            return Err(at("`python` goes with `function`, not `command`".into()))
-        }
-        (Some(_), None) => return Err(at("`command` must name a program".into())),
-        (None, Some(f)) => {
-            let ok = f
-                .split_once(':')
-                .is_some_and(|(m, a)| !m.is_empty() && !a.is_empty());
-            if !ok {
-                return Err(at(format!(
-                    "`function` = {f:?} is not `package.module:function`"
-                )));
-            }
-            let python = spec.python.clone().unwrap_or_else(|| "python3".into());
-            (
-                vec![python, "-c".into(), PYTHON_BOOTSTRAP.into(), f.clone()],
-                true,
-            )
-        }
-        _ => {
-            return Err(at(
-                "set exactly one of `command` (a program that speaks the protocol) and \
-                 `function` (a Python function, `package.module:function`)"
-                    .into(),
-            ))
-        }
-    };
+    let (argv, python_runtime) = argv(&spec).map_err(at)?;
     exec::check_timeouts(&name, spec.timeout_seconds, spec.kill_grace_seconds)?;
     exec::check_range(
         &name,
@@ -192,18 +162,7 @@ pub(super) fn build(name: String, spec: Spec) -> Result<NamedHandler, String> {
     let max_memory_mib = count("max_memory_mib", spec.max_memory_mib, MAX_MEMORY_MIB)?;
     let processes = processes.map_or_else(default_processes, |p| p as usize);
     let max_in_flight = max_in_flight.map_or(DEFAULT_MAX_IN_FLIGHT as usize, |m| m as usize);
-    let what = match &spec.function {
-        Some(f) => format!("Python function {f}"),
-        None => argv.join(" "),
-    };
-    let description = format!(
-        "{}persistent: {what}, {processes} process{} × {max_in_flight} tasks{}",
-        spec.description
-            .as_ref()
-            .map_or(String::new(), |d| format!("{d} (")),
-        if processes == 1 { "" } else { "es" },
-        if spec.description.is_some() { ")" } else { "" },
-    );
+    let description = describe(&spec, &argv, processes, max_in_flight);
     let settings = Settings {
         name: name.clone(),
         argv,
@@ -222,6 +181,51 @@ pub(super) fn build(name: String, spec: Spec) -> Result<NamedHandler, String> {
         description,
     };
     Ok((name, Arc::new(Persistent::new(settings, processes))))
+}
+
+/// The process's argv, and whether it runs the embedded Python runtime.
+fn argv(spec: &Spec) -> Result<(Vec<String>, bool), String> {
+    match (&spec.command, &spec.function) {
+        (Some(_), None) if spec.python.is_some() => {
+            Err("`python` goes with `function`, not `command`".into())
+        }
+        (Some(c), None) if c.first().is_some_and(|p| !p.is_empty()) => Ok((c.clone(), false)),
+        (Some(_), None) => Err("`command` must name a program".into()),
+        (None, Some(f)) => {
+            let ok = f
+                .split_once(':')
+                .is_some_and(|(m, a)| !m.is_empty() && !a.is_empty());
+            if !ok {
+                return Err(format!(
+                    "`function` = {f:?} is not `package.module:function`"
+                ));
+            }
+            let python = spec.python.clone().unwrap_or_else(|| "python3".into());
+            Ok((
+                vec![python, "-c".into(), PYTHON_BOOTSTRAP.into(), f.clone()],
+                true,
+            ))
+        }
+        _ => Err(
+            "set exactly one of `command` (a program that speaks the protocol) and \
+                  `function` (a Python function, `package.module:function`)"
+                .into(),
+        ),
+    }
+}
+
+/// The line for `worker handlers`.
+fn describe(spec: &Spec, argv: &[String], processes: usize, max_in_flight: usize) -> String {
+    let what = match &spec.function {
+        Some(f) => format!("Python function {f}"),
+        None => argv.join(" "),
+    };
+    let plural = if processes == 1 { "" } else { "es" };
+    let pool = format!("persistent: {what}, {processes} process{plural} × {max_in_flight} tasks");
+    match &spec.description {
+        Some(d) => format!("{d} ({pool})"),
+        None => pool,
+    }
 }
 
 /// A long-lived handler: its settings and its pool of processes.
