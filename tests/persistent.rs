@@ -587,7 +587,14 @@ async fn processes_are_recycled_after_max_tasks_and_above_max_memory() {
 async fn worker_shutdown_stops_the_processes_with_sigterm_first() {
     let az = Azurite::shared();
     let c = Client::new(az, "pers-shutdown").await;
-    let handlers = function("wait", "wait_once", "processes = 2\nenv = [\"ON_TERM\"]");
+    let extra = "processes = 2\nenv = [\"ON_TERM\"]";
+    let handlers = [
+        function("wait", "wait_once", extra),
+        function("pid", "pid", extra),
+    ]
+    .concat();
+    // One process busy with a task at the signal, one idle after its task.
+    c.send_task(&task("t-idle", "pid", Value::Null, None)).await;
     c.send_task(&task("t-wait", "wait", json!({"id": "w"}), None))
         .await;
     let mut running = poller(&c, &handlers, 2)
@@ -600,16 +607,27 @@ async fn worker_shutdown_stops_the_processes_with_sigterm_first() {
         "the task never started:\n{}",
         running.logs()
     );
-    let child = read_pid(&dir.join("wait-w"));
+    running.wait_for_log("task succeeded");
+    let idle: i32 = running
+        .logs()
+        .lines()
+        .find(|l| l.contains("handler process ready handler=pid"))
+        .and_then(|l| l.rsplit("pid=").next())
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the idle process's pid in the log");
+    let busy = read_pid(&dir.join("wait-w"));
     let out = stop(running);
     out.assert_code(0);
-    // The handler's SIGTERM trap ran to the end before the worker exited.
+    // The busy process's SIGTERM trap ran to the end before the worker exited.
     assert!(
-        out.dir.path().join(format!("cleaned-{child}")).exists(),
-        "{}",
+        out.dir.path().join(format!("cleaned-{busy}")).exists(),
+        "busy process {busy} did not clean up: {}",
         out.describe()
     );
-    assert!(!alive(child), "the process outlived the worker");
+    // Both are gone with the worker (the idle one holds no task: no grace).
+    for (what, pid) in [("busy", busy), ("idle", idle)] {
+        assert_dies_within(pid, Duration::from_secs(5), what);
+    }
 }
 
 #[test]

@@ -427,7 +427,7 @@ impl Remnant {
 /// with no signal also finds zombies, which no signal can touch and which
 /// stay until their new parent reaps them (late or, when the worker itself is
 /// PID 1 of a container, never), so a group it finds is looked at in `/proc`.
-fn has_live_member(pgid: Pid) -> bool {
+pub(super) fn has_live_member(pgid: Pid) -> bool {
     if matches!(killpg(pgid, None), Err(Errno::ESRCH)) {
         return false;
     }
@@ -1082,6 +1082,25 @@ mod tests {
             (log.logged_lines, log.suppressed_lines, log.suppressed_bytes),
             (STDERR_LOG_LINES, 5, 10)
         );
+    }
+
+    #[tokio::test]
+    async fn a_process_log_gets_its_caps_back_every_window() {
+        let many = "x\n".repeat(STDERR_LOG_LINES + 5);
+        let origin = || Origin::Process {
+            pid: 1,
+            stdout: false,
+        };
+        let mut log = StderrLog::for_process(origin(), "h".into(), Duration::from_secs(3600));
+        read_stderr(Some(many.as_bytes()), &mut log).await;
+        assert_eq!(
+            (log.logged_lines, log.suppressed_lines),
+            (STDERR_LOG_LINES, 5)
+        );
+        // A window that is always over: every line starts a new one.
+        let mut log = StderrLog::for_process(origin(), "h".into(), Duration::ZERO);
+        read_stderr(Some(many.as_bytes()), &mut log).await;
+        assert_eq!((log.logged_lines, log.suppressed_lines), (1, 0));
     }
 
     #[tokio::test]

@@ -29,9 +29,10 @@
 //! Processes start when a task needs one, not with the worker: single-task
 //! and job mode run one task and so start one process, `worker handlers`
 //! starts none, and a crashing handler is not restarted in a loop while no
-//! task asks for it. Each process is stopped when the last reference to it
-//! goes (the pool, at exit, or its last task after a recycle), and dies with
-//! the worker on `kill -9` by the parent-death signal.
+//! task asks for it. A process no task holds any more (recycled, or its pool
+//! dropped) gets SIGTERM and SIGKILL after the grace (`Process`'s `Drop`); an
+//! idle process dies with the worker at exit, as on `kill -9`, by the
+//! parent-death signal.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,12 +40,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::process::ChildStdin;
 use tokio::sync::{oneshot, Semaphore};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use super::exec::{self, Group, Origin, StderrLog};
 use super::file::NamedHandler;
@@ -412,7 +415,7 @@ impl Persistent {
         tokio::spawn(supervise(group, stdout, stderr, shared.clone()));
         let process = Arc::new(Process {
             stdin: tokio::sync::Mutex::new(stdin),
-            _stop_when_dropped: shared.stop.clone().drop_guard(),
+            grace: s.grace,
             shared: shared.clone(),
         });
         ::metrics::counter!(names::HANDLER_PROCESSES_STARTED, "handler" => s.name.clone())
@@ -524,7 +527,52 @@ impl Drop for Abandon<'_> {
 struct Process {
     shared: Arc<Shared>,
     stdin: tokio::sync::Mutex<Option<ChildStdin>>,
-    _stop_when_dropped: DropGuard,
+    grace: Duration,
+}
+
+impl Drop for Process {
+    /// No task holds the process any more (recycled, or the pool is
+    /// dropped at exit): SIGTERM now, and SIGKILL after the grace from a
+    /// blocking-pool thread, which the runtime waits for before the worker
+    /// exits. Done here rather than by the supervisor, which the runtime may
+    /// drop at exit before it runs again. Stdin closes with it (EOF).
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        if shared.gone.is_cancelled() || shared.stop.is_cancelled() {
+            return; // already gone, or the supervisor is stopping it
+        }
+        let Ok(raw) = i32::try_from(shared.pid) else {
+            return;
+        };
+        let pgid = Pid::from_raw(raw);
+        shared.set_stop_reason(
+            &format!(
+                "handler process {} of `{}` was stopped: the pool closed",
+                shared.pid, shared.handler
+            ),
+            "shutdown",
+        );
+        shared.terminated.store(true, Ordering::SeqCst);
+        let _ = killpg(pgid, Signal::SIGTERM);
+        let (gone, grace) = (shared.gone.clone(), self.grace);
+        let wait_out =
+            move || {
+                let deadline = std::time::Instant::now() + grace;
+                // A group id is not reused while a member of the group lives.
+                while exec::has_live_member(pgid) && !gone.is_cancelled() {
+                    if std::time::Instant::now() >= deadline {
+                        let _ = killpg(pgid, Signal::SIGKILL);
+                        tracing::warn!(pgid = raw, grace_s = grace.as_secs_f64(),
+                        "handler process still running after SIGTERM and its grace; sent SIGKILL");
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn_blocking(wait_out));
+        }
+    }
 }
 
 impl Process {
@@ -557,6 +605,8 @@ struct Shared {
     served: AtomicU64,
     /// Set once it takes no new tasks (`max_tasks`, `max_memory_mib`).
     retiring: AtomicBool,
+    /// Set when its last reference sent it SIGTERM (`Process`'s `Drop`).
+    terminated: AtomicBool,
 }
 
 #[derive(Default)]
@@ -584,6 +634,7 @@ impl Shared {
             }),
             served: AtomicU64::new(0),
             retiring: AtomicBool::new(false),
+            terminated: AtomicBool::new(false),
         }
     }
 
@@ -836,16 +887,22 @@ async fn supervise(
 fn ended(shared: &Shared, end: &End, killed: bool, tail: &str) -> (String, &'static str) {
     let asked = lock(&shared.state).stop_reason.clone();
     let (pid, handler) = (shared.pid, &shared.handler);
+    let terminated = shared.terminated.load(Ordering::SeqCst);
     let (mut why, reason) = match (end, asked) {
-        (End::Exited(status), _) => {
+        (End::Exited(status), asked) => {
             let status = match status {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("unknown status ({e})"),
             };
-            (
-                format!("handler process {pid} of `{handler}` exited ({status})"),
-                "crash",
-            )
+            match asked {
+                Some((why, reason)) if terminated => {
+                    (format!("{why}; it exited ({status})"), reason)
+                }
+                _ => (
+                    format!("handler process {pid} of `{handler}` exited ({status})"),
+                    "crash",
+                ),
+            }
         }
         (End::Stopped, Some((why, reason))) => (why, reason),
         (End::Stopped, None) => (
