@@ -62,6 +62,8 @@ pub enum Command {
     Deliver(DeliverArgs),
     /// Print every environment variable the binary reads, as JSON lines.
     EnvVars,
+    /// Print the Python runtime for long-lived handlers (save it as worker_runtime.py).
+    PythonRuntime,
 }
 
 #[derive(Args, Debug)]

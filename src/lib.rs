@@ -13,8 +13,8 @@
 //! - [`config`]: flags and env vars (clap), the storage settings built from them, the env-var listing.
 //! - [`task`]: the task envelope; decoding plain or base64 JSON, with errors that name the field.
 //! - [`handler`]: the `Handler` trait, `TaskContext`, `HandlerError` (transient vs permanent).
-//! - [`registry`]: `task_type` → handler; built-ins plus the operator's exec handlers.
-//! - [`handlers`]: `echo`, `sleep`, `fail`, `http`, and exec handlers (child processes).
+//! - [`registry`]: `task_type` → handler; built-ins plus the operator's exec and long-lived handlers.
+//! - [`handlers`]: `echo`, `sleep`, `fail`, `http`; exec handlers (a child per task) and long-lived ones (a pool of processes, JSON lines).
 //! - [`outcome`]: how one attempt ended (`Outcome`, `Status`); a leaf every mode shares.
 //! - [`execute`]: the only place a handler runs: lookup, timeout, cancellation, panics.
 //! - [`egress`]: where task-supplied URLs may go (no metadata service, no private hosts).

@@ -167,7 +167,7 @@ async fn run_ops(
     }
 }
 
-/// `worker env-vars` and `worker handlers`: listings on stdout, no logging
+/// `worker env-vars`, `worker handlers` and `worker python-runtime`: listings on stdout, no logging
 /// set up. `false` for every other command.
 fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bool> {
     match command {
@@ -175,6 +175,9 @@ fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bo
             for v in worker::config::env_vars() {
                 println!("{}", serde_json::to_string(&v)?);
             }
+        }
+        Some(Command::PythonRuntime) => {
+            print!("{}", worker::handlers::persistent::PYTHON_RUNTIME);
         }
         Some(Command::Handlers) => {
             let rows = build_registry(opts)?.describe();

@@ -15,3 +15,8 @@ pub const POISONED: &str = "worker_messages_poisoned_total";
 pub const WEBHOOKS: &str = "worker_webhook_deliveries_total";
 pub const QUEUE_ERRORS: &str = "worker_queue_errors_total";
 pub const OUTBOX_DEPTH: &str = "worker_webhook_outbox_depth";
+/// Long-lived handler processes started, by handler.
+pub const HANDLER_PROCESSES_STARTED: &str = "worker_handler_processes_started_total";
+/// Long-lived handler processes ended, by handler and reason (`crash`,
+/// `timeout`, `startup`, `max_tasks`, `max_memory`, `shutdown`).
+pub const HANDLER_PROCESSES_STOPPED: &str = "worker_handler_processes_stopped_total";

@@ -14,7 +14,7 @@ pub enum RegistryError {
     #[error("task type `{0}` is registered twice; each task type needs exactly one handler")]
     Duplicate(String),
     #[error(transparent)]
-    HandlersFile(#[from] handlers::exec::HandlersFileError),
+    HandlersFile(#[from] handlers::file::HandlersFileError),
 }
 
 /// The registered handlers, in name order (stable output for `worker handlers`).
@@ -34,7 +34,8 @@ impl Registry {
         Self::default()
     }
 
-    /// The built-in handlers plus, when given, the operator's exec handlers.
+    /// The built-in handlers plus, when given, the operator's exec and
+    /// long-lived handlers.
     pub fn standard(
         egress: &EgressPolicy,
         handlers_file: Option<&Path>,
@@ -44,7 +45,7 @@ impl Registry {
             registry.register(name, handler)?;
         }
         if let Some(path) = handlers_file {
-            for (name, handler) in handlers::exec::load(path)? {
+            for (name, handler) in handlers::file::load(path)? {
                 registry.register(name, handler)?;
             }
         }

@@ -21,7 +21,7 @@
 //! - The worker dies, `kill -9` included: the kernel kills the child (a
 //!   parent-death signal, see [`die_with_worker`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, OnceLock};
@@ -36,13 +36,14 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufRead
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::oneshot;
 
+use super::file::NamedHandler;
 use crate::handler::{Handler, HandlerError, HandlerFuture, TaskContext};
 
 /// Variables every child inherits; everything else must be listed.
 const BASE_ENV: &[&str] = &["PATH", "HOME", "LANG"];
 /// Longest stderr line logged or kept, in bytes; the rest of a longer line
 /// is counted, not stored.
-const STDERR_LINE_BYTES: usize = 1024;
+pub(super) const STDERR_LINE_BYTES: usize = 1024;
 /// Stderr logged per task, in bytes and in lines (each log record adds its
 /// own overhead); past either, lines are counted and one summary is logged.
 const STDERR_LOG_BYTES: usize = 64 * 1024;
@@ -51,7 +52,7 @@ const STDERR_LOG_LINES: usize = 1000;
 const STDERR_TAIL: usize = 20;
 const STDERR_TAIL_BYTES: usize = 4 * 1024;
 /// Cap on a child's stdout (the task result).
-const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
+pub(super) const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
 /// Largest `timeout_seconds`: a year, the same bound as `WORKER_TASK_TIMEOUT`.
 const MAX_TIMEOUT_SECONDS: f64 = 31_536_000.0;
 /// `kill_grace_seconds` when the handler sets none.
@@ -61,27 +62,9 @@ const MAX_KILL_GRACE_SECONDS: f64 = 60.0;
 /// How long pipes are still read after the child exited: enough for output
 /// in flight, short enough that a background process holding stdout open
 /// cannot keep the task running.
-const PIPE_DRAIN: Duration = Duration::from_secs(1);
+pub(super) const PIPE_DRAIN: Duration = Duration::from_secs(1);
 /// How often a group waiting out its grace is checked.
 const GRACE_POLL: Duration = Duration::from_millis(20);
-
-#[derive(Debug, thiserror::Error)]
-pub enum HandlersFileError {
-    #[error("cannot read handlers file {path} (WORKER_HANDLERS_FILE): {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("handlers file {path} (WORKER_HANDLERS_FILE) is invalid: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    handlers: BTreeMap<String, Spec>,
-}
 
 /// One `[handlers.NAME]` table.
 #[derive(Clone, Deserialize)]
@@ -118,63 +101,56 @@ impl std::fmt::Debug for Spec {
     }
 }
 
-/// A task type and the handler that serves it.
-pub type NamedHandler = (String, Arc<dyn Handler>);
-
-/// Reads and validates a handlers file.
-pub fn load(path: &Path) -> Result<Vec<NamedHandler>, HandlersFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| HandlersFileError::Read {
-        path: path.into(),
-        source,
-    })?;
-    parse(&text).map_err(|message| HandlersFileError::Invalid {
-        path: path.into(),
-        message,
-    })
+/// Checks an exec table's settings; the error names the handler and field.
+pub(super) fn build(name: String, spec: Spec) -> Result<NamedHandler, String> {
+    if spec.command.is_empty() || spec.command[0].is_empty() {
+        return Err(format!("[handlers.{name}]: `command` must name a program"));
+    }
+    check_timeouts(&name, spec.timeout_seconds, spec.kill_grace_seconds)?;
+    if let Some(c) = spec
+        .permanent_exit_codes
+        .iter()
+        .find(|c| !(1..=255).contains(*c))
+    {
+        return Err(format!(
+            "[handlers.{name}]: `permanent_exit_codes` holds {c}, which is out of range: \
+             exit codes of a failed run are 1 to 255"
+        ));
+    }
+    Ok((name.clone(), Arc::new(Exec { name, spec })))
 }
 
-/// Parses handlers-file text; the error says which handler and field is wrong.
-pub fn parse(text: &str) -> Result<Vec<NamedHandler>, String> {
-    let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
-    let mut out: Vec<NamedHandler> = Vec::new();
-    for (name, spec) in file.handlers {
-        if spec.command.is_empty() || spec.command[0].is_empty() {
-            return Err(format!("[handlers.{name}]: `command` must name a program"));
-        }
-        check_range(
-            &name,
-            "timeout_seconds",
-            spec.timeout_seconds,
-            |t| t > 0.0 && t <= MAX_TIMEOUT_SECONDS,
-            &format!(
-                "a number of seconds greater than 0 and at most {MAX_TIMEOUT_SECONDS} (a year)"
-            ),
-        )?;
-        check_range(
-            &name,
-            "kill_grace_seconds",
-            spec.kill_grace_seconds,
-            |g| (0.0..=MAX_KILL_GRACE_SECONDS).contains(&g),
-            &format!("a number of seconds from 0 to {MAX_KILL_GRACE_SECONDS}"),
-        )?;
-        if let Some(c) = spec
-            .permanent_exit_codes
-            .iter()
-            .find(|c| !(1..=255).contains(*c))
-        {
-            return Err(format!(
-                "[handlers.{name}]: `permanent_exit_codes` holds {c}, which is out of range: \
-                 exit codes of a failed run are 1 to 255"
-            ));
-        }
-        out.push((name.clone(), Arc::new(Exec { name, spec })));
-    }
-    Ok(out)
+/// The range checks of `timeout_seconds` and `kill_grace_seconds`, shared by
+/// exec and long-lived handlers.
+pub(super) fn check_timeouts(
+    name: &str,
+    timeout_seconds: Option<f64>,
+    kill_grace_seconds: Option<f64>,
+) -> Result<(), String> {
+    check_range(
+        name,
+        "timeout_seconds",
+        timeout_seconds,
+        |t| t > 0.0 && t <= MAX_TIMEOUT_SECONDS,
+        &format!("a number of seconds greater than 0 and at most {MAX_TIMEOUT_SECONDS} (a year)"),
+    )?;
+    check_range(
+        name,
+        "kill_grace_seconds",
+        kill_grace_seconds,
+        |g| (0.0..=MAX_KILL_GRACE_SECONDS).contains(&g),
+        &format!("a number of seconds from 0 to {MAX_KILL_GRACE_SECONDS}"),
+    )
+}
+
+/// `kill_grace_seconds`, or its default.
+pub(super) fn grace(kill_grace_seconds: Option<f64>) -> Duration {
+    Duration::from_secs_f64(kill_grace_seconds.unwrap_or(DEFAULT_KILL_GRACE_SECONDS))
 }
 
 /// Refuses a numeric setting outside its range (NaN and infinities included),
 /// naming the handler and the field.
-fn check_range(
+pub(super) fn check_range(
     name: &str,
     field: &str,
     value: Option<f64>,
@@ -236,6 +212,38 @@ fn die_with_worker(cmd: &mut Command) {
     }
 }
 
+/// A child's command (`argv`, no shell): piped stdin, stdout and stderr, its
+/// own process group, dying with the worker, and only the environment it is
+/// meant to see (PATH, HOME, LANG and the variables listed in `env`). Exec
+/// and long-lived handlers both start their children from this.
+pub(super) fn child_command(
+    argv: &[String],
+    env: &[String],
+    working_dir: Option<&Path>,
+) -> Command {
+    let mut cmd = Command::new(argv.first().map_or("", String::as_str));
+    cmd.args(argv.iter().skip(1))
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    die_with_worker(&mut cmd);
+    for var in BASE_ENV
+        .iter()
+        .copied()
+        .chain(env.iter().map(String::as_str))
+    {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+    if let Some(dir) = working_dir {
+        cmd.current_dir(dir);
+    }
+    cmd
+}
+
 struct SpawnRequest {
     cmd: Command,
     /// The caller's runtime: the child's pipes and exit belong to it.
@@ -249,7 +257,7 @@ struct SpawnRequest {
 static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
 
 /// Starts `cmd` on the spawner thread.
-async fn spawn(cmd: Command) -> std::io::Result<Child> {
+pub(super) async fn spawn(cmd: Command) -> std::io::Result<Child> {
     let gone = || std::io::Error::other("the thread that starts exec children is not running");
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
@@ -287,7 +295,7 @@ async fn spawn(cmd: Command) -> std::io::Result<Child> {
 
 /// A child and its process group. Dropping it stops what is left of the
 /// group: SIGTERM at once, SIGKILL when the grace has passed.
-struct Group {
+pub(super) struct Group {
     /// `None` only once handed over by `drop`.
     child: Option<Child>,
     /// The child's pid, which is its group's id (`process_group(0)`).
@@ -298,7 +306,7 @@ struct Group {
 }
 
 impl Group {
-    fn new(child: Child, grace: Duration) -> Self {
+    pub(super) fn new(child: Child, grace: Duration) -> Self {
         let pgid = child
             .id()
             .and_then(|p| i32::try_from(p).ok())
@@ -311,12 +319,12 @@ impl Group {
         }
     }
 
-    fn child(&mut self) -> Option<&mut Child> {
+    pub(super) fn child(&mut self) -> Option<&mut Child> {
         self.child.as_mut()
     }
 
     /// Waits for the child itself (not its group) to exit.
-    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+    pub(super) async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         match self.child.as_mut() {
             Some(c) => c.wait().await,
             None => Err(std::io::Error::other("the child was handed over")),
@@ -419,7 +427,7 @@ impl Remnant {
 /// with no signal also finds zombies, which no signal can touch and which
 /// stay until their new parent reaps them (late or, when the worker itself is
 /// PID 1 of a container, never), so a group it finds is looked at in `/proc`.
-fn has_live_member(pgid: Pid) -> bool {
+pub(super) fn has_live_member(pgid: Pid) -> bool {
     if matches!(killpg(pgid, None), Err(Errno::ESRCH)) {
         return false;
     }
@@ -510,12 +518,25 @@ async fn read_stdout(stdout: Option<impl AsyncRead + Unpin>, out: &mut Vec<u8>) 
     }
 }
 
-/// A child's stderr: logged line by line with the task id, within the caps,
-/// and its last lines kept for the error of a failed run. Untrusted output
-/// cannot flood the logs or the webhook.
-struct StderrLog {
-    task_id: String,
+/// Whose lines a [`StderrLog`] logs.
+pub(super) enum Origin {
+    /// An exec child: one task's stderr.
+    Task { task_id: String },
+    /// A long-lived handler process: its stderr, or (`stdout: true`) lines on
+    /// its stdout that are not replies.
+    Process { pid: u32, stdout: bool },
+}
+
+/// A child's stderr: logged line by line with the task id (or the pid of a
+/// long-lived process), within the caps, and its last lines kept for the
+/// error of a failed run. Untrusted output cannot flood the logs or the
+/// webhook.
+pub(super) struct StderrLog {
+    origin: Origin,
     handler: String,
+    /// The caps apply per window for a long-lived process, so that one that
+    /// was loud once is heard again later; an exec child's caps cover its run.
+    window: Option<(Duration, Instant)>,
     logged_bytes: usize,
     logged_lines: usize,
     suppressed_lines: u64,
@@ -526,9 +547,19 @@ struct StderrLog {
 
 impl StderrLog {
     fn new(task_id: String, handler: String) -> Self {
+        Self::with_origin(Origin::Task { task_id }, handler, None)
+    }
+
+    /// The log of a long-lived process, its caps renewed every `window`.
+    pub(super) fn for_process(origin: Origin, handler: String, window: Duration) -> Self {
+        Self::with_origin(origin, handler, Some((window, Instant::now())))
+    }
+
+    fn with_origin(origin: Origin, handler: String, window: Option<(Duration, Instant)>) -> Self {
         Self {
-            task_id,
+            origin,
             handler,
+            window,
             logged_bytes: 0,
             logged_lines: 0,
             suppressed_lines: 0,
@@ -540,9 +571,10 @@ impl StderrLog {
 
     /// One line: its first bytes (at most [`STDERR_LINE_BYTES`]) and how many
     /// more it had.
-    fn line(&mut self, kept: &[u8], more: u64) {
-        let (mut text, dropped) = utf8_prefix(kept);
-        let cut = more + dropped as u64;
+    pub(super) fn line(&mut self, kept: &[u8], more: u64) {
+        self.renew_window();
+        let (mut text, dropped) = utf8_prefix(&kept[..kept.len().min(STDERR_LINE_BYTES)]);
+        let cut = more + (kept.len().saturating_sub(STDERR_LINE_BYTES) + dropped) as u64;
         if cut > 0 {
             text.push_str(&format!(" … [line cut: {cut} more bytes]"));
         }
@@ -550,12 +582,7 @@ impl StderrLog {
             && self.logged_lines < STDERR_LOG_LINES
             && self.logged_bytes + text.len() <= STDERR_LOG_BYTES;
         if fits {
-            tracing::info!(
-                target: "worker::exec",
-                task_id = %self.task_id,
-                handler = %self.handler,
-                stderr = %text
-            );
+            self.emit(&text);
             self.logged_lines += 1;
             self.logged_bytes += text.len();
         } else {
@@ -574,8 +601,71 @@ impl StderrLog {
         }
     }
 
+    fn emit(&self, text: &str) {
+        let handler = &self.handler;
+        match &self.origin {
+            Origin::Task { task_id } => {
+                tracing::info!(target: "worker::exec", task_id = %task_id, handler = %handler, stderr = %text)
+            }
+            Origin::Process { pid, stdout: false } => {
+                tracing::info!(target: "worker::persistent", handler = %handler, pid, stderr = %text)
+            }
+            Origin::Process { pid, stdout: true } => tracing::warn!(
+                target: "worker::persistent",
+                handler = %handler,
+                pid,
+                stdout = %text,
+                "a line on the handler process's stdout is not a reply (print to stderr instead)"
+            ),
+        }
+    }
+
+    /// A new window once the current one is over, after the summary of what
+    /// the last one suppressed.
+    fn renew_window(&mut self) {
+        let Some((length, start)) = self.window else {
+            return;
+        };
+        if start.elapsed() < length {
+            return;
+        }
+        self.summarize();
+        self.window = Some((length, Instant::now()));
+        self.logged_bytes = 0;
+        self.logged_lines = 0;
+        self.suppressed_lines = 0;
+        self.suppressed_bytes = 0;
+    }
+
+    /// One line saying how much was not logged, if anything was not.
+    fn summarize(&self) {
+        if self.suppressed_lines == 0 {
+            return;
+        }
+        let (lines, bytes, handler) = (self.suppressed_lines, self.suppressed_bytes, &self.handler);
+        let kib = STDERR_LOG_BYTES / 1024;
+        match &self.origin {
+            Origin::Task { task_id } => tracing::warn!(
+                target: "worker::exec",
+                task_id = %task_id,
+                handler = %handler,
+                "… {lines} more stderr lines ({bytes} bytes) suppressed: at most {STDERR_LOG_LINES} lines \
+                 and {kib} KiB of a task's stderr are logged"
+            ),
+            Origin::Process { pid, stdout } => tracing::warn!(
+                target: "worker::persistent",
+                handler = %handler,
+                pid,
+                "… {lines} more {} lines ({bytes} bytes) suppressed: at most {STDERR_LOG_LINES} lines \
+                 and {kib} KiB per {}s of a handler process's output are logged",
+                if *stdout { "stdout" } else { "stderr" },
+                self.window.map_or(0, |(w, _)| w.as_secs())
+            ),
+        }
+    }
+
     /// The last lines, for the error of a failed run.
-    fn tail(&self) -> String {
+    pub(super) fn tail(&self) -> String {
         self.tail
             .iter()
             .map(String::as_str)
@@ -587,18 +677,7 @@ impl StderrLog {
 impl Drop for StderrLog {
     /// The summary of what was not logged, on every way the run ends.
     fn drop(&mut self) {
-        if self.suppressed_lines > 0 {
-            tracing::warn!(
-                target: "worker::exec",
-                task_id = %self.task_id,
-                handler = %self.handler,
-                "… {} more stderr lines ({} bytes) suppressed: at most {STDERR_LOG_LINES} lines \
-                 and {} KiB of a task's stderr are logged",
-                self.suppressed_lines,
-                self.suppressed_bytes,
-                STDERR_LOG_BYTES / 1024
-            );
-        }
+        self.summarize();
     }
 }
 
@@ -619,7 +698,20 @@ fn utf8_prefix(bytes: &[u8]) -> (String, usize) {
 /// Reads stderr line by line into `log`, never holding more than
 /// [`STDERR_LINE_BYTES`] of a line however long it is.
 async fn read_stderr(stderr: Option<impl AsyncRead + Unpin>, log: &mut StderrLog) {
-    let Some(pipe) = stderr else { return };
+    if let Some(pipe) = stderr {
+        read_lines(pipe, STDERR_LINE_BYTES, |line, cut| log.line(line, cut)).await;
+    }
+}
+
+/// Reads `pipe` line by line, handing each line to `on_line` with at most
+/// `max` of its bytes (a `\r` before the newline removed) and the count of
+/// the bytes past them, so that a line however long never takes more than
+/// `max` bytes of memory. A last line without a newline is handed over too.
+pub(super) async fn read_lines(
+    pipe: impl AsyncRead + Unpin,
+    max: usize,
+    mut on_line: impl FnMut(&[u8], u64),
+) {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::with_capacity(256);
     let mut cut = 0u64;
@@ -630,9 +722,7 @@ async fn read_stderr(stderr: Option<impl AsyncRead + Unpin>, log: &mut StderrLog
         };
         let newline = buf.iter().position(|&b| b == b'\n');
         let chunk = &buf[..newline.unwrap_or(buf.len())];
-        let room = STDERR_LINE_BYTES
-            .saturating_sub(line.len())
-            .min(chunk.len());
+        let room = max.saturating_sub(line.len()).min(chunk.len());
         line.extend_from_slice(&chunk[..room]);
         cut += (chunk.len() - room) as u64;
         let used = newline.map_or(buf.len(), |i| i + 1);
@@ -641,13 +731,13 @@ async fn read_stderr(stderr: Option<impl AsyncRead + Unpin>, log: &mut StderrLog
             if cut == 0 && line.last() == Some(&b'\r') {
                 line.pop();
             }
-            log.line(&line, cut);
+            on_line(&line, cut);
             line.clear();
             cut = 0;
         }
     }
     if !line.is_empty() || cut > 0 {
-        log.line(&line, cut);
+        on_line(&line, cut);
     }
 }
 
@@ -735,33 +825,13 @@ impl Exec {
         self.result(status, &log, &out)
     }
 
-    /// The child's command: its own process group, dying with the worker, and
-    /// only the environment it is meant to see.
+    /// The child's command, with the task's identity in its environment.
     fn command(&self, ctx: &TaskContext) -> Command {
         let spec = &self.spec;
-        let mut cmd = Command::new(&spec.command[0]);
-        cmd.args(&spec.command[1..])
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        die_with_worker(&mut cmd);
-        for var in BASE_ENV
-            .iter()
-            .copied()
-            .chain(spec.env.iter().map(String::as_str))
-        {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
+        let mut cmd = child_command(&spec.command, &spec.env, spec.working_dir.as_deref());
         cmd.env("WORKER_TASK_ID", &ctx.task.task_id)
             .env("WORKER_TASK_TYPE", &ctx.task.task_type)
             .env("WORKER_ATTEMPT", ctx.attempt.to_string());
-        if let Some(dir) = &spec.working_dir {
-            cmd.current_dir(dir);
-        }
         cmd
     }
 
@@ -825,7 +895,7 @@ impl Exec {
 /// as timed_out and drops this future (the group's `Drop` then stops the
 /// children); a timer here for the same instant would race it and turn some
 /// task timeouts into failures.
-fn stricter_limit(timeout_seconds: Option<f64>, deadline: Instant) -> Option<Duration> {
+pub(super) fn stricter_limit(timeout_seconds: Option<f64>, deadline: Instant) -> Option<Duration> {
     let remaining = deadline.saturating_duration_since(Instant::now());
     timeout_seconds
         .map(Duration::from_secs_f64)
@@ -834,7 +904,7 @@ fn stricter_limit(timeout_seconds: Option<f64>, deadline: Instant) -> Option<Dur
 
 /// Stops the process group (SIGTERM, then SIGKILL after the grace) while
 /// still reading its output; `true` when SIGKILL was needed.
-async fn stop_reading(
+pub(super) async fn stop_reading(
     group: &mut Group,
     io: &mut (impl std::future::Future<Output = ()> + Unpin),
     io_done: &mut bool,
@@ -852,6 +922,7 @@ async fn stop_reading(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handlers::file::parse;
     use crate::task::Task;
     use std::time::Instant;
     use tokio_util::sync::CancellationToken;
@@ -1019,6 +1090,25 @@ mod tests {
             (log.logged_lines, log.suppressed_lines, log.suppressed_bytes),
             (STDERR_LOG_LINES, 5, 10)
         );
+    }
+
+    #[tokio::test]
+    async fn a_process_log_gets_its_caps_back_every_window() {
+        let many = "x\n".repeat(STDERR_LOG_LINES + 5);
+        let origin = || Origin::Process {
+            pid: 1,
+            stdout: false,
+        };
+        let mut log = StderrLog::for_process(origin(), "h".into(), Duration::from_secs(3600));
+        read_stderr(Some(many.as_bytes()), &mut log).await;
+        assert_eq!(
+            (log.logged_lines, log.suppressed_lines),
+            (STDERR_LOG_LINES, 5)
+        );
+        // A window that is always over: every line starts a new one.
+        let mut log = StderrLog::for_process(origin(), "h".into(), Duration::ZERO);
+        read_stderr(Some(many.as_bytes()), &mut log).await;
+        assert_eq!((log.logged_lines, log.suppressed_lines), (1, 0));
     }
 
     #[tokio::test]

@@ -1,10 +1,12 @@
-//! Built-in handlers, one file each, and the exec handlers an operator
-//! declares in `WORKER_HANDLERS_FILE`.
+//! Built-in handlers, one file each, and the exec and long-lived handlers
+//! an operator declares in `WORKER_HANDLERS_FILE` (`file`).
 
 pub mod echo;
 pub mod exec;
 pub mod fail;
+pub mod file;
 pub mod http;
+pub mod persistent;
 pub mod sleep;
 
 use std::sync::Arc;

@@ -3,9 +3,9 @@
 //! to the service exactly as the worker does.
 //!
 //! - `fill QUEUE N [C] [WEBHOOK_URL]`: creates QUEUE and sends N `echo`
-//!   envelopes, C at a time (default 32), so that filling does not dominate a
-//!   benchmark round; with WEBHOOK_URL, each envelope carries it as its
-//!   `webhook_url`.
+//!   envelopes (another task type with `TASK_TYPE`), C at a time (default
+//!   32), so that filling does not dominate a benchmark round; with
+//!   WEBHOOK_URL, each envelope carries it as its `webhook_url`.
 //! - `drain QUEUE [B]`: the ceiling for polling mode: receive up to B (default
 //!   32) messages, delete them all concurrently, repeat until a receive comes
 //!   back empty. No task is decoded or run; this is what the SDK and the
@@ -75,12 +75,16 @@ async fn fill(
         Some(url) => format!(r#","webhook_url":{}"#, serde_json::to_string(url)?).into(),
         None => "".into(),
     };
+    let task_type: Arc<str> =
+        serde_json::to_string(&std::env::var("TASK_TYPE").unwrap_or_else(|_| "echo".into()))?
+            .into();
     queue.create_if_missing().await?;
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut senders = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let (queue, next, hook) = (queue.clone(), next.clone(), hook.clone());
+        let task_type = task_type.clone();
         senders.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -88,7 +92,7 @@ async fn fill(
                     return Ok::<_, worker::queue::QueueError>(());
                 }
                 let text = format!(
-                    r#"{{"task_id":"bench-{i}","task_type":"echo","payload":{{"i":{i}}}{hook}}}"#
+                    r#"{{"task_id":"bench-{i}","task_type":{task_type},"payload":{{"i":{i}}}{hook}}}"#
                 );
                 queue.send(&text, None, None).await?;
             }
