@@ -227,62 +227,6 @@ async fn a_small_backend_is_not_flooded() {
     );
 }
 
-/// A black-holed backend (it accepts and never answers) beside a healthy
-/// one: the healthy client's outcomes keep flowing, and the black hole's
-/// outcomes go to its outbox instead of filling the backlog.
-#[tokio::test]
-async fn a_black_holed_backend_does_not_hold_up_another_clients_outcomes() {
-    let az = Azurite::shared();
-    let (a, b) = (
-        Client::new(az, "healthy").await,
-        Client::new(az, "blackhole").await,
-    );
-    let healthy = Backend::start(Duration::from_secs(1));
-    let hole = Backend::start(Duration::from_secs(600));
-    hole.set_mode(Mode::Hang);
-    let n = 60;
-    for i in 0..n {
-        b.send_task(&task(
-            &format!("b-{i}"),
-            "echo",
-            json!({}),
-            Some(&hole.url("/h")),
-        ))
-        .await;
-    }
-    for i in 0..n {
-        a.send_task(&task(
-            &format!("a-{i}"),
-            "echo",
-            json!({}),
-            Some(&healthy.url("/h")),
-        ))
-        .await;
-    }
-    let run = Worker::new()
-        .env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
-        .env("WORKER_CLIENT", format!("{},{}", b.name, a.name))
-        .env("WORKER_MAX_POLL_INTERVAL", "0.5")
-        // A small backlog, so one host could fill it.
-        .env("WORKER_WEBHOOK_CONCURRENCY", "16")
-        .env("WORKER_WEBHOOK_TIMEOUT", "30")
-        .env("WORKER_WEBHOOK_MAX_ATTEMPTS", "5")
-        .arg("poll")
-        .spawn();
-    // Before: each black-holed outcome held a backlog slot for 5 x 30 s.
-    wait_until(ARRIVAL, "the healthy client's outcomes all arrive", || {
-        healthy.succeeded_count() == n
-    })
-    .await;
-    // Its task messages are settled, which happens only once an outcome is
-    // delivered (impossible here) or kept in the outbox: nothing is lost.
-    wait_count(&b.tasks, 0, "the black hole's task messages are settled").await;
-    assert!(count(&outbox(az, &b)).await.unwrap_or(0) > 0);
-    assert!(hole.peak_in_flight() <= 8, "{}", hole.peak_in_flight());
-    run.signal(Signal::SIGTERM);
-    run.finish_within(ARRIVAL).assert_code(0);
-}
-
 // ---- 2 and 6c. An outbox that cannot be written for a while ----
 
 /// While the outbox cannot be written, the task message is held (not
