@@ -450,15 +450,7 @@ impl Claim {
         let until = Instant::now() + limiter.cfg.max_wait;
         loop {
             let (pause, notify) = match limiter.try_start(&self.host, Instant::now())? {
-                Start::Started(used) => {
-                    return Ok(Permit {
-                        limiter: limiter.clone(),
-                        host: self.host.clone(),
-                        used,
-                        started: Instant::now(),
-                        signal: Signal::Ignored,
-                    })
-                }
+                Start::Started(used) => return Ok(self.permit(used)),
                 Start::Wait(pause, notify) => (pause, notify),
             };
             let changed = notify.notified();
@@ -466,13 +458,7 @@ impl Claim {
             changed.as_mut().enable();
             // Re-check: the state may have changed before `enable`.
             if let Ok(Start::Started(used)) = limiter.try_start(&self.host, Instant::now()) {
-                return Ok(Permit {
-                    limiter: limiter.clone(),
-                    host: self.host.clone(),
-                    used,
-                    started: Instant::now(),
-                    signal: Signal::Ignored,
-                });
+                return Ok(self.permit(used));
             }
             // Look again at least every RECHECK: a destination starts failing
             // by staying silent, which wakes nobody, and the all-destinations
@@ -488,6 +474,17 @@ impl Claim {
             if Instant::now() >= until {
                 return Err(Busy::Waited);
             }
+        }
+    }
+
+    /// A request started now, with `used` in flight to the destination.
+    fn permit(&self, used: usize) -> Permit {
+        Permit {
+            limiter: self.limiter.clone(),
+            host: self.host.clone(),
+            used,
+            started: Instant::now(),
+            signal: Signal::Ignored,
         }
     }
 
