@@ -18,11 +18,17 @@
 //! `https://ACCOUNT.blob.SUFFIX`. When no blob endpoint can be known, the
 //! store still exists and every call fails with a configuration error naming
 //! what to set, so small payloads (which never need it) keep working.
+//!
+//! Large blobs move in parts of at most [`PART`], one request at a time: each
+//! request then fits the client's 10 s request timeout down to about 4 Mbit/s
+//! (the SDK's default of 8+ parts in parallel would need eight times that).
 
+use std::num::NonZero;
 use std::sync::Arc;
 
 use azure_core::http::{NoFormat, RequestContent, Url};
 use azure_core::Bytes;
+use azure_storage_blob::models::{BlobClientDownloadOptions, BlobClientUploadOptions};
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
 
 use super::connection::{self, blob_endpoint_beside, CONNECTION_STRING_VAR};
@@ -30,6 +36,11 @@ use super::error::{classify_error, describe_azure_error, error_code, ErrorContex
 use super::names::validate_queue_name;
 use super::service::{access, Access, AuthMode};
 use super::settings::{StorageSettings, ACCOUNT_VAR, CLIENT_ID_VAR, QUEUE_ENDPOINT_VAR};
+
+/// Largest part of a blob one request carries (the SDK's default).
+const PART: usize = 4 * 1024 * 1024;
+/// Parts in flight at once for one blob.
+const ONE: NonZero<usize> = NonZero::<usize>::MIN;
 
 /// One blob container of claim-checked payloads. Cheap to clone.
 #[derive(Clone)]
@@ -80,7 +91,10 @@ impl ClaimStore {
         let c = self.client()?;
         let blob = c.container.blob_client(name);
         let bytes = Bytes::from(bytes);
-        match blob.upload(content(bytes.clone()), None).await {
+        match blob
+            .upload(content(bytes.clone()), Some(upload_options()))
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) if error_code(&e).as_deref() == Some("ContainerNotFound") => {}
             Err(e) => return Err(c.classify("write blob", name, e)),
@@ -90,7 +104,7 @@ impl ClaimStore {
             Err(e) if error_code(&e).as_deref() == Some("ContainerAlreadyExists") => {}
             Err(e) => return Err(c.classify("create container", "", e)),
         }
-        blob.upload(content(bytes), None)
+        blob.upload(content(bytes), Some(upload_options()))
             .await
             .map(|_| ())
             .map_err(|e| c.classify("write blob", name, e))
@@ -100,7 +114,12 @@ impl ClaimStore {
     /// not exist.
     pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, QueueError> {
         let c = self.client()?;
-        let rsp = match c.container.blob_client(name).download(None).await {
+        let options = BlobClientDownloadOptions {
+            parallel: Some(ONE),
+            partition_size: NonZero::new(PART),
+            ..Default::default()
+        };
+        let rsp = match c.container.blob_client(name).download(Some(options)).await {
             Ok(rsp) => rsp,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(c.classify("read blob", name, e)),
@@ -177,6 +196,14 @@ impl Client {
         let err = classify_error(op, &what, &self.errors, &e);
         tracing::debug!(blob = %what, op, error = %err, "blob operation failed");
         err
+    }
+}
+
+fn upload_options() -> BlobClientUploadOptions<'static> {
+    BlobClientUploadOptions {
+        parallel: Some(ONE),
+        partition_size: NonZero::new(PART as u64),
+        ..Default::default()
     }
 }
 
