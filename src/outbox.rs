@@ -217,7 +217,8 @@ impl Entry {
         }
         let bytes = serde_json::to_vec(delivery).unwrap_or_default();
         let claim = claim_name(&self.webhook_id, &bytes);
-        let task_id = cut_str(&delivery.task_id, MAX_TASK_SHOWN).to_owned();
+        let task_id = cut(delivery.task_id.clone(), MAX_TASK_SHOWN);
+        // The inline copy (as large as the blob) is dropped here.
         self.payload = Payload::Claimed {
             claim: claim.clone(),
             task_id,
