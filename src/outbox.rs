@@ -211,9 +211,13 @@ impl Entry {
         let Payload::Inline(delivery) = &self.payload else {
             return None;
         };
-        let error_len = xml_len(&serde_json::to_string(&self.last_error).unwrap_or_default());
-        if xml_len(&self.to_text()).saturating_sub(error_len) + GROWTH_ROOM <= MAX_ENTRY {
-            return None;
+        // Escaping only lengthens text: the raw sizes alone can settle it.
+        let raw = delivery.body.len() + delivery.task_id.len() + delivery.url.len();
+        if raw + GROWTH_ROOM <= MAX_ENTRY {
+            let error_len = xml_len(&serde_json::to_string(&self.last_error).unwrap_or_default());
+            if xml_len(&self.to_text()).saturating_sub(error_len) + GROWTH_ROOM <= MAX_ENTRY {
+                return None;
+            }
         }
         let bytes = serde_json::to_vec(delivery).unwrap_or_default();
         let claim = claim_name(&self.webhook_id, &bytes);
