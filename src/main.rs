@@ -430,12 +430,14 @@ fn settings(opts: &Options) -> Settings {
     }
 }
 
-/// The outbox for `name`, with the configured schedule.
+/// The outbox for `name`, with the configured schedule and its blob
+/// container (named like the queue).
 fn outbox_for(service: &QueueService, name: &str, opts: &Options) -> anyhow::Result<Outbox> {
     Ok(Outbox {
         queue: service.queue(name)?,
         poison: service.queue(&queue::names::poison_queue(name))?,
         schedule: opts.webhook_outbox_schedule.0.clone().into(),
+        claims: queue::ClaimStore::new(&opts.storage(), name)?,
     })
 }
 

@@ -53,6 +53,24 @@ fn task_fields(text: &str) -> String {
     }
 }
 
+/// An outbox entry's id, task, attempts, where its delivery is (`inline`,
+/// or the blob of a claimed one) and last error; the text itself when it is
+/// not an entry.
+fn entry_fields(text: &str) -> String {
+    match crate::outbox::Entry::parse(text) {
+        Ok(e) => format!(
+            "webhook_id={} task_id={} attempts={} delivery={}  {}",
+            e.webhook_id,
+            one_line(&e.task_shown(), SNIPPET_CHARS),
+            e.attempts,
+            e.claim()
+                .map_or_else(|| "inline".into(), |c| format!("blob:{c}")),
+            one_line(&e.last_error, SNIPPET_CHARS * 2)
+        ),
+        Err(_) => format!("entry=unreadable  {}", one_line(text, SNIPPET_CHARS)),
+    }
+}
+
 /// The queue poisoned messages come back to, and the poison queue itself:
 /// the tasks queue, or with `webhooks` the outbox.
 fn replay_pair(target: &QueueNames, webhooks: bool) -> Result<(String, String), OpsError> {
@@ -85,14 +103,15 @@ pub async fn list(opts: &Options, webhooks: bool, out: &mut dyn Write) -> Result
         messages.len()
     )?;
     for m in messages {
-        writeln!(
-            out,
-            "{}  {}  {}  {}",
-            m.id,
-            format_time(m.insertion_time),
-            task_fields(&m.text),
-            one_line(&m.text, SNIPPET_CHARS)
-        )?;
+        let fields = match webhooks {
+            true => entry_fields(&m.text),
+            false => format!(
+                "{}  {}",
+                task_fields(&m.text),
+                one_line(&m.text, SNIPPET_CHARS)
+            ),
+        };
+        writeln!(out, "{}  {}  {fields}", m.id, format_time(m.insertion_time))?;
     }
     Ok(())
 }

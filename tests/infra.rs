@@ -1139,11 +1139,56 @@ fn task_containers_can_write_the_webhook_outbox() {
     let granted = main
         .module("../modules/storage.bicep")
         .body
-        .at(&["params", "queueDataContributorPrincipalIds"])
+        .at(&["params", "dataContributorPrincipalIds"])
         .items();
     assert!(
         granted.contains(&Value::Expr("identity.outputs.principalId".into())),
-        "the worker identity needs Storage Queue Data Contributor to write the outbox"
+        "the worker identity needs Storage Queue and Blob Data Contributor to write the outbox"
+    );
+}
+
+/// The outbox keeps outcomes too large for a queue message as blobs in the
+/// same account, so whoever gets the queue role gets the blob role too.
+#[test]
+fn the_worker_identity_may_use_the_outbox_queues_and_its_blobs() {
+    let storage = Bicep::load("infra/modules/storage.bicep");
+    let mut roles: Vec<(String, String)> = storage
+        .resources_of("Microsoft.Authorization/roleAssignments")
+        .into_iter()
+        .map(|r| {
+            let role = match r.body.at(&["properties", "roleDefinitionId"]) {
+                Value::Expr(e) => e.clone(),
+                other => panic!("role {other:?}"),
+            };
+            let principal = match r.body.at(&["properties", "principalId"]) {
+                Value::Expr(e) => e.clone(),
+                other => panic!("principal {other:?}"),
+            };
+            (role, principal)
+        })
+        .collect();
+    roles.sort();
+    let by_id = |var: &str| {
+        format!("subscriptionResourceId('Microsoft.Authorization/roleDefinitions', {var})")
+    };
+    assert_eq!(
+        roles,
+        vec![
+            (by_id("blobDataContributorRoleId"), "principalId".to_owned()),
+            (
+                by_id("queueDataContributorRoleId"),
+                "principalId".to_owned()
+            ),
+        ]
+    );
+    // Storage Blob Data Contributor and Storage Queue Data Contributor.
+    assert_eq!(
+        storage.var("blobDataContributorRoleId").literal(),
+        Some("ba92f5b4-2d11-453d-a403-e96b0029c9fe")
+    );
+    assert_eq!(
+        storage.var("queueDataContributorRoleId").literal(),
+        Some("974c5e8b-45b9-4653-ba55-5f855dd0fb88")
     );
 }
 
@@ -3054,10 +3099,7 @@ fn container_apps_secrets_are_key_vault_references_named_by_the_vault_module() {
     for (module, grant) in [
         ("../modules/registry.bicep", "pullPrincipalIds"),
         ("../modules/keyvault.bicep", "secretsUserPrincipalIds"),
-        (
-            "../modules/storage.bicep",
-            "queueDataContributorPrincipalIds",
-        ),
+        ("../modules/storage.bicep", "dataContributorPrincipalIds"),
     ] {
         let granted = main.module(module).body.at(&["params", grant]).items();
         assert!(

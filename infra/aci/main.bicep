@@ -131,8 +131,9 @@ module storage '../modules/storage.bicep' = {
     accountName: storageAccountName
     location: location
     tags: allTags
-    // Task and deliver containers write and drain the webhook outbox.
-    queueDataContributorPrincipalIds: [
+    // Task and deliver containers write and drain the webhook outbox (queues,
+    // and blobs for outcomes too large for a queue message).
+    dataContributorPrincipalIds: [
       identity.outputs.principalId
     ]
   }

@@ -53,7 +53,7 @@ param vaultEntryNames object
 
 param registryLoginServer string
 
-@description('Resource id of the user-assigned identity: AcrPull, Key Vault Secrets User, Storage Queue Data Contributor.')
+@description('Resource id of the user-assigned identity: AcrPull, Key Vault Secrets User, Storage Queue and Blob Data Contributor.')
 param identityId string
 
 @description('Client id of that identity (AZURE_CLIENT_ID for the worker).')

@@ -143,7 +143,7 @@ module storage '../modules/storage.bicep' = {
     accountName: storageAccountName
     location: location
     tags: allTags
-    queueDataContributorPrincipalIds: [
+    dataContributorPrincipalIds: [
       identity.outputs.principalId
     ]
   }

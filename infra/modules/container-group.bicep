@@ -3,7 +3,7 @@
 // secrets as secure environment variables, stdout/stderr to Log Analytics.
 // The same identity writes a webhook the container cannot deliver to the
 // outbox <client>-webhooks (WORKER_CLIENT, AZURE_STORAGE_ACCOUNT,
-// AZURE_CLIENT_ID; it holds Storage Queue Data Contributor on the account).
+// AZURE_CLIENT_ID; it holds Storage Queue and Blob Data Contributor on the account).
 //
 // This is the shape the Logic App creates for every queue message
 // (infra/aci/logic-app-trigger.bicep writes the same body as JSON);
@@ -47,7 +47,7 @@ param image string
 
 param registryLoginServer string
 
-@description('Resource id of the user-assigned identity holding AcrPull and Storage Queue Data Contributor.')
+@description('Resource id of the user-assigned identity holding AcrPull, Storage Queue Data Contributor and Storage Blob Data Contributor.')
 param identityId string
 
 @description('Client id of that identity (AZURE_CLIENT_ID).')

@@ -8,7 +8,10 @@
 // `<client>-webhooks-poison`. These are the names the binary derives from
 // WORKER_CLIENT; it would create the two outbox queues itself when missing,
 // but creating all four here lets the scaler and the Logic App find them from
-// the start. tests/infra.rs checks the names against that rule.
+// the start. tests/infra.rs checks the names against that rule. An outcome too
+// large for a queue message is kept as a blob in the container
+// `<client>-webhooks`, which the worker creates on first use; the outbox entry
+// points to it.
 
 @description('Client name; queues are <client>-tasks, <client>-tasks-poison, <client>-webhooks and <client>-webhooks-poison.')
 @minLength(2)
@@ -23,14 +26,15 @@ param accountName string
 param location string = resourceGroup().location
 param tags object = {}
 
-@description('Principal ids granted Storage Queue Data Contributor on the account (the worker identity).')
-param queueDataContributorPrincipalIds array = []
+@description('Principal ids granted Storage Queue Data Contributor (task queues, outbox) and Storage Blob Data Contributor (outcomes too large for a queue message) on the account: the worker identity.')
+param dataContributorPrincipalIds array = []
 
 var tasksQueueName = '${client}-tasks'
 var poisonQueueName = '${client}-tasks-poison'
 var webhooksQueueName = '${client}-webhooks'
 var webhooksPoisonQueueName = '${client}-webhooks-poison'
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+var blobDataContributorRoleId = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   name: accountName
@@ -96,11 +100,22 @@ resource webhooksPoisonQueue 'Microsoft.Storage/storageAccounts/queueServices/qu
   name: webhooksPoisonQueueName
 }
 
-resource queueContributors 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in queueDataContributorPrincipalIds: {
+resource queueContributors 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in dataContributorPrincipalIds: {
   name: guid(account.id, principalId, queueDataContributorRoleId)
   scope: account
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', queueDataContributorRoleId)
+    principalId: principalId
+    principalType: 'ServicePrincipal'
+  }
+}]
+
+// The outbox's blob container (created by the worker on first use).
+resource blobContributors 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in dataContributorPrincipalIds: {
+  name: guid(account.id, principalId, blobDataContributorRoleId)
+  scope: account
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', blobDataContributorRoleId)
     principalId: principalId
     principalType: 'ServicePrincipal'
   }

@@ -9,6 +9,13 @@
 //! account name). Keys are case-insensitive and values may contain `=` (base64
 //! keys end with it), so each `;`-separated part is split at its first `=`.
 //!
+//! The blob service of the same account (where the outbox keeps outcomes too
+//! large for a queue message) comes from `BlobEndpoint=`, or is derived the
+//! same way: from the account name and suffix, from a `QueueEndpoint` of the
+//! form `ACCOUNT.queue.SUFFIX`, or Azurite's port 10000. A string that names
+//! only a custom `QueueEndpoint` has no blob service; the outbox says so when
+//! it needs one.
+//!
 //! No error in this module includes any part of the connection string: a
 //! typo'd key name next to the account key must not put the key in a log.
 
@@ -28,8 +35,11 @@ pub const DEV_ACCOUNT_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 /// Azurite's default queue endpoint (path-style: account in the path).
 pub const DEV_QUEUE_ENDPOINT: &str = "http://127.0.0.1:10001/devstoreaccount1";
+/// Azurite's default blob endpoint.
+pub const DEV_BLOB_ENDPOINT: &str = "http://127.0.0.1:10000/devstoreaccount1";
 
 const DEV_QUEUE_PORT: u16 = 10001;
+const DEV_BLOB_PORT: u16 = 10000;
 const DEFAULT_ENDPOINT_SUFFIX: &str = "core.windows.net";
 
 /// How requests are authorized.
@@ -46,6 +56,8 @@ pub enum Credential {
 pub struct ConnectionString {
     /// Queue service URL, normalized (no trailing slash, no query).
     pub endpoint: Url,
+    /// Blob service URL of the same account, when the string gives or implies one.
+    pub blob_endpoint: Option<Url>,
     /// The account name, when the string names one.
     pub account: Option<String>,
     pub credential: Credential,
@@ -63,9 +75,11 @@ pub fn parse(raw: &str) -> Result<ConnectionString, String> {
     }
     let account = account_name(&fields)?;
     let endpoint = endpoint(&fields, account.as_deref())?;
+    let blob_endpoint = blob_endpoint(&fields, &endpoint)?;
     let credential = credential(&fields, account.as_deref())?;
     Ok(ConnectionString {
         endpoint,
+        blob_endpoint,
         account,
         credential,
     })
@@ -88,19 +102,20 @@ impl Fields {
 /// `UseDevelopmentStorage=true`: Azurite's fixed account and key, on the
 /// proxy's host when one is given.
 fn development_storage(fields: &Fields) -> Result<ConnectionString, String> {
-    let endpoint = match fields.get("developmentstorageproxyuri") {
+    let on_port = |default: &str, port: u16| match fields.get("developmentstorageproxyuri") {
         Some(proxy) => {
             let mut url = parse_endpoint(proxy, "DevelopmentStorageProxyUri").map_err(in_var)?;
-            url.set_port(Some(DEV_QUEUE_PORT)).map_err(|()| {
+            url.set_port(Some(port)).map_err(|()| {
                 format!("DevelopmentStorageProxyUri in {CONNECTION_STRING_VAR} cannot take a port")
             })?;
             url.set_path(&format!("/{DEV_ACCOUNT}"));
-            url
+            Ok(url)
         }
-        None => parse_endpoint(DEV_QUEUE_ENDPOINT, "UseDevelopmentStorage").map_err(in_var)?,
+        None => parse_endpoint(default, "UseDevelopmentStorage").map_err(in_var),
     };
     Ok(ConnectionString {
-        endpoint,
+        endpoint: on_port(DEV_QUEUE_ENDPOINT, DEV_QUEUE_PORT)?,
+        blob_endpoint: Some(on_port(DEV_BLOB_ENDPOINT, DEV_BLOB_PORT)?),
         account: Some(DEV_ACCOUNT.into()),
         credential: Credential::SharedKey {
             account: DEV_ACCOUNT.into(),
@@ -155,6 +170,31 @@ fn endpoint(fields: &Fields, account: Option<&str>) -> Result<Url, String> {
         .unwrap_or(DEFAULT_ENDPOINT_SUFFIX);
     account_endpoint(account, &protocol, suffix)
         .map_err(|e| format!("{CONNECTION_STRING_VAR}: {e}"))
+}
+
+/// An explicit `BlobEndpoint` wins; otherwise the one next to the queue
+/// endpoint (`ACCOUNT.queue.SUFFIX` becomes `ACCOUNT.blob.SUFFIX`, which
+/// covers endpoints derived from the account name too).
+fn blob_endpoint(fields: &Fields, queue: &Url) -> Result<Option<Url>, String> {
+    if let Some(e) = fields.get("blobendpoint").filter(|e| !e.is_empty()) {
+        return parse_endpoint(e, "BlobEndpoint").map(Some).map_err(in_var);
+    }
+    Ok(blob_endpoint_beside(queue))
+}
+
+/// The blob endpoint of the account whose queue endpoint is `queue`, when
+/// its host says so (`ACCOUNT.queue.SUFFIX`, scheme, port and path kept).
+pub fn blob_endpoint_beside(queue: &Url) -> Option<Url> {
+    let host = queue.host_str()?;
+    let (account, rest) = host.split_once('.')?;
+    let suffix = rest.strip_prefix("queue.")?;
+    if account.is_empty() || suffix.is_empty() {
+        return None;
+    }
+    let mut blob = queue.clone();
+    blob.set_host(Some(&format!("{account}.blob.{suffix}")))
+        .ok()?;
+    Some(blob)
 }
 
 /// An `AccountKey` wins over a `SharedAccessSignature` given next to it.
@@ -359,6 +399,50 @@ mod tests {
         let c =
             parse("UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://azurite").unwrap();
         assert_eq!(c.endpoint.as_str(), "http://azurite:10001/devstoreaccount1");
+    }
+
+    #[test]
+    fn blob_endpoints_given_or_derived() {
+        let blob = |raw: &str| parse(raw).unwrap().blob_endpoint.map(|u| u.to_string());
+        assert_eq!(
+            blob(&format!(
+                "AccountName=acme;AccountKey={KEY};EndpointSuffix=core.chinacloudapi.cn"
+            )),
+            Some("https://acme.blob.core.chinacloudapi.cn/".into())
+        );
+        assert_eq!(
+            blob(&format!(
+                "AccountName={DEV_ACCOUNT};AccountKey={KEY};QueueEndpoint=http://127.0.0.1:5555/{DEV_ACCOUNT};BlobEndpoint=http://127.0.0.1:4444/{DEV_ACCOUNT}/"
+            )),
+            Some(format!("http://127.0.0.1:4444/{DEV_ACCOUNT}"))
+        );
+        assert_eq!(
+            blob("QueueEndpoint=https://acme.queue.core.windows.net/;SharedAccessSignature=sv=1&sig=x"),
+            Some("https://acme.blob.core.windows.net/".into())
+        );
+        // A custom queue endpoint says nothing about the blob service.
+        assert_eq!(
+            blob(&format!(
+                "AccountName=acme;AccountKey={KEY};QueueEndpoint=http://127.0.0.1:5555/acme"
+            )),
+            None
+        );
+        assert_eq!(
+            blob("UseDevelopmentStorage=true"),
+            Some(DEV_BLOB_ENDPOINT.into())
+        );
+        assert_eq!(
+            blob("UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://azurite"),
+            Some("http://azurite:10000/devstoreaccount1".into())
+        );
+        let e = parse(&format!(
+            "AccountName=acme;AccountKey={KEY};BlobEndpoint=ftp://x"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("BlobEndpoint") && e.contains(CONNECTION_STRING_VAR),
+            "{e}"
+        );
     }
 
     #[test]

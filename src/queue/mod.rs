@@ -30,10 +30,14 @@
 //!   retries, and authorization (Shared Key, SAS, managed identity).
 //! - `operations`: [`Queue`], the calls on one queue and the messages they return.
 //! - `error`: [`QueueError`], how SDK errors map to it, SAS-free error texts.
+//! - `blob`: [`ClaimStore`], the account's blob container for outbox entries
+//!   too large for a queue message (`azure_storage_blob` 1.x, same client
+//!   setup and authorization as the queues).
 //! - [`connection`]: connection strings and endpoints.
 //! - [`shared_key`]: the Shared Key signing and SAS pipeline policies.
 //! - [`names`]: queue names: the per-client tasks, poison and outbox queues, Azure's rules.
 
+mod blob;
 pub mod connection;
 mod error;
 pub mod names;
@@ -42,6 +46,7 @@ mod service;
 mod settings;
 pub mod shared_key;
 
+pub use blob::ClaimStore;
 pub use error::{describe_azure_error, QueueError};
 pub use names::{poison_queue, tasks_queue, validate_queue_name, webhooks_queue};
 pub use operations::{Message, PeekedMessage, Queue, SentMessage, MAX_BATCH, MAX_VISIBILITY};

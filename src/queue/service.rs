@@ -31,7 +31,7 @@ const SDK_RETRY_BUDGET: Duration = Duration::from_secs(5);
 
 /// How requests are authorized; kept for descriptions and error hints.
 #[derive(Clone, Debug)]
-enum AuthMode {
+pub(super) enum AuthMode {
     SharedKey,
     Sas,
     ManagedIdentity { client_id: Option<String> },
@@ -98,17 +98,7 @@ impl QueueService {
     /// otherwise Entra ID with a managed identity. No request is made; the
     /// error names the setting to fix.
     pub fn new(s: &StorageSettings) -> Result<Self, QueueError> {
-        let mut options = client_options()?;
-        let access = if let Some(cs) = &s.connection_string {
-            Access::connection_string(cs, &mut options)?
-        } else if s.queue_endpoint.is_some() || s.account.is_some() {
-            Access::managed_identity(s)?
-        } else {
-            return Err(QueueError::config(format!(
-                "no storage account configured: set {CONNECTION_STRING_VAR}, or {QUEUE_ENDPOINT_VAR} \
-                 (or {ACCOUNT_VAR}) to use a managed identity"
-            )));
-        };
+        let (access, options) = access(s)?;
         let Access {
             endpoint,
             account,
@@ -166,13 +156,32 @@ impl QueueService {
 }
 
 /// Where requests go and how they are authorized, before the client exists.
-struct Access {
-    endpoint: Url,
-    account: Option<String>,
-    auth: AuthMode,
+pub(super) struct Access {
+    pub(super) endpoint: Url,
+    pub(super) account: Option<String>,
+    pub(super) auth: AuthMode,
     /// Only for Entra ID; a connection string's key or SAS is applied by a
     /// pipeline policy instead, because the SDK knows only tokens.
-    credential: Option<Arc<dyn TokenCredential>>,
+    pub(super) credential: Option<Arc<dyn TokenCredential>>,
+}
+
+/// How to reach the account's queue service from the settings, and the
+/// client options with the timeouts, short retries and any signing policy:
+/// a connection string when set, otherwise Entra ID with a managed identity.
+/// The blob client (`blob.rs`) starts from the same and swaps the endpoint.
+pub(super) fn access(s: &StorageSettings) -> Result<(Access, ClientOptions), QueueError> {
+    let mut options = client_options()?;
+    let access = if let Some(cs) = &s.connection_string {
+        Access::connection_string(cs, &mut options)?
+    } else if s.queue_endpoint.is_some() || s.account.is_some() {
+        Access::managed_identity(s)?
+    } else {
+        return Err(QueueError::config(format!(
+            "no storage account configured: set {CONNECTION_STRING_VAR}, or {QUEUE_ENDPOINT_VAR} \
+             (or {ACCOUNT_VAR}) to use a managed identity"
+        )));
+    };
+    Ok((access, options))
 }
 
 impl Access {

@@ -1,7 +1,10 @@
 //! Azurite (the Azure Storage emulator) for integration tests.
 //!
-//! The queue service runs as a child process on a free loopback port
-//! (`--queuePort 0`; the port is read from its "successfully listens on" line).
+//! The queue and blob services (the outbox keeps outcomes too large for a
+//! queue message as blobs) run as one child process, `azurite`, on free
+//! loopback ports (`--queuePort 0 --blobPort 0`; each port is read from its
+//! service's "successfully listening at" line). The table service comes
+//! with that binary and is left on a free port, unused.
 //! Azurite is installed from the lock file in `tests/` with `npm ci` the first
 //! time a test needs it, so `cargo test` needs nothing else than Node.js and npm.
 //!
@@ -48,8 +51,8 @@ fn tests_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests")
 }
 
-/// Path of `azurite-queue`, installing Azurite with `npm ci` once per process.
-pub fn azurite_queue_bin() -> PathBuf {
+/// Path of `azurite`, installing Azurite with `npm ci` once per process.
+pub fn azurite_bin() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(install)
         .clone()
@@ -58,7 +61,7 @@ pub fn azurite_queue_bin() -> PathBuf {
 
 fn install() -> Result<PathBuf, String> {
     let dir = tests_dir();
-    let bin = dir.join("node_modules").join(".bin").join("azurite-queue");
+    let bin = dir.join("node_modules").join(".bin").join("azurite");
     check_node()?;
     if bin.exists() {
         return Ok(bin);
@@ -112,15 +115,18 @@ fn check_node() -> Result<(), String> {
 
 enum Event {
     Pid(i32),
-    Listening(u16),
+    Queue(u16),
+    Blob(u16),
 }
 
-/// A running Azurite queue service.
+/// A running Azurite: queue and blob services of one account.
 pub struct Azurite {
     child: Option<Child>,
     stdin: Option<ChildStdin>,
     azurite_pid: Option<i32>,
+    /// The queue service's port.
     port: u16,
+    blob_port: u16,
     /// `Some` for the persistent variant: where Azurite keeps its data.
     location: Option<tempfile::TempDir>,
     output: Arc<Mutex<String>>,
@@ -129,14 +135,14 @@ pub struct Azurite {
 impl Azurite {
     /// An in-memory instance on a free port.
     pub fn start() -> Self {
-        Self::launch(None, 0)
+        Self::launch(None)
     }
 
     /// An instance that keeps its data in a temporary directory, so that
     /// [`Azurite::restart`] brings the queues and messages back.
     pub fn start_persistent() -> Self {
         let dir = tempfile::tempdir().expect("create a temporary directory for Azurite");
-        Self::launch(Some(dir), 0)
+        Self::launch(Some(dir))
     }
 
     /// One instance shared by every test in the calling test binary; tests
@@ -146,32 +152,42 @@ impl Azurite {
         SHARED.get_or_init(Azurite::start)
     }
 
-    fn launch(location: Option<tempfile::TempDir>, port: u16) -> Self {
+    fn launch(location: Option<tempfile::TempDir>) -> Self {
         let mut me = Azurite {
             child: None,
             stdin: None,
             azurite_pid: None,
-            port,
+            port: 0,
+            blob_port: 0,
             location,
             output: Arc::default(),
         };
-        if let Err(e) = me.spawn(port) {
+        if let Err(e) = me.spawn((0, 0)) {
             panic!("{e}");
         }
         me
     }
 
-    /// Starts the wrapper and waits for the listening line; on failure the
-    /// error carries what Azurite printed during this attempt.
-    fn spawn(&mut self, port: u16) -> Result<(), String> {
+    /// Starts the wrapper on the (queue, blob) `ports` (0: any free one) and
+    /// waits for both listening lines; on failure the error carries what
+    /// Azurite printed during this attempt.
+    fn spawn(&mut self, ports: (u16, u16)) -> Result<(), String> {
         let start_of_output = self.output().len();
-        let bin = azurite_queue_bin();
-        let port_arg = port.to_string();
+        let bin = azurite_bin();
+        let (queue_port, blob_port) = (ports.0.to_string(), ports.1.to_string());
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "--queueHost".as_ref(),
             "127.0.0.1".as_ref(),
             "--queuePort".as_ref(),
-            port_arg.as_ref(),
+            queue_port.as_ref(),
+            "--blobHost".as_ref(),
+            "127.0.0.1".as_ref(),
+            "--blobPort".as_ref(),
+            blob_port.as_ref(),
+            "--tableHost".as_ref(),
+            "127.0.0.1".as_ref(),
+            "--tablePort".as_ref(),
+            "0".as_ref(),
             "--silent".as_ref(),
             "--disableTelemetry".as_ref(),
         ];
@@ -206,14 +222,17 @@ impl Azurite {
         self.child = Some(child);
 
         let deadline = Instant::now() + START_TIMEOUT;
+        let (mut queue, mut blob) = (None, None);
         loop {
+            if let (Some(q), Some(b)) = (queue, blob) {
+                (self.port, self.blob_port) = (q, b);
+                return Ok(());
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Event::Pid(pid)) => self.azurite_pid = Some(pid),
-                Ok(Event::Listening(p)) => {
-                    self.port = p;
-                    return Ok(());
-                }
+                Ok(Event::Queue(p)) => queue = Some(p),
+                Ok(Event::Blob(p)) => blob = Some(p),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.kill_now();
                     return Err(format!(
@@ -224,7 +243,7 @@ impl Azurite {
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     self.kill_now();
                     return Err(format!(
-                        "Azurite exited before listening (port {port}); output:\n{}",
+                        "Azurite exited before listening (ports {ports:?}); output:\n{}",
                         self.output_since(start_of_output)
                     ));
                 }
@@ -239,6 +258,7 @@ impl Azurite {
         self.azurite_pid.expect("Azurite is running")
     }
 
+    /// The queue service's port.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -248,10 +268,17 @@ impl Azurite {
         format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
     }
 
+    /// The path-style blob endpoint of the same account.
+    pub fn blob_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{ACCOUNT}", self.blob_port)
+    }
+
+    /// Shared Key, both services.
     pub fn connection_string(&self) -> String {
         format!(
-            "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint={}",
-            self.endpoint()
+            "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint={};BlobEndpoint={}",
+            self.endpoint(),
+            self.blob_endpoint()
         )
     }
 
@@ -262,6 +289,19 @@ impl Azurite {
             ..Default::default()
         })
         .expect("a queue client for Azurite")
+    }
+
+    /// The library's blob container `container` of this instance (where the
+    /// outbox keeps deliveries too large for a queue message).
+    pub fn claims(&self, container: &str) -> worker::queue::ClaimStore {
+        worker::queue::ClaimStore::new(
+            &worker::queue::StorageSettings {
+                connection_string: Some(worker::config::Secret::new(self.connection_string())),
+                ..Default::default()
+            },
+            container,
+        )
+        .expect("a blob client for Azurite")
     }
 
     /// Everything Azurite printed so far (for assertion messages).
@@ -297,20 +337,20 @@ impl Azurite {
         self.kill_now();
     }
 
-    /// Stops and starts again on the same port, with the same data when
-    /// persistent. Retries briefly if the port is not free yet.
+    /// Stops and starts again on the same ports, with the same data when
+    /// persistent. Retries briefly if the ports are not free yet.
     pub fn restart(&mut self) {
         self.stop();
-        let port = self.port;
+        let ports = (self.port, self.blob_port);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match self.spawn(port) {
+            match self.spawn(ports) {
                 Ok(()) => return,
                 // The old listener can take a moment to release the port.
                 Err(e) if e.contains("EADDRINUSE") && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => panic!("restarting Azurite on port {port}: {e}"),
+                Err(e) => panic!("restarting Azurite on ports {ports:?}: {e}"),
             }
         }
     }
@@ -356,12 +396,15 @@ fn read_output(
                 let _ = tx.send(Event::Pid(pid));
             }
         } else if let Some(rest) = line
-            .split("successfully listens on http://127.0.0.1:")
+            .split("successfully listening at http://127.0.0.1:")
             .nth(1)
         {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            if let Ok(port) = digits.parse() {
-                let _ = tx.send(Event::Listening(port));
+            let Ok(port) = digits.parse() else { continue };
+            if line.contains("Queue service") {
+                let _ = tx.send(Event::Queue(port));
+            } else if line.contains("Blob service") {
+                let _ = tx.send(Event::Blob(port));
             }
         }
     }
