@@ -1,24 +1,34 @@
 #!/usr/bin/env python3
-"""Webhook sink for tests/bench/webhook.sh (Python 3 standard library only).
+"""Webhook receivers for tests/bench/webhook.sh (Python 3 standard library only).
 
-Answers every POST with 200 after a delay, so that a benchmark can stand in for
-a slow backend: `POST /<run>?delay_ms=D` sleeps D milliseconds (default: the
---delay-ms option) before answering. Each request is handled on its own thread,
-so hundreds of slow requests are in flight at once; HTTP/1.1 keep-alive.
+Default mode: the receiver a backend team writes in a few lines, and nothing
+more: `http.server.ThreadingHTTPServer` with its defaults (a thread per
+connection, the listen queue at its default `request_queue_size` of 5) and a
+`BaseHTTPRequestHandler` with its default protocol, HTTP/1.0, so every answer
+closes its connection. A POST is answered 200 at once; `POST /<run>?delay_ms=D`
+answers after D milliseconds instead (a slow but healthy backend: each request
+sleeps on its own thread, so there are as many in flight as connections).
 
-For each answered request one line goes to --log (flushed at once):
+Each distinct webhook-id is recorded once per run, before the answer, as a line
+in <--log-dir>/<run>.log (flushed at once):
 
-    <run> <webhook-id> <received_ns> <answered_ns> <in_flight>
+    <webhook-id> <recorded_ns>
 
-with times from the wall clock (nanoseconds since the epoch, the clock of
-`date +%s%N`) and the number of requests in flight when it was received.
+with the time from the wall clock (nanoseconds since the epoch, the clock of
+`date +%s%N`), taken under the lock so that the lines are in time order.
 
-`GET /` answers `ok` (readiness). The port (bound to --port, default 0: any
-free port) is written to --port-file once the server listens.
+`--blackhole`: a host that never answers: it listens (a large backlog, so the
+kernel completes the handshakes) but never accepts a connection or reads a
+byte; every request to it times out.
+
+The port (bound to --host, --port; default 127.0.0.1 and 0, any free port) is
+written to --port-file once the socket listens.
 """
 
 import argparse
 import os
+import re
+import socket
 import sys
 import threading
 import time
@@ -26,82 +36,78 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 
-class Sink(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024
-    allow_reuse_address = True
-
-    def __init__(self, addr, log, default_delay_ms):
+class Receiver(ThreadingHTTPServer):
+    def __init__(self, addr, log_dir):
         super().__init__(addr, Handler)
-        self.log = log
-        self.default_delay_ms = default_delay_ms
+        self.log_dir = log_dir
         self.lock = threading.Lock()
-        self.in_flight = 0
+        self.seen = {}  # run -> set of webhook-ids
+        self.logs = {}  # run -> open file
+
+    def record(self, run, webhook_id):
+        with self.lock:
+            seen = self.seen.setdefault(run, set())
+            if webhook_id in seen:
+                return
+            seen.add(webhook_id)
+            log = self.logs.get(run)
+            if log is None:
+                log = open(os.path.join(self.log_dir, run + ".log"), "a", encoding="utf-8")
+                self.logs[run] = log
+            log.write(f"{webhook_id} {time.time_ns()}\n")
+            log.flush()
 
 
 class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _answer(self, status, body=b""):
-        self.send_response(status)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._answer(200, b"ok\n")
-
     def do_POST(self):
-        received = time.time_ns()
-        server = self.server
-        with server.lock:
-            server.in_flight += 1
-            in_flight = server.in_flight
-        try:
-            length = int(self.headers.get("content-length") or 0)
-            if length:
-                self.rfile.read(length)
-            url = urlsplit(self.path)
-            run = url.path.strip("/").replace(" ", "_") or "-"
-            delay_ms = server.default_delay_ms
-            values = parse_qs(url.query).get("delay_ms")
-            if values:
-                delay_ms = float(values[0])
-            webhook_id = (self.headers.get("webhook-id") or "-").replace(" ", "_")
-            if delay_ms > 0:
-                time.sleep(delay_ms / 1000)
-            self._answer(200)
-            answered = time.time_ns()
-            with server.lock:
-                server.log.write(f"{run} {webhook_id} {received} {answered} {in_flight}\n")
-                server.log.flush()
-        finally:
-            with server.lock:
-                server.in_flight -= 1
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        url = urlsplit(self.path)
+        run = re.sub(r"[^A-Za-z0-9_-]", "_", url.path.strip("/")) or "-"
+        values = parse_qs(url.query).get("delay_ms")
+        delay_ms = float(values[0]) if values else 0.0
+        webhook_id = re.sub(r"\s", "_", self.headers.get("webhook-id") or "-")
+        if delay_ms > 0:
+            time.sleep(delay_ms / 1000)
+        self.server.record(run, webhook_id)
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
 
     def log_message(self, *args):
-        pass  # one line per request goes to --log instead
+        pass  # the recorded ids are the log
+
+
+def write_port(port_file, port):
+    # Written whole, then renamed, so a reader never sees half a number.
+    tmp = port_file + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, port_file)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file", required=True)
-    p.add_argument("--log", required=True)
-    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--log-dir")
+    p.add_argument("--blackhole", action="store_true")
     args = p.parse_args()
-    with open(args.log, "a", encoding="utf-8") as log:
-        server = Sink(("127.0.0.1", args.port), log, args.delay_ms)
-        # Written whole, then renamed, so a reader never sees half a number.
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{server.server_address[1]}\n")
-        os.replace(tmp, args.port_file)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
+    if args.blackhole:
+        sock = socket.create_server((args.host, args.port), backlog=4096)
+        write_port(args.port_file, sock.getsockname()[1])
+        while True:
+            time.sleep(3600)
+    if not args.log_dir:
+        p.error("--log-dir is needed unless --blackhole")
+    server = Receiver((args.host, args.port), args.log_dir)
+    write_port(args.port_file, server.server_address[1])
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
