@@ -123,6 +123,9 @@ pub struct Azurite {
     port: u16,
     /// `Some` for the persistent variant: where Azurite keeps its data.
     location: Option<tempfile::TempDir>,
+    /// `Some((cert, key))`: HTTPS with that certificate, and bearer tokens
+    /// accepted (`--oauth basic`, which Azurite allows over HTTPS only).
+    tls: Option<(PathBuf, PathBuf)>,
     output: Arc<Mutex<String>>,
 }
 
@@ -139,6 +142,25 @@ impl Azurite {
         Self::launch(Some(dir), 0)
     }
 
+    /// An in-memory instance serving HTTPS with `cert`/`key` (PEM) and
+    /// accepting Entra ID bearer tokens (`--oauth basic`: lifetime, issuer
+    /// and audience are checked, the signature is not).
+    pub fn start_tls_oauth(cert: &Path, key: &Path) -> Self {
+        let mut me = Azurite {
+            child: None,
+            stdin: None,
+            azurite_pid: None,
+            port: 0,
+            location: None,
+            tls: Some((cert.to_owned(), key.to_owned())),
+            output: Arc::default(),
+        };
+        if let Err(e) = me.spawn(0) {
+            panic!("{e}");
+        }
+        me
+    }
+
     /// One instance shared by every test in the calling test binary; tests
     /// use [`unique_name`] queues so they cannot see each other's messages.
     pub fn shared() -> &'static Azurite {
@@ -153,6 +175,7 @@ impl Azurite {
             azurite_pid: None,
             port,
             location,
+            tls: None,
             output: Arc::default(),
         };
         if let Err(e) = me.spawn(port) {
@@ -182,6 +205,16 @@ impl Azurite {
                 args.push(dir.path().as_os_str());
             }
             None => args.push("--inMemoryPersistence".as_ref()),
+        }
+        if let Some((cert, key)) = &self.tls {
+            args.extend([
+                "--cert".as_ref(),
+                cert.as_os_str(),
+                "--key".as_ref(),
+                key.as_os_str(),
+                "--oauth".as_ref(),
+                "basic".as_ref(),
+            ]);
         }
         let mut child = Command::new("sh")
             .arg("-c")
@@ -236,14 +269,24 @@ impl Azurite {
         self.port
     }
 
-    /// The path-style queue endpoint: `http://127.0.0.1:PORT/devstoreaccount1`.
+    /// The path-style queue endpoint: `http://127.0.0.1:PORT/devstoreaccount1`
+    /// (`https` for the TLS variant).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
+        format!("{}://127.0.0.1:{}/{ACCOUNT}", self.scheme(), self.port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn connection_string(&self) -> String {
         format!(
-            "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint={}",
+            "DefaultEndpointsProtocol={};AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint={}",
+            self.scheme(),
             self.endpoint()
         )
     }
@@ -351,6 +394,10 @@ fn read_output(
         } else if let Some(rest) = line
             .split("successfully listens on http://127.0.0.1:")
             .nth(1)
+            .or_else(|| {
+                line.split("successfully listens on https://127.0.0.1:")
+                    .nth(1)
+            })
         {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
             if let Ok(port) = digits.parse() {
