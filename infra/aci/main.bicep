@@ -77,7 +77,7 @@ param triggerIntervalSeconds int = 30
 @maxValue(15)
 param deliverIntervalMinutes int = 5
 
-@description('alert-<client>-worker-backlog fires when a visible task message was inserted more than this many minutes ago (the hourly cleanup looks): intake is stalled.')
+@description('alert-<client>-worker-backlog fires when a visible task message was inserted more than this many minutes ago (the cleanup looks every cleanupIntervalMinutes): intake is stalled.')
 @minValue(15)
 param backlogAlertMinutes int = 60
 
