@@ -233,6 +233,9 @@ pub struct Options {
     /// Client id of a user-assigned managed identity (Entra ID auth).
     #[arg(long, env = "AZURE_CLIENT_ID", global = true)]
     pub managed_identity_client_id: Option<String>,
+    /// With a managed identity: seconds after start-up during which token and connection failures are retried until the queue service first answers (ACI may start a container before its identity endpoint is ready); 0 = no such retries.
+    #[arg(long, env = "WORKER_IDENTITY_WAIT", default_value_t = 120, value_parser = clap::value_parser!(u32).range(0..=900), global = true)]
+    pub identity_wait: u32,
     /// Client name(s): the worker consumes <client>-tasks. Comma-separated or repeated.
     #[arg(
         long = "client",
@@ -371,6 +374,7 @@ impl Options {
             queue_endpoint: nonempty(&self.queue_endpoint),
             account: nonempty(&self.storage_account),
             managed_identity_client_id: nonempty(&self.managed_identity_client_id),
+            identity_wait: Duration::from_secs(u64::from(self.identity_wait)),
         }
     }
 

@@ -800,23 +800,6 @@ fn queue_names_follow_the_worker_convention() {
         trigger_path.contains("${tasksQueueName}"),
         "trigger reads {trigger_path}"
     );
-    let poison_path = definition
-        .action("Move_to_poison")
-        .at(&["inputs", "path"])
-        .template()
-        .expect("poison path");
-    assert!(
-        poison_path.contains("${poisonQueueName}") && poison_path.ends_with("/messages"),
-        "poison goes to {poison_path}"
-    );
-    assert_eq!(
-        definition
-            .action("Move_to_poison")
-            .at(&["inputs", "body"])
-            .literal(),
-        Some("@triggerBody()?['MessageText']"),
-        "poisoned messages are moved verbatim"
-    );
 }
 
 #[test]
@@ -1240,7 +1223,7 @@ fn deliver_workflow_peeks_the_outbox_and_starts_worker_deliver() {
         )
     );
     assert_eq!(
-        peek.at(&["inputs", "headers", "x-ms-version"]),
+        resolve(&logic, peek.at(&["inputs", "headers"])).at(&["x-ms-version"]),
         &Value::Expr("queueApiVersion".into())
     );
     let version = logic
@@ -1288,7 +1271,7 @@ fn deliver_workflow_peeks_the_outbox_and_starts_worker_deliver() {
     assert_eq!(marks.len(), 1, "a peeked message marks the outbox due");
     let peeked = format!("{:?}", case(200));
     assert!(
-        peeked.contains("count(/QueueMessagesList/QueueMessage)"),
+        peeked.contains("'<QueueMessage>'"),
         "the 200 case counts peeked messages"
     );
     assert_eq!(
@@ -1546,16 +1529,17 @@ const LOGIC_APP: &str = "infra/aci/logic-app-trigger.bicep";
 const MESSAGE_COORDINATES: &[(&str, &str)] = &[
     ("WORKER_MESSAGE_ID", "@{triggerBody()?['MessageId']}"),
     ("WORKER_POP_RECEIPT", "@{triggerBody()?['PopReceipt']}"),
-    ("WORKER_DEQUEUE_COUNT", "@{outputs('Next_attempt')}"),
+    ("WORKER_DEQUEUE_COUNT", "@{outputs('Message')?['attempt']}"),
 ];
 
-/// Outcomes of a trigger run that move the message to the poison queue: what
-/// can never succeed, and a message whose attempts are used up.
-const POISON_OUTCOMES: &[&str] = &[
-    "InvalidTask",
-    "NameCollision",
-    "AttemptsExhausted",
-    "ReceiveLimit",
+/// Outcomes of a trigger run that leave the message for a later run (it
+/// comes back after the visibility timeout, one more delivery).
+const TRANSIENT_OUTCOMES: &[&str] = &[
+    "LookupFailed",
+    "SecretsFailed",
+    "DeleteFailed",
+    "CreateFailed",
+    "Late",
 ];
 
 /// Outcomes that leave the message to a worker: an attempt was started, or
@@ -1698,126 +1682,87 @@ fn logic_app_hands_the_message_to_the_group() {
         &Value::Expr("secureInputsAndOutputs".into())
     );
     assert_eq!(
-        definition
-            .at(&["triggers", "When_there_are_messages_in_a_queue"])
-            .get("runtimeConfiguration"),
-        Some(&Value::Expr("secureInputsAndOutputs".into())),
-        "the queue trigger's outputs hold the pop receipts"
+        definition.at(&[
+            "triggers",
+            "When_there_are_messages_in_a_queue",
+            "runtimeConfiguration",
+            "secureData"
+        ]),
+        hidden.at(&["secureData"]),
+        "the queue trigger's outputs hold the task texts and pop receipts"
     );
 }
 
 #[test]
-fn logic_app_deletes_a_message_only_when_it_poisons_it() {
+fn every_ending_that_owes_a_webhook_is_left_to_the_worker() {
+    // The Logic App cannot send the worker's task.failed (the same webhook-id,
+    // signed with WORKER_WEBHOOK_SECRET): so no workflow may poison a task
+    // message, or delete one, itself. A message that is no valid task, or
+    // has had its attempts, goes to a group all the same; the worker there
+    // poisons it and sends task.failed (tests/leased.rs).
     let bicep = Bicep::load(LOGIC_APP);
+    for workflow in ["trigger", "cleanup", "deliver"] {
+        let definition = workflow_definition(workflow);
+        let mut all = Vec::new();
+        actions_in(definition.at(&["actions"]), &mut all);
+        for (name, action) in &all {
+            let Some(inputs) = action.get("inputs").map(|i| resolve(&bicep, i)) else {
+                continue;
+            };
+            let text = format!("{inputs:?}");
+            let method = inputs
+                .get("method")
+                .and_then(Value::literal)
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            let on_a_queue = action.at(&["type"]).literal() == Some("ApiConnection")
+                || text.contains("primaryEndpoints.queue");
+            assert!(
+                !(text.contains("poisonQueueName") || text.contains("-poison")),
+                "{workflow}: {name} poisons a message but sends no task.failed webhook (only the worker can, \
+                 under the webhook-id every mode uses): hand the message to a group instead; the worker \
+                 poisons what is invalid or above WORKER_MAX_DEQUEUE_COUNT and reports it"
+            );
+            assert!(
+                !(on_a_queue && method != "get"),
+                "{workflow}: {name} changes a queue ({method}); settling a task message is the worker's \
+                 (run, report, then delete / retry / poison)"
+            );
+        }
+    }
+
+    // The trigger hands every message over or leaves it for a later run;
+    // its outcomes are handed-over or transient, never a verdict on the task.
     let definition = trigger_definition();
-    let actions = definition.at(&["actions"]);
-
-    // Every action that deletes a message of the tasks queue.
-    let mut all = Vec::new();
-    actions_in(actions, &mut all);
-    let deletes: BTreeSet<String> = all
-        .iter()
-        .filter(|(_, action)| {
-            let method = action
-                .get("inputs")
-                .map(|inputs| resolve(&bicep, inputs))
-                .and_then(|inputs| inputs.get("method"))
-                .and_then(Value::literal);
-            action.at(&["type"]).literal() == Some("ApiConnection") && method == Some("delete")
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
-    assert_eq!(
-        deletes,
-        BTreeSet::from(["Delete_poisoned_message".to_owned()]),
-        "the trigger deletes a task message only after copying it to poison"
-    );
-    let delete_path = resolve(
-        &bicep,
-        definition.action("Delete_poisoned_message").at(&["inputs"]),
-    )
-    .at(&["path"])
-    .template()
-    .expect("path")
-    .to_owned();
-    assert!(delete_path.contains("${tasksQueueName}") && delete_path.contains("/messages/"));
-
-    // It sits in Settle's poison branch, after the copy, and nowhere near the
-    // create.
-    let settle = definition.action("Settle");
-    let poison_branch = action_names(settle.at(&["actions"]));
-    assert!(poison_branch.contains("Delete_poisoned_message"));
-    assert!(poison_branch.contains("Move_to_poison"));
-    assert_eq!(
-        definition
-            .action("Delete_poisoned_message")
-            .at(&["runAfter", "Move_to_poison"])
-            .items(),
-        [Value::Str {
-            text: "Succeeded".into(),
-            interpolated: false
-        }]
-    );
-    let handle = action_names(definition.action("Handle").at(&["actions"]));
-    assert!(handle.contains("Create_group"));
-    assert!(handle.is_disjoint(&deletes));
-    assert!(action_names(settle.at(&["else", "actions"])).is_disjoint(&deletes));
-
-    // The poison branch runs for exactly the poison outcomes.
-    let condition = settle.at(&["expression", "and"]).items()[0].at(&["contains"]);
-    let listed = created_array(condition.items()[0].literal().expect("literal list"));
-    assert_eq!(
-        listed,
-        POISON_OUTCOMES.iter().map(|o| o.to_string()).collect(),
-        "Settle's poison branch"
-    );
-    assert_eq!(
-        condition.items()[1].literal(),
-        Some("@variables('outcome')")
-    );
-
-    // Outcomes: permanent until the task is known to be valid; after that,
-    // Handle sets only handed-over or transient outcomes itself, and the
-    // poison ones only as the Decision's verdict on what the lookup found.
     let init = definition
         .action("Init_outcome")
         .at(&["inputs", "variables"])
         .items()[0]
         .clone();
-    assert_eq!(init.at(&["value"]).literal(), Some("InvalidTask"));
-    let mark_valid = definition.action("Mark_valid");
-    assert!(mark_valid.at(&["runAfter"]).get("Group_name").is_some());
-    assert!(definition
-        .action("Look_up_group")
-        .at(&["runAfter"])
-        .get("Mark_valid")
-        .is_some());
-    let mut set_outcome = Vec::new();
-    actions_in(
-        definition.action("Handle").at(&["actions"]),
-        &mut set_outcome,
-    );
+    assert_eq!(init.at(&["value"]).literal(), Some("LookupFailed"));
+    let mut all = Vec::new();
+    actions_in(definition.at(&["actions"]), &mut all);
     let mut handed_over = BTreeSet::new();
-    for (name, action) in &set_outcome {
+    for (name, action) in &all {
         if action.at(&["type"]).literal() != Some("SetVariable")
             || action.at(&["inputs", "name"]).literal() != Some("outcome")
         {
             continue;
         }
         let value = assigned(action);
-        if value == "@{outputs('Decision')}" {
+        if value == "@{outputs('Decision')}" || value.contains("'Late'") {
             continue;
         }
         assert!(
-            !POISON_OUTCOMES.contains(&value.as_str()),
-            "{name} sets the poison outcome {value} directly"
+            HANDED_OVER_OUTCOMES.contains(&value.as_str())
+                || TRANSIENT_OUTCOMES.contains(&value.as_str()),
+            "{name} sets outcome {value}, neither handed over nor transient"
         );
         if HANDED_OVER_OUTCOMES.contains(&value.as_str()) {
             handed_over.insert(value);
         }
     }
     assert_eq!(handed_over.len(), HANDED_OVER_OUTCOMES.len());
-    assert_eq!(assigned(definition.action("Mark_started")), "Started");
     assert_eq!(
         definition
             .action("Mark_started")
@@ -1828,29 +1773,10 @@ fn logic_app_deletes_a_message_only_when_it_poisons_it() {
             interpolated: false
         }]
     );
-    let decision = definition
-        .action("Decision")
-        .at(&["inputs"])
-        .template()
-        .expect("Decision is one expression")
-        .to_owned();
-    for outcome in ["NameCollision", "AttemptsExhausted", "ReceiveLimit"] {
-        assert!(
-            decision.contains(&format!("'{outcome}'")),
-            "Decision never says {outcome}"
-        );
-    }
-    // Anything else ends the run Failed and leaves the message.
-    let keep = settle.at(&["else", "actions"]).clone();
-    let mut kept = Vec::new();
-    actions_in(&keep, &mut kept);
-    assert!(kept
-        .iter()
-        .any(|(_, a)| a.at(&["type"]).literal() == Some("Terminate")));
-    let keep_condition = definition
-        .action("If_not_started")
-        .at(&["expression", "and"])
-        .items()[0]
+    // Anything but handed-over ends the run Failed (the alert) and leaves the
+    // message; Settle does nothing else.
+    let settle = definition.action("Settle");
+    let keep_condition = settle.at(&["expression", "and"]).items()[0]
         .at(&["not", "contains"])
         .items()[0]
         .literal()
@@ -1860,31 +1786,64 @@ fn logic_app_deletes_a_message_only_when_it_poisons_it() {
         created_array(&keep_condition),
         HANDED_OVER_OUTCOMES.iter().map(|o| o.to_string()).collect()
     );
+    let mut settled = Vec::new();
+    actions_in(settle.at(&["actions"]), &mut settled);
+    assert!(settled
+        .iter()
+        .all(|(_, a)| a.at(&["type"]).literal() == Some("Terminate")));
+
+    // The group can poison: it holds the message, and knows the limit.
+    let container =
+        only_container(
+            definition
+                .action("Create_group")
+                .at(&["inputs", "body", "properties"]),
+        );
+    let env = env_map(container.at(&["properties", "environmentVariables"]));
+    for var in [
+        "WORKER_MESSAGE_ID",
+        "WORKER_POP_RECEIPT",
+        "WORKER_DEQUEUE_COUNT",
+        "WORKER_MAX_DEQUEUE_COUNT",
+        "WORKER_CLIENT",
+    ] {
+        assert!(env.contains_key(var), "the task group lacks {var}");
+    }
 }
 
 #[test]
-fn logic_app_counts_attempts_in_tags_and_caps_them() {
-    let bicep = Bicep::load(LOGIC_APP);
+fn logic_app_names_groups_by_message_and_counts_deliveries() {
     let definition = trigger_definition();
-
-    // The earlier group's tags: the attempt it ran and the message it held.
-    let previous = definition.action("Previous").at(&["inputs"]).clone();
+    let message = definition.action("Message").at(&["inputs"]).clone();
+    // One group per message: message ids are unique, task ids may collide
+    // after sanitizing, so two valid tasks never share a group name.
     assert_eq!(
-        previous.at(&["attempt"]).literal(),
-        Some("@int(coalesce(body('Look_up_group')?['tags']?['worker-attempt'], '0'))")
+        message.at(&["group"]).literal(),
+        None,
+        "the group name interpolates the client"
     );
     assert_eq!(
-        previous.at(&["sameMessage"]).literal(),
-        Some("@equals(body('Look_up_group')?['tags']?['worker-message-id'], triggerBody()?['MessageId'])")
+        message.at(&["group"]).template(),
+        Some("@{concat('${client}-', toLower(triggerBody()?['MessageId']))}")
     );
+    // Attempts are the queue's dequeue count, as job mode counts them: they
+    // survive the group's deletion and a create that fails after it.
     assert_eq!(
-        definition.action("Next_attempt").at(&["inputs"]).literal(),
-        Some("@if(and(equals(outputs('Previous')?['status'], 200), outputs('Previous')?['sameMessage']), add(outputs('Previous')?['attempt'], 1), 1)"),
-        "the next attempt of this message, or the first of a new one"
+        message.at(&["attempt"]).literal(),
+        Some("@int(coalesce(triggerBody()?['DequeueCount'], '1'))")
     );
-
-    // The group created carries the count and the message in its tags, and
-    // the worker gets the same count.
+    for action in ["Look_up_group", "Create_group", "Delete_previous_group"] {
+        let uri = definition
+            .action(action)
+            .at(&["inputs", "uri"])
+            .template()
+            .expect("uri")
+            .to_owned();
+        assert!(
+            uri.contains("/@{outputs('Message')?['group']}?"),
+            "{action} addresses {uri}"
+        );
+    }
     let Value::Expr(tags) = definition
         .action("Create_group")
         .at(&["inputs", "body", "tags"])
@@ -1892,69 +1851,24 @@ fn logic_app_counts_attempts_in_tags_and_caps_them() {
         panic!("Create_group tags are not union(workerTags, ...)")
     };
     for tag in [
-        "'worker-attempt': '@{outputs(\\'Next_attempt\\')}'",
-        "'worker-message-id': '@{triggerBody()?[\\'MessageId\\']}'",
-        "'worker-task-id': '@{take(body(\\'Parse_task\\')?[\\'task_id\\'], 256)}'",
+        "'worker-attempt': '@{outputs(\\'Message\\')?[\\'attempt\\']}'",
+        "'worker-message-id': '@{outputs(\\'Message\\')?[\\'id\\']}'",
     ] {
         assert!(tags.contains(tag), "Create_group tags lack {tag}: {tags}");
     }
 
-    // The cap: attempts 1..=maxDequeueCount run the task; attempt
-    // maxDequeueCount + 1 runs nothing (the worker poisons the message and
-    // sends task.failed, as job mode does for a message delivered too often);
-    // a message back after that one goes to poison here, and its group is
-    // deleted once the message is.
+    // Duplicates guard: this message's group is replaced only once it has
+    // ended (or never started); running or pending, it is left alone.
     let decision = definition
         .action("Decision")
         .at(&["inputs"])
         .template()
         .expect("Decision")
         .to_owned();
-    assert!(decision.contains(
-        "if(greater(outputs('Previous')?['attempt'], ${maxDequeueCount}), 'AttemptsExhausted', 'replace')"
-    ));
-    assert!(decision.starts_with(
-        "@if(greater(int(coalesce(triggerBody()?['DequeueCount'], '0')), ${receiveLimit}), 'ReceiveLimit'"
-    ));
     assert_eq!(
-        bicep.var("receiveLimit"),
-        &Value::Expr("maxDequeueCount * 4".into()),
-        "the receive limit is a backstop above the attempt cap"
+        decision,
+        "@if(greaterOrEquals(ticks(utcNow()), ticks(outputs('Message')?['createBy'])), 'Late', if(equals(outputs('Previous')?['status'], 404), 'create', if(not(equals(outputs('Previous')?['status'], 200)), 'LookupFailed', if(or(contains(createArray('Succeeded', 'Failed', 'Stopped'), outputs('Previous')?['state']), equals(outputs('Previous')?['provisioningState'], 'Failed')), 'replace', 'wait'))))"
     );
-    let exhausted = definition.action("If_exhausted");
-    assert!(format!("{:?}", exhausted.at(&["expression"])).contains("AttemptsExhausted"));
-    assert_eq!(
-        definition
-            .action("Delete_exhausted_group")
-            .at(&["inputs", "method"])
-            .literal(),
-        Some("DELETE")
-    );
-    assert!(exhausted
-        .at(&["runAfter"])
-        .get("Delete_poisoned_message")
-        .is_some());
-
-    // Duplicates guard: a running group is never replaced, and another
-    // task's group never touched; both are decided before any replace.
-    let first_replace = decision.find("'replace'").expect("Decision replaces");
-    for guard in [
-        "if(equals(outputs('Previous')?['state'], 'Running'), 'wait'",
-        "'NameCollision'",
-        "'create'",
-    ] {
-        let at = decision
-            .find(guard)
-            .unwrap_or_else(|| panic!("Decision lacks {guard}"));
-        assert!(
-            at < first_replace,
-            "{guard} must be decided before any replace"
-        );
-    }
-    // Another message's group is replaced only once it has ended.
-    assert!(decision.ends_with(
-        "if(or(contains(createArray('Succeeded', 'Failed', 'Stopped'), outputs('Previous')?['state']), equals(outputs('Previous')?['provisioningState'], 'Failed')), 'replace', 'wait')))))))"
-    ));
 
     // Only Replace deletes a group before the create, and the create runs
     // only when the route said so and the delete (if any) finished.
@@ -2151,6 +2065,19 @@ impl WorstCase<'_> {
                 }
                 end - begin + BUILTIN_ACTION_SECS
             }
+            "Wait" => {
+                let interval = action.at(&["inputs", "interval"]);
+                let count = match interval.at(&["count"]) {
+                    Value::Num(n) => *n as f64,
+                    other => panic!("Wait count {other:?}"),
+                };
+                count
+                    * match interval.at(&["unit"]).literal() {
+                        Some("Second") => 1.0,
+                        Some("Minute") => 60.0,
+                        other => panic!("Wait unit {other:?}"),
+                    }
+            }
             "Foreach" | "Until" => panic!("loops are not modelled here"),
             _ => BUILTIN_ACTION_SECS,
         }
@@ -2188,7 +2115,7 @@ impl WorstCase<'_> {
 }
 
 #[test]
-fn trigger_run_fits_in_the_visibility_timeout() {
+fn a_group_is_created_only_while_its_hand_over_fits_the_visibility_timeout() {
     let bicep = Bicep::load(LOGIC_APP);
     let definition = trigger_definition();
 
@@ -2199,25 +2126,68 @@ fn trigger_run_fits_in_the_visibility_timeout() {
         finish: BTreeMap::new(),
     };
     let run = worst.schedule(definition.at(&["actions"]), 0.0);
-    let created = worst.finish["Create_group"];
-    let settled = worst.finish["Delete_poisoned_message"];
+    let create = worst.request_secs(definition.action("Create_group"));
+    let delete = worst.request_secs(definition.action("Delete_previous_group"));
     eprintln!(
-        "trigger run, worst case: {run:.0} s in all; the create ends at {created:.0} s, the poison delete at {settled:.0} s"
+        "trigger run, worst case: {run:.0} s in all; the create takes up to {create:.0} s, the delete {delete:.0} s"
+    );
+
+    // Runs may wait for a slot (startsPerMinute at once), so a run's start
+    // is not bounded; what is bounded is when it may still act. Decision says
+    // Late, and Start_attempt creates nothing, from createBy on: the receive
+    // time plus the visibility timeout minus handOverMarginSeconds.
+    let margin = match bicep.var("handOverMarginSeconds") {
+        Value::Num(n) => *n as f64,
+        other => panic!("handOverMarginSeconds: {other:?}"),
+    };
+    assert_eq!(
+        definition
+            .action("Message")
+            .at(&["inputs", "createBy"])
+            .template(),
+        Some("@{addSeconds(trigger()?['startTime'], ${visibilityTimeoutSeconds - handOverMarginSeconds})}")
+    );
+    // The create that began just before createBy ends, and its group has
+    // started and taken the lease over, before the message can be received
+    // again.
+    assert!(
+        create + GROUP_START_ALLOWANCE_SECS <= margin,
+        "handOverMarginSeconds ({margin} s) must cover the create ({create} s) and the group's start ({GROUP_START_ALLOWANCE_SECS} s)"
+    );
+    // A delete that began just before createBy has ended before another run
+    // can receive the message (and create the next group under that name).
+    assert!(
+        delete < margin,
+        "handOverMarginSeconds ({margin} s) must cover deleting the earlier group ({delete} s)"
+    );
+    let decision = definition
+        .action("Decision")
+        .at(&["inputs"])
+        .template()
+        .expect("Decision")
+        .to_owned();
+    assert!(
+        decision.starts_with(
+            "@if(greaterOrEquals(ticks(utcNow()), ticks(outputs('Message')?['createBy'])), 'Late'"
+        ),
+        "Decision must stop a late run before it deletes or creates: {decision}"
+    );
+    assert!(
+        format!(
+            "{:?}",
+            definition.action("Start_attempt").at(&["expression"])
+        )
+        .contains("@ticks(outputs('Message')?['createBy'])"),
+        "Start_attempt must check createBy again (the delete may have taken long)"
     );
     let main = Bicep::load("infra/aci/main.bicep");
     for file in [&bicep, &main] {
         let shortest = file.param_min("visibilityTimeoutSeconds") as f64;
-        let name = file.file.display();
-        // No second run can receive the message while this one still acts
-        // on it (the duplicates guard rests on that).
+        // Time left for a typical run to reach the create.
         assert!(
-            RUN_START_ALLOWANCE_SECS + run <= shortest,
-            "{name}: visibilityTimeoutSeconds may be {shortest} s, but one trigger run may take {run} s (+{RUN_START_ALLOWANCE_SECS} s to start)"
-        );
-        // The worker takes the lease over before the message reappears.
-        assert!(
-            RUN_START_ALLOWANCE_SECS + created + GROUP_START_ALLOWANCE_SECS <= shortest,
-            "{name}: visibilityTimeoutSeconds may be {shortest} s, but the create may end at {created} s and the group needs {GROUP_START_ALLOWANCE_SECS} s to start"
+            shortest - margin >= RUN_START_ALLOWANCE_SECS + 600.0,
+            "{}: visibilityTimeoutSeconds may be {shortest} s, which leaves a run too little time before createBy",
+            file.file.display()
         );
         assert!(file.param_int_default("visibilityTimeoutSeconds") as f64 >= shortest);
     }
@@ -2231,10 +2201,30 @@ fn trigger_run_fits_in_the_visibility_timeout() {
         ]),
         &Value::Expr("string(visibilityTimeoutSeconds)".into())
     );
+
+    // The create rate: startsPerMinute runs at once, and a run that tried a
+    // create holds its slot for a minute.
+    let trigger = definition.at(&["triggers", "When_there_are_messages_in_a_queue"]);
+    assert_eq!(
+        trigger.at(&["runtimeConfiguration", "concurrency", "runs"]),
+        &Value::Expr("startsPerMinute".into())
+    );
+    let pace = definition.action("Pace");
+    assert_eq!(pace.at(&["type"]).literal(), Some("Wait"));
+    assert_eq!(pace.at(&["inputs", "interval", "count"]), &Value::Num(60));
+    assert_eq!(
+        pace.at(&["inputs", "interval", "unit"]).literal(),
+        Some("Second")
+    );
+    assert_eq!(
+        pace.at(&["runAfter", "Create_group"]).items().len(),
+        3,
+        "the slot is held after every create, failed ones included"
+    );
 }
 
 #[test]
-fn cleanup_deletes_only_groups_the_worker_has_finished_with() {
+fn cleanup_deletes_every_ended_group_and_keeps_finished_groups_under_the_quota() {
     let bicep = Bicep::load(LOGIC_APP);
     let cleanup = workflow_definition("cleanup");
     let mut all = Vec::new();
@@ -2273,34 +2263,24 @@ fn cleanup_deletes_only_groups_the_worker_has_finished_with() {
     );
 
     // The verdict: a group that has not ended is never deleted (at most
-    // stopped after maxGroupAgeHours); an ended one only after the retention
-    // and only when the worker reported (exit 0 or 1) or it holds no message.
+    // stopped after maxGroupAgeHours); one that ended is deleted at once
+    // (after its abnormal end, if any, was reported: Report_abnormal_end
+    // reads the same lookup). Nothing needs it: its output is in Log
+    // Analytics, and attempts are the queue's dequeue count.
     let verdict = cleanup
         .action("Verdict")
         .at(&["inputs"])
         .template()
         .expect("Verdict")
         .to_owned();
-    let (ended, not_ended) = verdict
-        .strip_prefix("@if(outputs('Ended'), ")
-        .and_then(|rest| rest.split_once("'delete', 'keep'), "))
-        .unwrap_or_else(|| panic!("Verdict is not if(ended, delete-or-keep, ...): {verdict}"));
+    let not_ended = verdict
+        .strip_prefix("@if(outputs('Ended'), 'delete', ")
+        .unwrap_or_else(|| panic!("Verdict is not if(ended, 'delete', ...): {verdict}"));
     assert!(
         !not_ended.contains("'delete'"),
         "a running or pending group is never deleted"
     );
     assert!(not_ended.contains("${maxGroupAgeHours}") && not_ended.contains("'stop'"));
-    for needed in [
-        "contains(createArray(0, 1), outputs('Facts')?['exitCode'])",
-        "equals(outputs('Facts')?['role'], 'deliver')",
-        "empty(outputs('Facts')?['messageId'])",
-        "-${finishedRetentionHours}",
-    ] {
-        assert!(
-            ended.contains(needed),
-            "the delete condition lacks {needed}: {ended}"
-        );
-    }
     assert_eq!(
         cleanup.action("Ended").at(&["inputs"]).literal(),
         Some("@or(contains(createArray('Succeeded', 'Failed', 'Stopped'), outputs('Facts')?['state']), equals(outputs('Facts')?['provisioningState'], 'Failed'))")
@@ -2344,9 +2324,7 @@ fn cleanup_deletes_only_groups_the_worker_has_finished_with() {
         );
     }
 
-    // Timings: a group the worker ended with exit 1 (retry) is still there
-    // when its message comes back, so the trigger counts on from its tag;
-    // and the age limit never stops a task inside its own timeout.
+    // The age limit never stops a task inside its own timeout.
     let binary = binary_env_vars();
     let default_of = |name: &str| -> f64 {
         binary[name]
@@ -2355,16 +2333,6 @@ fn cleanup_deletes_only_groups_the_worker_has_finished_with() {
             .and_then(|d| d.parse().ok())
             .unwrap_or_else(|| panic!("{name} has no numeric default"))
     };
-    let attempts = bicep.param_int_default("maxDequeueCount") as f64;
-    let longest_retry_delay = default_of("WORKER_RETRY_DELAY") * 2f64.powf(attempts - 1.0);
-    let comes_back = longest_retry_delay
-        + bicep.param_int_default("visibilityTimeoutSeconds") as f64
-        + bicep.param_int_default("triggerIntervalSeconds") as f64;
-    let retention = bicep.param_int_default("finishedRetentionHours") as f64 * 3600.0;
-    assert!(
-        retention > comes_back,
-        "finishedRetentionHours ({retention} s) must outlast the return of a retried message ({comes_back} s)"
-    );
     let age_limit = bicep.param_int_default("maxGroupAgeHours") as f64 * 3600.0;
     let longest_task = bicep.param_int_default("visibilityTimeoutSeconds") as f64
         + default_of("WORKER_TASK_TIMEOUT")
@@ -2373,7 +2341,82 @@ fn cleanup_deletes_only_groups_the_worker_has_finished_with() {
         age_limit > longest_task,
         "maxGroupAgeHours would stop tasks within their timeout"
     );
+
+    // Capacity, against ACI's default quotas (infra/aci/README.md, capacity
+    // model): at the documented rate, finished groups waiting for the next
+    // cleanup run must not fill the group quota, and creates stay inside the
+    // create limits.
+    let recurrence = cleanup.at(&["triggers", "Every_few_minutes", "recurrence"]);
+    assert_eq!(recurrence.at(&["frequency"]).literal(), Some("Minute"));
+    assert_eq!(
+        recurrence.at(&["interval"]),
+        &Value::Expr("cleanupIntervalMinutes".into())
+    );
+    let trigger_every = bicep.param_int_default("cleanupIntervalMinutes") as f64;
+    let starts_per_minute = bicep.param_int_default("startsPerMinute") as f64;
+    let deliver_per_hour = 60.0 / bicep.param_int_default("deliverIntervalMinutes") as f64;
+    let tasks_per_hour = starts_per_minute * 60.0;
+    let finished = starts_per_minute * (trigger_every + CLEANUP_RUN_ALLOWANCE_MINUTES) + 1.0;
+    eprintln!(
+        "capacity: {tasks_per_hour} tasks per hour; at most {finished} finished groups wait for the cleanup"
+    );
+    assert!(
+        finished <= ACI_GROUP_QUOTA,
+        "at {tasks_per_hour} tasks per hour, {trigger_every} min between cleanup runs (+{CLEANUP_RUN_ALLOWANCE_MINUTES} min for a run) leave up to {finished} finished groups, above ACI's quota of {ACI_GROUP_QUOTA}"
+    );
+    assert!(
+        finished <= ACI_GROUP_QUOTA / 2.0,
+        "finished groups ({finished}) would take more than half of the quota of {ACI_GROUP_QUOTA} from running ones"
+    );
+    assert!(
+        tasks_per_hour + deliver_per_hour <= ACI_CREATES_PER_HOUR,
+        "{tasks_per_hour} task groups and {deliver_per_hour} deliver groups an hour exceed ACI's {ACI_CREATES_PER_HOUR} creates an hour"
+    );
+    assert!(
+        starts_per_minute * 5.0 + 1.0 <= ACI_CREATES_PER_5_MINUTES,
+        "creates in 5 minutes exceed ACI's {ACI_CREATES_PER_5_MINUTES}"
+    );
+    let main = Bicep::load("infra/aci/main.bicep");
+    for param in ["cleanupIntervalMinutes", "startsPerMinute"] {
+        assert_eq!(
+            main.param_int_default(param),
+            bicep.param_int_default(param),
+            "main.bicep's {param}"
+        );
+        assert_eq!(
+            main.module("logic-app-trigger.bicep")
+                .body
+                .at(&["params", param]),
+            &Value::Expr(param.into()),
+            "main.bicep passes {param}"
+        );
+    }
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/aci/README.md"))
+            .expect("infra/aci/README.md");
+    for figure in [
+        format!("{tasks_per_hour:.0} tasks per hour"),
+        format!("{ACI_GROUP_QUOTA:.0} container groups"),
+        format!("{ACI_CREATES_PER_HOUR:.0} creates per hour"),
+        format!("{ACI_CREATES_PER_5_MINUTES:.0} per 5 minutes"),
+        format!("{finished:.0} finished groups"),
+    ] {
+        assert!(
+            readme.contains(&figure),
+            "infra/aci/README.md's capacity model does not state `{figure}`"
+        );
+    }
 }
+
+/// ACI's default quotas per subscription and region ("Resource availability
+/// and quota limits for ACI", learn.microsoft.com/azure/container-instances/
+/// container-instances-resource-and-quota-limits): container groups
+/// (Standard SKU), creates an hour and in 5 minutes.
+const ACI_GROUP_QUOTA: f64 = 100.0;
+const ACI_CREATES_PER_HOUR: f64 = 300.0;
+const ACI_CREATES_PER_5_MINUTES: f64 = 100.0;
+/// One cleanup run: a list, then one GET per group, five at a time.
+const CLEANUP_RUN_ALLOWANCE_MINUTES: f64 = 3.0;
 
 #[test]
 fn abnormal_ends_are_reported_and_alerted() {
@@ -3577,6 +3620,126 @@ fn workflows_hold_least_privilege() {
     );
     for symbol in ["cleanup", "deliver"] {
         assert_retry_policies_inside_inputs(&logic, &workflow_definition(symbol), symbol);
+    }
+}
+
+/// Every workflow, by symbol.
+const WORKFLOWS: &[&str] = &["trigger", "cleanup", "deliver"];
+
+/// An action as text without the actions nested in it (those are checked on
+/// their own).
+fn own_text(action: &Value) -> String {
+    let mut own = action.clone();
+    if let Value::Object(entries) = &mut own {
+        entries.retain(|(k, _)| !["actions", "else", "cases", "default"].contains(&k.as_str()));
+    }
+    format!("{own:?}")
+}
+
+#[test]
+fn queue_rest_calls_carry_their_date_and_read_xml_as_text() {
+    // With an Entra ID token, Storage still wants x-ms-date (and answers 403
+    // without it); and its XML answers start with a byte-order mark, on which
+    // xml() may fail, so no workflow parses them with xml().
+    let bicep = Bicep::load(LOGIC_APP);
+    let mut calls = 0;
+    for workflow in WORKFLOWS {
+        let definition = workflow_definition(workflow);
+        let mut all = Vec::new();
+        actions_in(definition.at(&["actions"]), &mut all);
+        for (name, action) in &all {
+            let text = own_text(action);
+            assert!(
+                !text.contains("xml("),
+                "{workflow}: {name} parses Storage's answer with xml(), which may trip on its byte-order mark; \
+                 count the elements in string(body(...)) instead"
+            );
+            if action.at(&["type"]).literal() != Some("Http") {
+                continue;
+            }
+            let uri = action.at(&["inputs", "uri"]).template().unwrap_or_default();
+            if !uri.contains("primaryEndpoints.queue") {
+                continue;
+            }
+            calls += 1;
+            let headers = action
+                .at(&["inputs"])
+                .get("headers")
+                .map(|h| resolve(&bicep, h))
+                .unwrap_or_else(|| {
+                    panic!("{workflow}: {name} calls the Queue service without headers")
+                });
+            assert!(
+                headers.get("x-ms-version").is_some(),
+                "{workflow}: {name} calls the Queue service without x-ms-version"
+            );
+            let date = headers
+                .get("x-ms-date")
+                .and_then(Value::literal)
+                .unwrap_or_else(|| {
+                    panic!("{workflow}: {name} calls the Queue service without x-ms-date (Storage answers 403)")
+                });
+            assert_eq!(date, "@{formatDateTime(utcNow(), 'r')}", "RFC 1123");
+        }
+    }
+    assert!(calls >= 2, "the peeks of the cleanup and the drain");
+}
+
+#[test]
+fn actions_that_read_the_task_text_are_secured() {
+    // Logic Apps hides an action's inputs by itself only when they come from
+    // the (secure) trigger outputs directly, never its outputs, and a
+    // variable can never be secured. So: every action that reads the message
+    // text, or the output of an action that did, hides its inputs and
+    // outputs, and no variable ever holds it.
+    let bicep = Bicep::load(LOGIC_APP);
+    let secure = bicep.var("secureInputsAndOutputs");
+    for workflow in WORKFLOWS {
+        let definition = workflow_definition(workflow);
+        let mut all = Vec::new();
+        actions_in(definition.at(&["actions"]), &mut all);
+        let mut tainted: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let before = tainted.len();
+            for (name, action) in &all {
+                let text = own_text(action);
+                let reads = text.contains("MessageText")
+                    || tainted.iter().any(|t| {
+                        text.contains(&format!("outputs('{t}')"))
+                            || text.contains(&format!("body('{t}')"))
+                    });
+                if reads {
+                    tainted.insert(name.clone());
+                }
+            }
+            if tainted.len() == before {
+                break;
+            }
+        }
+        for name in &tainted {
+            let action = &all.iter().find(|(n, _)| n == name).expect("action").1;
+            let kind = action.at(&["type"]).literal().unwrap_or_default();
+            assert!(
+                kind != "InitializeVariable" && kind != "SetVariable",
+                "{workflow}: {name} puts the task text into a variable, which can never be secured"
+            );
+            let secured = match action.get("runtimeConfiguration") {
+                Some(v) => resolve(&bicep, v).get("secureData") == secure.get("secureData"),
+                None => false,
+            };
+            assert!(
+                secured,
+                "{workflow}: {name} reads the task text but does not secure its inputs and outputs \
+                 (runtimeConfiguration: secureInputsAndOutputs): anyone with Reader on the Logic App would see the task"
+            );
+        }
+        if *workflow == "trigger" {
+            assert_eq!(
+                tainted,
+                BTreeSet::from(["Create_group".to_owned()]),
+                "the create is the only action that reads the task text"
+            );
+        }
     }
 }
 

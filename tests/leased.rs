@@ -145,6 +145,45 @@ async fn the_last_attempt_poisons_verbatim_and_reports() {
     assert_eq!(c.poisoned().await, vec![h.text]);
 }
 
+// The Logic App hands every message over without validating it: what is no
+// valid task, and what was delivered more often than allowed, are the
+// worker's to poison, with the task.failed webhook only the worker can send.
+
+#[tokio::test]
+async fn an_invalid_task_is_poisoned_with_task_failed_to_the_salvaged_url() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "held-invalid").await;
+    let rx = Receiver::ok();
+    // A webhook URL can be read, the task type is missing.
+    let t = json!({"task_id": "t-invalid", "webhook_url": hook(&rx)});
+    let h = hand_over(&c, &t, Duration::from_secs(30)).await;
+    container(&c, &h, 1).run().assert_code(1);
+    let event = rx.recv(ARRIVAL).expect("webhook").json();
+    assert_eq!(event["type"], "task.failed", "{event:#}");
+    assert_eq!(event["data"]["task_id"], "t-invalid");
+    wait_gone(&c).await;
+    assert_eq!(c.poisoned().await, vec![h.text]);
+}
+
+#[tokio::test]
+async fn a_message_delivered_too_often_is_poisoned_before_it_runs() {
+    let az = Azurite::shared();
+    let c = Client::new(az, "held-exhausted").await;
+    let rx = Receiver::ok();
+    let t = task("t-exhausted", "echo", json!({}), Some(&hook(&rx)));
+    let h = hand_over(&c, &t, Duration::from_secs(30)).await;
+    let out = container(&c, &h, 4)
+        .env("WORKER_MAX_DEQUEUE_COUNT", "3")
+        .run();
+    out.assert_code(1);
+    assert_eq!(out.count_logs("task started"), 0, "{}", out.describe());
+    let event = rx.recv(ARRIVAL).expect("webhook").json();
+    assert_eq!(event["type"], "task.failed", "{event:#}");
+    assert_eq!(event["data"]["task_id"], "t-exhausted");
+    wait_gone(&c).await;
+    assert_eq!(c.poisoned().await, vec![h.text]);
+}
+
 #[tokio::test]
 async fn sigterm_releases_the_message_at_once() {
     let az = Azurite::shared();

@@ -1,42 +1,36 @@
 // Starts one Azure Container Instances group per queue message, and leaves the
 // message to the worker inside it: the message is deleted (or poisoned) only
 // once that worker has settled it, so a container that dies takes no task with
-// it (at-least-once, like the polling and Container Apps paths).
+// it (at-least-once, like the polling and Container Apps paths), and every
+// ending that owes the backend a webhook is the worker's, which sends it.
 //
-// Flow of one run (one run per message, `splitOn`):
+// Flow of one run (one run per message, `splitOn`; at most startsPerMinute
+// runs at once):
 //   trigger      "when there are messages in a queue" on <client>-tasks every
 //                30 s; the receive hides the message for `visibilityTimeoutSeconds`
-//                (30 min by default): long enough for the worst case of this run
-//                plus the start of the group, after which the worker in the group
-//                takes the lease over (tests/infra.rs checks that relation). The
-//                trigger's outputs are secure: they hold the pop receipt.
-//   Handle       decode (plain or base64 JSON), validate, derive the group name
-//                from the client and the sanitized task id, look the name up and
-//                decide:
-//                  absent                       -> create attempt 1
-//                  another task's group         -> NameCollision (poison)
-//                  running                      -> wait: leave the message; the
-//                                                  receive already hid it again
-//                  this message's earlier group,
-//                  not running (ended, or never
-//                  started)                     -> delete it, create attempt n+1
-//                                                  (n+1 = maxDequeueCount+1: the
-//                                                  worker poisons it, with the
-//                                                  task.failed webhook); after
-//                                                  that one: poison here
-//                  another message's group,
-//                  ended                        -> delete it, create attempt 1
-//                The group gets the message's coordinates (WORKER_MESSAGE_ID,
-//                WORKER_POP_RECEIPT, WORKER_DEQUEUE_COUNT) as secure values and
-//                the attempt and message id as tags (worker-attempt,
-//                worker-message-id): the tags are where attempts are counted.
+//                (30 min by default), after which the worker in the group holds
+//                the lease. The trigger's outputs are secure: they hold the
+//                message text and the pop receipt.
+//   Handle       Message: id, attempt (the queue's dequeue count, as job mode
+//                counts it), group name <client>-<message id> (unique: two
+//                tasks never share a group) and the last moment a group may be
+//                created; no action but the create reads the task text. Look
+//                the group up and decide:
+//                  absent                        -> create
+//                  running or pending            -> wait: leave the message; the
+//                                                   receive already hid it again
+//                  ended, or never started       -> report it if it ended
+//                                                   abnormally, delete it, create
+//                The group gets the message's text and coordinates
+//                (TASK_DATA, WORKER_MESSAGE_ID, WORKER_POP_RECEIPT,
+//                WORKER_DEQUEUE_COUNT) as secure values. Nothing is validated
+//                here: an invalid task, or one above WORKER_MAX_DEQUEUE_COUNT,
+//                is poisoned by the worker with a task.failed webhook.
 //   Settle       started or waiting: nothing (the message is not deleted here);
-//                invalid, name collision, attempts exhausted, or received
-//                4 x maxDequeueCount times: move the message verbatim to
-//                <client>-tasks-poison, delete it, fail the run (RunsFailed
-//                alert); any other failure (lookup, secrets, delete, create): fail
-//                the run and leave the message, which comes back after the
-//                visibility timeout.
+//                any failure (lookup, secrets, delete, create, or a run that
+//                started too late to hand over safely): fail the run
+//                (RunsFailed alert) and leave the message, which comes back
+//                after the visibility timeout as one more delivery.
 //
 // The worker in the group first renews the message's visibility with the pop
 // receipt it was given (taking the lease over; if that fails, another attempt
@@ -49,8 +43,8 @@
 // client id of their identity, so they can settle the message and write a
 // webhook they cannot deliver to the outbox <client>-webhooks. A second
 // workflow drains that outbox with a `worker deliver` group (see `deliver`
-// below), a third deletes finished groups (they count against the ACI quota)
-// and reports the ones that ended abnormally.
+// below), a third deletes groups as soon as they ended (they count against
+// the ACI quota) and reports the ones that ended abnormally.
 
 @minLength(2)
 @maxLength(20)
@@ -113,15 +107,21 @@ param maxDequeueCount int = 5
 @maxValue(15)
 param deliverIntervalMinutes int = 5
 
-@description('Groups the worker ended itself (exit 0 or 1) are deleted by the cleanup workflow this long after they finished.')
+@description('Minutes between two cleanup runs, which delete every group that has ended (and report the ones that ended abnormally). A finished group counts against the ACI quota until then.')
 @minValue(1)
-param finishedRetentionHours int = 2
+@maxValue(60)
+param cleanupIntervalMinutes int = 5
 
-@description('The hourly cleanup reports a backlog (and alert-<client>-worker-backlog fires) when a visible task message was inserted more than this many minutes ago: intake is stalled (trigger disabled or failing).')
+@description('Trigger runs at once; a run that tried a create holds its slot for a minute, so this is also the most groups created per minute (ACI allows 300 creates an hour and 100 in 5 minutes per subscription and region).')
+@minValue(1)
+@maxValue(5)
+param startsPerMinute int = 4
+
+@description('The cleanup reports a backlog (and alert-<client>-worker-backlog fires) when a visible task message was inserted more than this many minutes ago: intake is stalled (trigger disabled or failing).')
 @minValue(15)
 param backlogAlertMinutes int = 60
 
-@description('Groups still pending or running this long after their creation are stopped by the cleanup workflow (never deleted): the trigger replaces them as a failed attempt.')
+@description('Groups still pending or running this long after their creation are stopped by the cleanup workflow, which deletes them on its next run; their message comes back as one more delivery.')
 @minValue(2)
 param maxGroupAgeHours int = 12
 
@@ -129,11 +129,11 @@ var tasksQueueName = '${client}-tasks'
 var poisonQueueName = '${client}-tasks-poison'
 var webhooksQueueName = '${client}-webhooks'
 var deliverGroupName = '${client}-webhooks-deliver'
-// A message received this often without being settled goes to poison even if
-// no attempt was counted (a create that keeps failing, a lookup that keeps
-// failing): each receive hides it for visibilityTimeoutSeconds, so this is
-// hours of failed runs, each of which fired the RunsFailed alert.
-var receiveLimit = maxDequeueCount * 4
+// A run creates no group later than this before its message becomes visible
+// again: the create itself (two tries of at most 120 s, 5 s apart) plus the
+// group's start (pull, up to 300 s) fit in it, so the worker holds the lease
+// before any other run can receive the message. tests/infra.rs checks it.
+var handOverMarginSeconds = 600
 // Key Vault references in the group itself (properties.secretReferences,
 // env secureValueReference, resolved with a user-assigned identity) are in
 // the REST specification from 2025-09-01 on (Azure/azure-rest-api-specs,
@@ -145,6 +145,19 @@ var receiveLimit = maxDequeueCount * 4
 // check the bodies. infra/aci/README.md, Trade-offs, says what changes then.
 var aciApiVersion = '2023-05-01'
 var queueApiVersion = '2021-08-06'
+// Every Queue service REST call the workflows make with their managed
+// identity: the version, and the request time, which Storage requires with
+// an Entra ID token too and answers 403 without ("Authorize requests to Azure
+// Storage with Microsoft Entra ID" and the Logic Apps managed-identity page:
+// x-ms-date in RFC 1123 form).
+var queueHeaders = {
+  'x-ms-version': queueApiVersion
+  'x-ms-date': '@{formatDateTime(utcNow(), \'r\')}'
+}
+// Storage's XML answers start with a byte-order mark (Azurite#2603 shows the
+// same), on which xml() may fail. The peeks are read as text instead
+// (string() casts a non-JSON body to text) and counted by their elements:
+// sub(length(split(string(body(...)), '<QueueMessage>')), 1).
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 var queueDataReaderRoleId = '19e7f393-937e-4f77-808e-94535e297925'
 var secretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
@@ -193,16 +206,6 @@ var backgroundRetry = {
   count: 3
   interval: 'PT10S'
 }
-// Only on the poison path: a settled message is the worker's to delete.
-var deleteMessageInputs = {
-  host: queueHost
-  method: 'delete'
-  path: '${queuePath}/@{encodeURIComponent(\'${tasksQueueName}\')}/messages/@{encodeURIComponent(triggerBody()?[\'MessageId\'])}'
-  queries: {
-    popreceipt: '@triggerBody()?[\'PopReceipt\']'
-  }
-  retryPolicy: shortRetry
-}
 var secureInputsAndOutputs = {
   secureData: {
     properties: [
@@ -217,7 +220,6 @@ var secureInputsAndOutputs = {
 // the abnormalEndsAlert query reads.
 var abnormalEndTracked = {
   group: '@{action()[\'inputs\'][\'group\']}'
-  taskId: '@{action()[\'inputs\'][\'taskId\']}'
   messageId: '@{action()[\'inputs\'][\'messageId\']}'
   attempt: '@{action()[\'inputs\'][\'attempt\']}'
   state: '@{action()[\'inputs\'][\'state\']}'
@@ -231,7 +233,7 @@ AzureDiagnostics
 | where OperationName has "workflowActionCompleted"
 | where resource_actionName_s == "Report_abnormal_end" and status_s == "Succeeded"
 | project TimeGenerated, workflow = resource_workflowName_s, run = resource_runId_s,
-          group = trackedProperties_group_s, task_id = trackedProperties_taskId_s,
+          group = trackedProperties_group_s,
           message_id = trackedProperties_messageId_s, attempt = trackedProperties_attempt_s,
           state = trackedProperties_state_s, exit_code = trackedProperties_exitCode_s,
           detail = trackedProperties_detail_s, verdict = trackedProperties_verdict_s
@@ -296,6 +298,11 @@ resource queueConnection 'Microsoft.Web/connections@2016-06-01' = {
   name: 'azurequeues-${client}'
   location: location
   tags: tags
+  // As in Microsoft's sample for a managed-identity API connection of a
+  // Consumption workflow ("Authenticate access with managed identities",
+  // Logic Apps): a V1 connection.
+  #disable-next-line BCP187
+  kind: 'V1'
   properties: {
     displayName: 'Queues of ${storageAccountName} (managed identity)'
     api: {
@@ -347,14 +354,25 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
               visibilitytimeout: string(visibilityTimeoutSeconds)
             }
           }
-          // Each message carries its pop receipt (MessageId, PopReceipt,
-          // DequeueCount, MessageText): keep it out of the run history. The
-          // inputs of actions that read the trigger's outputs are hidden too.
-          runtimeConfiguration: secureInputsAndOutputs
+          // Each message carries its text and pop receipt (MessageId,
+          // PopReceipt, DequeueCount, MessageText): keep them out of the run
+          // history. The inputs of actions that read the trigger's outputs
+          // are hidden too. At most startsPerMinute runs at once: see Pace.
+          runtimeConfiguration: {
+            secureData: {
+              properties: [
+                'inputs'
+                'outputs'
+              ]
+            }
+            concurrency: {
+              runs: startsPerMinute
+            }
+          }
         }
       }
       actions: {
-        // Permanent until the message is known to be a valid task; every
+        // Transient until an attempt was started or found running; every
         // later step sets what the run ended with.
         Init_outcome: {
           type: 'InitializeVariable'
@@ -364,24 +382,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
               {
                 name: 'outcome'
                 type: 'string'
-                value: 'InvalidTask'
-              }
-            ]
-          }
-        }
-        Init_task_text: {
-          type: 'InitializeVariable'
-          runAfter: {
-            Init_outcome: [
-              'Succeeded'
-            ]
-          }
-          inputs: {
-            variables: [
-              {
-                name: 'taskText'
-                type: 'string'
-                value: '@{trim(coalesce(triggerBody()?[\'MessageText\'], \'\'))}'
+                value: 'LookupFailed'
               }
             ]
           }
@@ -389,7 +390,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
         Init_start: {
           type: 'InitializeVariable'
           runAfter: {
-            Init_task_text: [
+            Init_outcome: [
               'Succeeded'
             ]
           }
@@ -428,151 +429,30 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             ]
           }
           actions: {
-            // The same rule as the worker's decoder: a JSON envelope starts
-            // with `{`, which is not a base64 character.
-            If_base64: {
-              type: 'If'
+            // Visible, without the task: message id, attempt (dequeue count),
+            // group (one per message id: unique, unlike sanitized task ids),
+            // createBy (see handOverMarginSeconds). Inputs hidden (they read
+            // the trigger); the outputs hold no task data.
+            Message: {
+              type: 'Compose'
               runAfter: {}
-              expression: {
-                and: [
-                  {
-                    not: {
-                      startsWith: [
-                        '@variables(\'taskText\')'
-                        '{'
-                      ]
-                    }
-                  }
-                ]
-              }
-              actions: {
-                Decode_base64: {
-                  type: 'Compose'
-                  runAfter: {}
-                  inputs: '@base64ToString(variables(\'taskText\'))'
-                }
-                Use_decoded_text: {
-                  type: 'SetVariable'
-                  runAfter: {
-                    Decode_base64: [
-                      'Succeeded'
-                    ]
-                  }
-                  inputs: {
-                    name: 'taskText'
-                    value: '@{outputs(\'Decode_base64\')}'
-                  }
-                }
-              }
-              else: {
-                actions: {}
-              }
-            }
-            Parse_task: {
-              type: 'ParseJson'
-              runAfter: {
-                If_base64: [
-                  'Succeeded'
-                ]
-              }
               inputs: {
-                content: '@json(variables(\'taskText\'))'
-                schema: {
-                  type: 'object'
-                  required: [
-                    'task_id'
-                    'task_type'
-                  ]
-                  properties: {
-                    task_id: {
-                      type: 'string'
-                      minLength: 1
-                      // At least one character survives sanitizing.
-                      pattern: '[A-Za-z0-9]'
-                    }
-                    task_type: {
-                      type: 'string'
-                      minLength: 1
-                    }
-                    payload: {}
-                    webhook_url: {
-                      type: [
-                        'string'
-                        'null'
-                      ]
-                    }
-                  }
-                }
-              }
-            }
-            // Group name: <client>-<task id>, lowercased, every character
-            // outside [a-z0-9] replaced by `-`, hyphen runs collapsed, cut to
-            // 63 characters, no trailing hyphen. Deterministic, so every
-            // delivery of a task finds the group of its earlier attempt.
-            Lower_task_id: {
-              type: 'Compose'
-              runAfter: {
-                Parse_task: [
-                  'Succeeded'
-                ]
-              }
-              inputs: '@toLower(take(body(\'Parse_task\')?[\'task_id\'], 80))'
-            }
-            Task_id_chars: {
-              type: 'Select'
-              runAfter: {
-                Lower_task_id: [
-                  'Succeeded'
-                ]
-              }
-              inputs: {
-                from: '@range(0, length(outputs(\'Lower_task_id\')))'
-                select: '@if(contains(\'abcdefghijklmnopqrstuvwxyz0123456789\', substring(outputs(\'Lower_task_id\'), item(), 1)), substring(outputs(\'Lower_task_id\'), item(), 1), \'-\')'
-              }
-            }
-            Group_name_raw: {
-              type: 'Compose'
-              runAfter: {
-                Task_id_chars: [
-                  'Succeeded'
-                ]
-              }
-              // Seven passes collapse any run of up to 81 hyphens.
-              inputs: '@take(replace(replace(replace(replace(replace(replace(replace(concat(\'${client}-\', join(body(\'Task_id_chars\'), \'\')), \'--\', \'-\'), \'--\', \'-\'), \'--\', \'-\'), \'--\', \'-\'), \'--\', \'-\'), \'--\', \'-\'), \'--\', \'-\'), 63)'
-            }
-            Group_name: {
-              type: 'Compose'
-              runAfter: {
-                Group_name_raw: [
-                  'Succeeded'
-                ]
-              }
-              inputs: '@if(endsWith(outputs(\'Group_name_raw\'), \'-\'), substring(outputs(\'Group_name_raw\'), 0, sub(length(outputs(\'Group_name_raw\')), 1)), outputs(\'Group_name_raw\'))'
-            }
-            // A valid task from here on: whatever fails now is transient and
-            // leaves the message for a later run.
-            Mark_valid: {
-              type: 'SetVariable'
-              runAfter: {
-                Group_name: [
-                  'Succeeded'
-                ]
-              }
-              inputs: {
-                name: 'outcome'
-                value: 'LookupFailed'
+                id: '@{triggerBody()?[\'MessageId\']}'
+                attempt: '@int(coalesce(triggerBody()?[\'DequeueCount\'], \'1\'))'
+                group: '@{concat(\'${client}-\', toLower(triggerBody()?[\'MessageId\']))}'
+                createBy: '@{addSeconds(trigger()?[\'startTime\'], ${visibilityTimeoutSeconds - handOverMarginSeconds})}'
               }
             }
             Look_up_group: {
               type: 'Http'
               runAfter: {
-                Mark_valid: [
+                Message: [
                   'Succeeded'
                 ]
               }
               inputs: {
                 method: 'GET'
-                uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
+                uri: '${groupsUrl}/@{outputs(\'Message\')?[\'group\']}?api-version=${aciApiVersion}'
                 authentication: armAuth
                 retryPolicy: shortRetry
               }
@@ -582,7 +462,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             Get_WORKER_WEBHOOK_SECRET: {
               type: 'Http'
               runAfter: {
-                Mark_valid: [
+                Message: [
                   'Succeeded'
                 ]
               }
@@ -597,7 +477,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             Get_SUPABASE_KEY: {
               type: 'Http'
               runAfter: {
-                Mark_valid: [
+                Message: [
                   'Succeeded'
                 ]
               }
@@ -612,7 +492,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
             Get_OPENAI_API_KEY: {
               type: 'Http'
               runAfter: {
-                Mark_valid: [
+                Message: [
                   'Succeeded'
                 ]
               }
@@ -655,19 +535,16 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
               }
               inputs: {
                 status: '@coalesce(outputs(\'Look_up_group\')?[\'statusCode\'], 0)'
-                sameTask: '@equals(body(\'Look_up_group\')?[\'tags\']?[\'worker-task-id\'], take(body(\'Parse_task\')?[\'task_id\'], 256))'
-                sameMessage: '@equals(body(\'Look_up_group\')?[\'tags\']?[\'worker-message-id\'], triggerBody()?[\'MessageId\'])'
-                attempt: '@int(coalesce(body(\'Look_up_group\')?[\'tags\']?[\'worker-attempt\'], \'0\'))'
                 state: '@{body(\'Look_up_group\')?[\'properties\']?[\'instanceView\']?[\'state\']}'
                 provisioningState: '@{body(\'Look_up_group\')?[\'properties\']?[\'provisioningState\']}'
                 // -1: no exit code (the container never ran, or is running).
                 exitCode: '@coalesce(body(\'Look_up_group\')?[\'properties\']?[\'containers\']?[0]?[\'properties\']?[\'instanceView\']?[\'currentState\']?[\'exitCode\'], -1)'
               }
             }
-            // One word for what to do. A running group is never touched (the
-            // duplicates guard). This message's earlier group that is not
-            // running can never settle it (this receive made its pop receipt
-            // stale), so it is replaced, whether it ended or never started.
+            // Late (past createBy): touch nothing. Running or pending: never
+            // touched (duplicates guard). Ended or never started: replaced
+            // (this receive made its pop receipt stale). Nothing poisons
+            // here: the worker does, with task.failed (see the file's head).
             Decision: {
               type: 'Compose'
               runAfter: {
@@ -675,25 +552,12 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                   'Succeeded'
                 ]
               }
-              inputs: '@if(greater(int(coalesce(triggerBody()?[\'DequeueCount\'], \'0\')), ${receiveLimit}), \'ReceiveLimit\', if(equals(outputs(\'Previous\')?[\'status\'], 404), \'create\', if(not(equals(outputs(\'Previous\')?[\'status\'], 200)), \'LookupFailed\', if(not(outputs(\'Previous\')?[\'sameTask\']), \'NameCollision\', if(equals(outputs(\'Previous\')?[\'state\'], \'Running\'), \'wait\', if(outputs(\'Previous\')?[\'sameMessage\'], if(greater(outputs(\'Previous\')?[\'attempt\'], ${maxDequeueCount}), \'AttemptsExhausted\', \'replace\'), if(or(contains(createArray(\'Succeeded\', \'Failed\', \'Stopped\'), outputs(\'Previous\')?[\'state\']), equals(outputs(\'Previous\')?[\'provisioningState\'], \'Failed\')), \'replace\', \'wait\')))))))'
-            }
-            // The next attempt of this message, or 1. Attempt maxDequeueCount
-            // + 1 runs nothing: its worker poisons the message and sends
-            // task.failed (job mode's rule for a message delivered too often);
-            // if that attempt dies too, Settle poisons without a webhook.
-            Next_attempt: {
-              type: 'Compose'
-              runAfter: {
-                Decision: [
-                  'Succeeded'
-                ]
-              }
-              inputs: '@if(and(equals(outputs(\'Previous\')?[\'status\'], 200), outputs(\'Previous\')?[\'sameMessage\']), add(outputs(\'Previous\')?[\'attempt\'], 1), 1)'
+              inputs: '@if(greaterOrEquals(ticks(utcNow()), ticks(outputs(\'Message\')?[\'createBy\'])), \'Late\', if(equals(outputs(\'Previous\')?[\'status\'], 404), \'create\', if(not(equals(outputs(\'Previous\')?[\'status\'], 200)), \'LookupFailed\', if(or(contains(createArray(\'Succeeded\', \'Failed\', \'Stopped\'), outputs(\'Previous\')?[\'state\']), equals(outputs(\'Previous\')?[\'provisioningState\'], \'Failed\')), \'replace\', \'wait\'))))'
             }
             Route: {
               type: 'Switch'
               runAfter: {
-                Next_attempt: [
+                Decision: [
                   'Succeeded'
                 ]
               }
@@ -740,7 +604,6 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                           runAfter: {}
                           inputs: {
                             group: '@{body(\'Look_up_group\')?[\'name\']}'
-                            taskId: '@{body(\'Look_up_group\')?[\'tags\']?[\'worker-task-id\']}'
                             messageId: '@{body(\'Look_up_group\')?[\'tags\']?[\'worker-message-id\']}'
                             attempt: '@{body(\'Look_up_group\')?[\'tags\']?[\'worker-attempt\']}'
                             state: '@{body(\'Look_up_group\')?[\'properties\']?[\'instanceView\']?[\'state\']}'
@@ -762,7 +625,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                       runAfter: {}
                       inputs: {
                         method: 'DELETE'
-                        uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
+                        uri: '${groupsUrl}/@{outputs(\'Message\')?[\'group\']}?api-version=${aciApiVersion}'
                         authentication: armAuth
                         retryPolicy: shortRetry
                       }
@@ -850,24 +713,32 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                       true
                     ]
                   }
+                  {
+                    less: [
+                      '@ticks(utcNow())'
+                      '@ticks(outputs(\'Message\')?[\'createBy\'])'
+                    ]
+                  }
                 ]
               }
               actions: {
+                // The only action that reads the task text: secure, so the
+                // run history never shows it (nor the pop receipt, nor the
+                // secrets).
                 Create_group: {
                   type: 'Http'
                   runAfter: {}
                   runtimeConfiguration: secureInputsAndOutputs
                   inputs: {
                     method: 'PUT'
-                    uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
+                    uri: '${groupsUrl}/@{outputs(\'Message\')?[\'group\']}?api-version=${aciApiVersion}'
                     authentication: armAuth
                     retryPolicy: shortRetry
                     body: {
                       location: location
                       tags: union(workerTags, {
-                        'worker-task-id': '@{take(body(\'Parse_task\')?[\'task_id\'], 256)}'
-                        'worker-message-id': '@{triggerBody()?[\'MessageId\']}'
-                        'worker-attempt': '@{outputs(\'Next_attempt\')}'
+                        'worker-message-id': '@{outputs(\'Message\')?[\'id\']}'
+                        'worker-attempt': '@{outputs(\'Message\')?[\'attempt\']}'
                         'worker-created': '@{utcNow()}'
                       })
                       identity: {
@@ -918,7 +789,7 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                                 }
                                 {
                                   name: 'WORKER_DEQUEUE_COUNT'
-                                  secureValue: '@{outputs(\'Next_attempt\')}'
+                                  secureValue: '@{outputs(\'Message\')?[\'attempt\']}'
                                 }
                                 {
                                   name: 'WORKER_MAX_DEQUEUE_COUNT'
@@ -1001,10 +872,30 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                     value: 'CreateFailed'
                   }
                 }
+                // The create rate: startsPerMinute runs at once (trigger
+                // concurrency), each holding its slot a minute after a
+                // create: at most startsPerMinute creates a minute (ACI: 300
+                // an hour, 100 in 5 minutes). Other runs wait for a slot.
+                Pace: {
+                  type: 'Wait'
+                  runAfter: {
+                    Create_group: [
+                      'Succeeded'
+                      'Failed'
+                      'TimedOut'
+                    ]
+                  }
+                  inputs: {
+                    interval: {
+                      count: 60
+                      unit: 'Second'
+                    }
+                  }
+                }
               }
               else: {
                 actions: {
-                  If_secrets_missing: {
+                  If_not_created: {
                     type: 'If'
                     runAfter: {}
                     expression: {
@@ -1018,12 +909,12 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
                       ]
                     }
                     actions: {
-                      Mark_secrets_failed: {
+                      Mark_not_created: {
                         type: 'SetVariable'
                         runAfter: {}
                         inputs: {
                           name: 'outcome'
-                          value: 'SecretsFailed'
+                          value: '@{if(equals(variables(\'secretsRead\'), true), \'Late\', \'SecretsFailed\')}'
                         }
                       }
                     }
@@ -1037,8 +928,9 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
           }
         }
         // Started or waiting: the message is the worker's (or comes back
-        // later); nothing to do here. Poison only what can never succeed, or
-        // has had its attempts; leave everything else for a later run.
+        // later). Anything else fails the run and leaves the message, which
+        // comes back after the visibility timeout. Nothing is deleted or
+        // poisoned here: every ending with a webhook is the worker's.
         Settle: {
           type: 'If'
           runAfter: {
@@ -1052,124 +944,30 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
           expression: {
             and: [
               {
-                contains: [
-                  '@createArray(\'InvalidTask\', \'NameCollision\', \'AttemptsExhausted\', \'ReceiveLimit\')'
-                  '@variables(\'outcome\')'
-                ]
+                not: {
+                  contains: [
+                    '@createArray(\'Started\', \'Waiting\')'
+                    '@variables(\'outcome\')'
+                  ]
+                }
               }
             ]
           }
           actions: {
-            Move_to_poison: {
-              type: 'ApiConnection'
-              runAfter: {}
-              inputs: {
-                host: queueHost
-                method: 'post'
-                path: '${queuePath}/@{encodeURIComponent(\'${poisonQueueName}\')}/messages'
-                body: '@triggerBody()?[\'MessageText\']'
-                retryPolicy: shortRetry
-              }
-            }
-            Delete_poisoned_message: {
-              type: 'ApiConnection'
-              runAfter: {
-                Move_to_poison: [
-                  'Succeeded'
-                ]
-              }
-              inputs: deleteMessageInputs
-            }
-            // The last attempt's group: its message is settled now.
-            If_exhausted: {
-              type: 'If'
-              runAfter: {
-                Delete_poisoned_message: [
-                  'Succeeded'
-                ]
-              }
-              expression: {
-                and: [
-                  {
-                    equals: [
-                      '@variables(\'outcome\')'
-                      'AttemptsExhausted'
-                    ]
-                  }
-                ]
-              }
-              actions: {
-                Delete_exhausted_group: {
-                  type: 'Http'
-                  runAfter: {}
-                  inputs: {
-                    method: 'DELETE'
-                    uri: '${groupsUrl}/@{outputs(\'Group_name\')}?api-version=${aciApiVersion}'
-                    authentication: armAuth
-                    retryPolicy: shortRetry
-                  }
-                  limit: {
-                    timeout: 'PT1M'
-                  }
-                }
-              }
-              else: {
-                actions: {}
-              }
-            }
-            Fail_run: {
+            Keep_for_later: {
               type: 'Terminate'
-              runAfter: {
-                If_exhausted: [
-                  'Succeeded'
-                  'Failed'
-                  'TimedOut'
-                ]
-              }
+              runAfter: {}
               inputs: {
                 runStatus: 'Failed'
                 runError: {
                   code: '@{variables(\'outcome\')}'
-                  message: 'Message @{triggerBody()?[\'MessageId\']} moved to ${poisonQueueName}: invalid task (InvalidTask), another task\'s group under its name (NameCollision), ${maxDequeueCount} attempts and the poisoning one all ended without settling (AttemptsExhausted), or received ${receiveLimit} times (ReceiveLimit).'
+                  message: 'Message @{triggerBody()?[\'MessageId\']} stays in ${tasksQueueName} and is received again after ${visibilityTimeoutSeconds} s (one more delivery): the group lookup (LookupFailed), a Key Vault read (SecretsFailed), deleting the earlier group (DeleteFailed) or the create (CreateFailed: quota, rate, image) failed, or the run started too late to hand the message over safely (Late); see the Handle scope.'
                 }
               }
             }
           }
           else: {
-            actions: {
-              If_not_started: {
-                type: 'If'
-                runAfter: {}
-                expression: {
-                  and: [
-                    {
-                      not: {
-                        contains: [
-                          '@createArray(\'Started\', \'Waiting\')'
-                          '@variables(\'outcome\')'
-                        ]
-                      }
-                    }
-                  ]
-                }
-                actions: {
-                  Keep_for_later: {
-                    type: 'Terminate'
-                    runAfter: {}
-                    inputs: {
-                      runStatus: 'Failed'
-                      runError: {
-                        code: '@{variables(\'outcome\')}'
-                        message: 'Message @{triggerBody()?[\'MessageId\']} stays in ${tasksQueueName} and is received again after ${visibilityTimeoutSeconds} s: the group lookup (LookupFailed), a Key Vault read (SecretsFailed), deleting the earlier group (DeleteFailed) or the create (CreateFailed) failed; see the Handle scope.'
-                      }
-                    }
-                  }
-                }
-                else: {
-                  actions: {}
-                }
-              }
-            }
+            actions: {}
           }
         }
       }
@@ -1197,19 +995,20 @@ resource trigger 'Microsoft.Logic/workflows@2019-05-01' = {
   }
 }
 
-// Every hour: deletes the groups the worker has finished with, stops groups
-// that overran, and reports every group that ended without the worker's own
-// report (run history: Report_abnormal_end; Log Analytics: abnormalEndsAlert).
+// Every cleanupIntervalMinutes: deletes every group that has ended, stops
+// groups that overran, and reports every group that ended without the
+// worker's own report (run history: Report_abnormal_end; Log Analytics:
+// abnormalEndsAlert) before deleting it.
 //
-// Delete only when nothing can still need the group: it ended, finished more
-// than finishedRetentionHours ago, and either the worker reported (exit 0:
-// succeeded and deleted its message; exit 1: retried, poisoned or released its
-// message, or found the lease taken), or it holds no task message (the
-// deliver group, a manual test group, a group created before messages were
-// handed over). A group that ended abnormally (OOM 137, killed, never started)
-// is left: its message comes back and the trigger, which counts attempts in
-// that group's tags, replaces it. A group still pending or running after
-// maxGroupAgeHours is stopped, not deleted, so it becomes such an attempt.
+// Nothing needs an ended group any more: its output is in Log Analytics
+// already, and attempts are the queue's dequeue count, not a tag, so the next
+// attempt of its message (if any) starts afresh under the same name. Deleting
+// at once keeps finished groups from filling ACI's group quota (100 per
+// subscription and region by default): at startsPerMinute creates a minute,
+// at most startsPerMinute x (cleanupIntervalMinutes + a run) finished groups
+// exist at any moment (tests/infra.rs checks it against the quota). A group
+// still pending or running after maxGroupAgeHours is stopped, so it ends like
+// a killed container and is deleted by the next run.
 resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
   name: 'la-${client}-worker-cleanup'
   location: location
@@ -1224,11 +1023,16 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
       contentVersion: '1.0.0.0'
       parameters: {}
       triggers: {
-        Every_hour: {
+        Every_few_minutes: {
           type: 'Recurrence'
           recurrence: {
-            frequency: 'Hour'
-            interval: 1
+            frequency: 'Minute'
+            interval: cleanupIntervalMinutes
+          }
+          runtimeConfiguration: {
+            concurrency: {
+              runs: 1
+            }
           }
         }
       }
@@ -1247,9 +1051,7 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
           inputs: {
             method: 'GET'
             uri: '${storage.properties.primaryEndpoints.queue}${tasksQueueName}/messages?peekonly=true&numofmessages=32'
-            headers: {
-              'x-ms-version': queueApiVersion
-            }
+            headers: queueHeaders
             authentication: storageAuth
             retryPolicy: backgroundRetry
           }
@@ -1262,9 +1064,9 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
             ]
           }
           inputs: {
-            visible: '@xpath(xml(body(\'Peek_tasks\')), \'count(/QueueMessagesList/QueueMessage)\')'
+            visible: '@sub(length(split(string(body(\'Peek_tasks\')), \'<QueueMessage>\')), 1)'
             // RFC 1123 (Queue service REST API, Peek Messages); '' when empty.
-            oldest: '@xpath(xml(body(\'Peek_tasks\')), \'string(/QueueMessagesList/QueueMessage[1]/InsertionTime)\')'
+            oldest: '@{first(split(first(skip(split(concat(string(body(\'Peek_tasks\')), \'<InsertionTime>\'), \'<InsertionTime>\'), 1)), \'</InsertionTime>\'))}'
           }
         }
         If_backlog: {
@@ -1398,7 +1200,7 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                   'Succeeded'
                 ]
               }
-              inputs: '@if(outputs(\'Ended\'), if(and(less(ticks(coalesce(outputs(\'Facts\')?[\'finishTime\'], outputs(\'Facts\')?[\'created\'], utcNow())), ticks(addHours(utcNow(), -${finishedRetentionHours}))), or(contains(createArray(0, 1), outputs(\'Facts\')?[\'exitCode\']), equals(outputs(\'Facts\')?[\'role\'], \'deliver\'), empty(outputs(\'Facts\')?[\'messageId\']))), \'delete\', \'keep\'), if(less(ticks(coalesce(outputs(\'Facts\')?[\'created\'], utcNow())), ticks(addHours(utcNow(), -${maxGroupAgeHours}))), \'stop\', \'keep\'))'
+              inputs: '@if(outputs(\'Ended\'), \'delete\', if(less(ticks(coalesce(outputs(\'Facts\')?[\'created\'], utcNow())), ticks(addHours(utcNow(), -${maxGroupAgeHours}))), \'stop\', \'keep\'))'
             }
             If_abnormal: {
               type: 'If'
@@ -1441,7 +1243,6 @@ resource cleanup 'Microsoft.Logic/workflows@2019-05-01' = {
                   runAfter: {}
                   inputs: {
                     group: '@{body(\'Get_group\')?[\'name\']}'
-                    taskId: '@{body(\'Get_group\')?[\'tags\']?[\'worker-task-id\']}'
                     messageId: '@{body(\'Get_group\')?[\'tags\']?[\'worker-message-id\']}'
                     attempt: '@{body(\'Get_group\')?[\'tags\']?[\'worker-attempt\']}'
                     state: '@{body(\'Get_group\')?[\'properties\']?[\'instanceView\']?[\'state\']}'
@@ -1620,9 +1421,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
           inputs: {
             method: 'GET'
             uri: '${storage.properties.primaryEndpoints.queue}${webhooksQueueName}/messages?peekonly=true&numofmessages=1'
-            headers: {
-              'x-ms-version': queueApiVersion
-            }
+            headers: queueHeaders
             authentication: storageAuth
             retryPolicy: backgroundRetry
           }
@@ -1650,7 +1449,7 @@ resource deliver 'Microsoft.Logic/workflows@2019-05-01' = {
                     and: [
                       {
                         greater: [
-                          '@xpath(xml(body(\'Peek_outbox\')), \'count(/QueueMessagesList/QueueMessage)\')'
+                          '@sub(length(split(string(body(\'Peek_outbox\')), \'<QueueMessage>\')), 1)'
                           0
                         ]
                       }
@@ -2217,7 +2016,7 @@ resource failedRunsAlert 'Microsoft.Insights/metricAlerts@2018-03-01' = {
   location: 'global'
   tags: tags
   properties: {
-    description: 'A trigger run failed: its message was moved to ${poisonQueueName} (error code InvalidTask, NameCollision, AttemptsExhausted, ReceiveLimit) or left in ${tasksQueueName} for a later run (LookupFailed, SecretsFailed, DeleteFailed, CreateFailed).'
+    description: 'A trigger run failed: its message stays in ${tasksQueueName} for a later run (error code LookupFailed, SecretsFailed, DeleteFailed, CreateFailed, Late); each such receive counts as a delivery.'
     severity: 2
     enabled: true
     scopes: [
@@ -2366,7 +2165,7 @@ resource abnormalEndsAlert 'Microsoft.Insights/scheduledQueryRules@2022-06-15' =
   tags: tags
   properties: {
     displayName: 'alert-${client}-worker-abnormal-ends'
-    description: 'A task container ended without settling its message (OOM or kill: exit 137; image pull or start failure: no exit code; stopped after ${maxGroupAgeHours} h). Its message comes back and runs again, up to ${maxDequeueCount} attempts; then it goes to ${poisonQueueName}.'
+    description: 'A task container ended without settling its message (OOM or kill: exit 137; image pull or start failure: no exit code; stopped after ${maxGroupAgeHours} h). Its message comes back and runs again; above ${maxDequeueCount} deliveries the worker moves it to ${poisonQueueName} with a task.failed webhook.'
     severity: 2
     enabled: true
     scopes: [
@@ -2397,7 +2196,7 @@ resource abnormalEndsAlert 'Microsoft.Insights/scheduledQueryRules@2022-06-15' =
   }
 }
 
-// Intake stalled: the hourly cleanup found a task message waiting, visible,
+// Intake stalled: the cleanup found a task message waiting, visible,
 // for longer than backlogAlertMinutes. The usual cause is a redeployment that
 // disabled the trigger (triggerState) or a trigger that cannot read the queue.
 resource backlogAlert 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {

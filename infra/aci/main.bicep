@@ -77,13 +77,19 @@ param triggerIntervalSeconds int = 30
 @maxValue(15)
 param deliverIntervalMinutes int = 5
 
-@description('alert-<client>-worker-backlog fires when a visible task message was inserted more than this many minutes ago (the hourly cleanup looks): intake is stalled.')
+@description('alert-<client>-worker-backlog fires when a visible task message was inserted more than this many minutes ago (the cleanup looks every cleanupIntervalMinutes): intake is stalled.')
 @minValue(15)
 param backlogAlertMinutes int = 60
 
-@description('Container groups the worker ended itself (exit 0 or 1) are deleted this many hours after they finished; groups that ended abnormally stay for the next attempt.')
+@description('Minutes between two runs of the cleanup workflow, which deletes every container group that has ended (each counts against the ACI group quota until then).')
 @minValue(1)
-param finishedRetentionHours int = 2
+@maxValue(60)
+param cleanupIntervalMinutes int = 5
+
+@description('Trigger runs at once, and so task groups created per minute at most (ACI: 300 creates an hour, 100 in 5 minutes, per subscription and region).')
+@minValue(1)
+@maxValue(5)
+param startsPerMinute int = 4
 
 @secure()
 @description('SUPABASE_KEY for exec handlers (any non-empty placeholder when unused).')
@@ -234,7 +240,8 @@ module trigger 'logic-app-trigger.bicep' = {
     visibilityTimeoutSeconds: visibilityTimeoutSeconds
     maxDequeueCount: maxDequeueCount
     deliverIntervalMinutes: deliverIntervalMinutes
-    finishedRetentionHours: finishedRetentionHours
+    cleanupIntervalMinutes: cleanupIntervalMinutes
+    startsPerMinute: startsPerMinute
     backlogAlertMinutes: backlogAlertMinutes
   }
 }

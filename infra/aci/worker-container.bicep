@@ -65,7 +65,6 @@ module group '../modules/container-group.bicep' = {
     tags: {
       'managed-by': 'worker-task'
       'worker-client': client
-      'worker-task-id': 'manual'
       'worker-created': createdAt
     }
     image: '${registry.properties.loginServer}/worker:${imageTag}'

@@ -80,7 +80,7 @@ entries
 | summarize task_seconds = sum(toreal(log.duration_ms)) / 1000.0 by day = bin(TimeGenerated, 1d), task_type = tostring(log.span.task_type)
 | order by day desc
 '''
-// The hourly backlog report of the ACI cleanup workflow (visible task
+// The backlog report of the ACI cleanup workflow (visible task
 // messages and the oldest insertion time, when one waits too long).
 var backlogQuery = '''
 AzureDiagnostics

@@ -36,6 +36,9 @@
 //! - [`connection`]: connection strings and endpoints.
 //! - [`shared_key`]: the Shared Key signing and SAS pipeline policies.
 //! - [`names`]: queue names: the per-client tasks, poison and outbox queues, Azure's rules.
+//! - `startup`: patience with a managed identity whose endpoint is not ready
+//!   when the container starts (token and connection failures are retried for
+//!   `WORKER_IDENTITY_WAIT` until the service first answers).
 
 mod blob;
 pub mod connection;
@@ -45,6 +48,7 @@ mod operations;
 mod service;
 mod settings;
 pub mod shared_key;
+mod startup;
 
 pub use blob::ClaimStore;
 pub use error::{describe_azure_error, QueueError};
@@ -52,3 +56,4 @@ pub use names::{poison_queue, tasks_queue, validate_queue_name, webhooks_queue};
 pub use operations::{Message, PeekedMessage, Queue, SentMessage, MAX_BATCH, MAX_VISIBILITY};
 pub use service::{QueueService, CONNECT_TIMEOUT, REQUEST_TIMEOUT, SDK_RETRIES};
 pub use settings::{StorageSettings, ACCOUNT_VAR, CLIENT_ID_VAR, QUEUE_ENDPOINT_VAR};
+pub use startup::IDENTITY_WAIT_VAR;

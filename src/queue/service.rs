@@ -16,6 +16,7 @@ use super::names::validate_queue_name;
 use super::operations::Queue;
 use super::settings::{StorageSettings, ACCOUNT_VAR, CLIENT_ID_VAR, QUEUE_ENDPOINT_VAR};
 use super::shared_key::{SasPolicy, SharedKeyPolicy};
+use super::startup::StartupPatience;
 use crate::secret::Secret;
 
 /// Longest a TCP (and TLS) connection may take to establish.
@@ -174,6 +175,10 @@ pub(super) fn access(s: &StorageSettings) -> Result<(Access, ClientOptions), Que
     let access = if let Some(cs) = &s.connection_string {
         Access::connection_string(cs, &mut options)?
     } else if s.queue_endpoint.is_some() || s.account.is_some() {
+        // Outside the SDK's retries and the token policy: see `startup`.
+        options
+            .per_call_policies
+            .push(StartupPatience::new(s.identity_wait));
         Access::managed_identity(s)?
     } else {
         return Err(QueueError::config(format!(

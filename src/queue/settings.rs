@@ -17,6 +17,10 @@ pub struct StorageSettings {
     pub queue_endpoint: Option<String>,
     pub account: Option<String>,
     pub managed_identity_client_id: Option<String>,
+    /// With a managed identity: how long after start-up token and
+    /// connection failures are retried (`WORKER_IDENTITY_WAIT`, see
+    /// `startup`). Zero: not at all.
+    pub identity_wait: std::time::Duration,
 }
 
 impl StorageSettings {

@@ -129,6 +129,9 @@ pub struct Azurite {
     blob_port: u16,
     /// `Some` for the persistent variant: where Azurite keeps its data.
     location: Option<tempfile::TempDir>,
+    /// `Some((cert, key))`: HTTPS with that certificate, and bearer tokens
+    /// accepted (`--oauth basic`, which Azurite allows over HTTPS only).
+    tls: Option<(PathBuf, PathBuf)>,
     output: Arc<Mutex<String>>,
 }
 
@@ -143,6 +146,26 @@ impl Azurite {
     pub fn start_persistent() -> Self {
         let dir = tempfile::tempdir().expect("create a temporary directory for Azurite");
         Self::launch(Some(dir))
+    }
+
+    /// An in-memory instance serving HTTPS with `cert`/`key` (PEM) and
+    /// accepting Entra ID bearer tokens (`--oauth basic`: lifetime, issuer
+    /// and audience are checked, the signature is not).
+    pub fn start_tls_oauth(cert: &Path, key: &Path) -> Self {
+        let mut me = Azurite {
+            child: None,
+            stdin: None,
+            azurite_pid: None,
+            port: 0,
+            blob_port: 0,
+            location: None,
+            tls: Some((cert.to_owned(), key.to_owned())),
+            output: Arc::default(),
+        };
+        if let Err(e) = me.spawn((0, 0)) {
+            panic!("{e}");
+        }
+        me
     }
 
     /// One instance shared by every test in the calling test binary; tests
@@ -160,6 +183,7 @@ impl Azurite {
             port: 0,
             blob_port: 0,
             location,
+            tls: None,
             output: Arc::default(),
         };
         if let Err(e) = me.spawn((0, 0)) {
@@ -198,6 +222,16 @@ impl Azurite {
                 args.push(dir.path().as_os_str());
             }
             None => args.push("--inMemoryPersistence".as_ref()),
+        }
+        if let Some((cert, key)) = &self.tls {
+            args.extend([
+                "--cert".as_ref(),
+                cert.as_os_str(),
+                "--key".as_ref(),
+                key.as_os_str(),
+                "--oauth".as_ref(),
+                "basic".as_ref(),
+            ]);
         }
         let mut child = Command::new("sh")
             .arg("-c")
@@ -263,20 +297,30 @@ impl Azurite {
         self.port
     }
 
-    /// The path-style queue endpoint: `http://127.0.0.1:PORT/devstoreaccount1`.
+    /// The path-style queue endpoint: `http://127.0.0.1:PORT/devstoreaccount1`
+    /// (`https` for the TLS variant).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
+        format!("{}://127.0.0.1:{}/{ACCOUNT}", self.scheme(), self.port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The path-style blob endpoint of the same account.
     pub fn blob_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/{ACCOUNT}", self.blob_port)
+        format!("{}://127.0.0.1:{}/{ACCOUNT}", self.scheme(), self.blob_port)
     }
 
     /// Shared Key, both services.
     pub fn connection_string(&self) -> String {
         format!(
-            "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint={};BlobEndpoint={}",
+            "DefaultEndpointsProtocol={};AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint={};BlobEndpoint={}",
+            self.scheme(),
             self.endpoint(),
             self.blob_endpoint()
         )
@@ -398,6 +442,10 @@ fn read_output(
         } else if let Some(rest) = line
             .split("successfully listening at http://127.0.0.1:")
             .nth(1)
+            .or_else(|| {
+                line.split("successfully listening at https://127.0.0.1:")
+                    .nth(1)
+            })
         {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
             let Ok(port) = digits.parse() else { continue };
