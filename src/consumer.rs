@@ -22,12 +22,25 @@
 //! and the delivery. The task's concurrency slot ([`RunSlot`]) is freed as
 //! soon as the handler is done: a slow backend holds a leased message and a
 //! backlog permit, never a slot another task could run in.
+//!
+//! Finished tasks waiting to settle are bounded too: the poller receives
+//! only while fewer than `WORKER_CONCURRENCY + WORKER_WEBHOOK_CONCURRENCY`
+//! messages are held ([`Consumer::has_room`]), and at most
+//! [`OUTBOX_WRITERS`] outbox writes run at once. Without that, a client
+//! whose backend fails has every task's outcome deferred at once, and the
+//! poller (slots free again within milliseconds) would receive its whole
+//! queue and fire one outbox write per message at the storage account: the
+//! calls time out, and every client's settlement with them. A queue whose
+//! outcomes were deferred lately ([`Deferring`]) is also received from in
+//! small batches, so a client whose backend cannot take its outcomes does
+//! not take the storage account's capacity from clients whose backends can.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -41,7 +54,7 @@ use crate::outbox::Outbox;
 use crate::queue::{Message, Queue};
 use crate::shutdown::Shutdown;
 use crate::task;
-use crate::webhook::Event;
+use crate::webhook::{Event, WebhookError};
 
 /// A consumed queue, where its poisoned messages go, and the outbox its
 /// undelivered webhooks go to.
@@ -52,6 +65,35 @@ pub struct Target {
     pub queue: Queue,
     pub poison: Queue,
     pub outbox: Outbox,
+    /// Whether this queue's outcomes were deferred lately.
+    pub deferring: Deferring,
+}
+
+/// When a queue's outcome was last deferred to the outbox because its
+/// destination could not take it (failing, or holding its share of the
+/// backlog). The poller receives such a queue in small batches for
+/// [`Deferring::WINDOW`] after, so other clients keep the storage account's
+/// capacity; a delivered outcome ends it at once.
+#[derive(Clone, Debug, Default)]
+pub struct Deferring(Arc<Mutex<Option<Instant>>>);
+
+impl Deferring {
+    const WINDOW: Duration = Duration::from_secs(5);
+
+    fn set(&self, deferred: bool) {
+        if let Ok(mut at) = self.0.lock() {
+            *at = deferred.then(Instant::now);
+        }
+    }
+
+    /// An outcome was deferred within the last [`Deferring::WINDOW`].
+    pub fn lately(&self) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at.elapsed() < Self::WINDOW)
+    }
 }
 
 /// Settlement knobs shared by every message.
@@ -180,7 +222,12 @@ pub struct Consumer {
     pub shutdown: Shutdown,
     /// Signalled whenever a run slot is freed or a message is settled.
     pub freed: Arc<Notify>,
+    /// Outbox writes in flight.
+    hand_overs: Arc<Semaphore>,
 }
+
+/// Outbox writes one process makes at once.
+pub const OUTBOX_WRITERS: usize = 16;
 
 impl Consumer {
     pub fn new(app: Arc<App>, settings: Settings, stats: Arc<Stats>, shutdown: Shutdown) -> Self {
@@ -190,13 +237,16 @@ impl Consumer {
             stats,
             shutdown,
             freed: Arc::new(Notify::new()),
+            hand_overs: Arc::new(Semaphore::new(OUTBOX_WRITERS)),
         }
     }
 
-    /// Whether a finished task could hand its outcome over now (the
-    /// notifier's backlog, bounded in count and bytes, has room).
-    pub fn backlog_has_room(&self) -> bool {
-        self.app.notifier.has_room()
+    /// Whether another message may be received besides the `running` tasks:
+    /// the notifier's backlog, bounded in count and bytes, has room, and the
+    /// finished messages not yet settled are fewer than that backlog.
+    pub fn has_room(&self, running: usize) -> bool {
+        let held = Stats::get(&self.stats.in_flight) as usize;
+        self.app.notifier.has_room() && held.saturating_sub(running) < self.app.notifier.backlog()
     }
 }
 
@@ -369,17 +419,31 @@ async fn report(
     event: &Event,
     lease: &Lease,
 ) -> bool {
-    let Err(e) = consumer
+    let delivered = consumer
         .app
         .notifier
         .notify(url, event, &consumer.shutdown)
-        .await
-    else {
+        .await;
+    target
+        .deferring
+        .set(matches!(delivered, Err(WebhookError::Deferred { .. })));
+    let Err(e) = delivered else {
         return true;
     };
     let requested = consumer.shutdown.requested();
     for n in 0.. {
-        let qe = match target.outbox.hand_over(url, event, &e).await {
+        // Biased: after a shutdown request the hand-over still happens (that
+        // is what shutdown cuts deliveries short for); only a wait for a
+        // writer ends with it.
+        let permit = tokio::select! {
+            biased;
+            permit = consumer.hand_overs.acquire() => permit,
+            () = requested.cancelled() => return false,
+            () = lease.lost() => return false,
+        };
+        let handed = target.outbox.hand_over(url, event, &e).await;
+        drop(permit);
+        let qe = match handed {
             Ok(()) => return true,
             Err(qe) => qe,
         };

@@ -13,14 +13,20 @@
 //!   per round trip (additive increase), and only while the limit is used;
 //! - a timeout, a refused or reset connection, 429 or 503 halve it
 //!   (multiplicative decrease, at most once per round trip), and so does a
-//!   round trip more than twice the best one seen lately, gently (×0.9);
-//! - `Retry-After` also pauses the destination until then.
+//!   smoothed round trip more than twice the best one seen lately, gently
+//!   (×0.9);
+//! - `Retry-After` also pauses the destination until then;
+//! - request starts are paced at twice the rate the limit and the smoothed
+//!   round trip sustain, so a burst of answers never becomes a burst of
+//!   new connections.
 //!
 //! The same module bounds what waits: an outcome *claims* room before its
 //! first attempt and keeps it until it is delivered or handed to the outbox.
 //! Claims are bounded in count and bytes over all destinations (the backlog:
 //! when it is full, finished tasks wait and the poller stops receiving), and
-//! a destination that others are waiting beside may hold only its share. A
+//! a destination that others are waiting beside may hold only its share
+//! (an outcome beyond it waits a moment, [`SHARE_WAIT`], for its own
+//! destination to drain, then goes to the outbox). A
 //! destination that is failing (its last answer was an overload signal, or
 //! nothing has come back for a while) gets room for only two rounds of its
 //! limit: the caller hands everything beyond that to the outbox at once
@@ -39,8 +45,9 @@ use tokio::time::Instant;
 
 /// Above this many remembered destinations, idle ones are forgotten.
 const PRUNE_AT: usize = 1024;
-/// A round trip this much above the baseline (×2 + 5 ms) means queueing.
-const LATENCY_SLACK: Duration = Duration::from_millis(5);
+/// A smoothed round trip this much above the baseline (×2 + 1 ms) means
+/// queueing.
+const LATENCY_SLACK: Duration = Duration::from_millis(1);
 /// How long the lowest round trip seen is remembered (two windows of this).
 const BASELINE_WINDOW: Duration = Duration::from_secs(10);
 /// Nothing back from a destination for this long (or four smoothed round
@@ -49,6 +56,12 @@ const STALL_FLOOR: Duration = Duration::from_secs(2);
 /// Overload signals in a row (no good answer between) that make a
 /// destination failing.
 const FAILING_STREAK: u32 = 5;
+/// How long an outcome whose destination holds its share of the backlog
+/// waits for room before it goes to the outbox.
+const SHARE_WAIT: Duration = Duration::from_secs(1);
+const SHARE_RECHECK: Duration = Duration::from_millis(20);
+/// Longest spacing between two request starts to one destination.
+const MAX_PACE: Duration = Duration::from_millis(20);
 /// Longest a request waiting for a slot sleeps before it looks again.
 const RECHECK: Duration = Duration::from_millis(250);
 
@@ -127,6 +140,8 @@ struct Dest {
     /// Overload signals since the last good answer.
     streak: u32,
     paused_until: Option<Instant>,
+    /// Earliest start of the next request (pacing).
+    next_start: Instant,
     notify: Arc<Notify>,
 }
 
@@ -145,6 +160,7 @@ impl Dest {
             progress: now,
             streak: 0,
             paused_until: None,
+            next_start: now,
             notify: Arc::new(Notify::new()),
         }
     }
@@ -168,6 +184,19 @@ impl Dest {
         let stall = self.srtt.map_or(STALL_FLOOR, |s| (s * 4).max(STALL_FLOOR));
         self.streak >= FAILING_STREAK
             || (self.in_flight > 0 && now.duration_since(self.progress) > stall)
+    }
+
+    /// Spacing between request starts: twice the rate the limit and the
+    /// smoothed round trip sustain, so the limit can still grow, but a
+    /// burst of answers does not turn into a burst of new connections (a
+    /// small server's accept queue holds five; a connection beyond it waits
+    /// a second for its SYN to be sent again).
+    fn pace(&self) -> Duration {
+        self.srtt
+            .map_or(Duration::ZERO, |srtt| {
+                srtt.div_f64(2.0 * self.limit.max(1.0))
+            })
+            .min(MAX_PACE)
     }
 
     fn paused(&self, now: Instant) -> Option<Instant> {
@@ -201,7 +230,14 @@ impl Dest {
                 self.progress = now;
                 self.streak = 0;
                 self.sample(rtt, now);
-                let queueing = self.baseline().is_some_and(|b| rtt > b * 2 + LATENCY_SLACK);
+                // The smoothed round trip, not one sample: a connection
+                // whose SYN was dropped once (a small server's accept queue
+                // overflowing for a moment) takes a second longer, and is
+                // no sign that requests queue up.
+                let queueing = self
+                    .baseline()
+                    .zip(self.srtt)
+                    .is_some_and(|(b, srtt)| srtt > b * 2 + LATENCY_SLACK);
                 if queueing {
                     self.cut(0.9, now);
                 } else if used as f64 >= self.limit / 2.0 {
@@ -320,6 +356,7 @@ impl Limiter {
     /// when the destination may not hold more: hand the outcome over.
     pub async fn claim(self: &Arc<Self>, host: &str, bytes: usize) -> Result<Claim, Busy> {
         let until = Instant::now() + self.cfg.max_wait;
+        let share_until = Instant::now() + SHARE_WAIT.min(self.cfg.max_wait);
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -333,11 +370,23 @@ impl Limiter {
                     })
                 }
                 Ok(false) => {}
+                // A burst to a destination that drains fast passes in a
+                // moment; one that does not drain goes to the outbox.
+                Err(Busy::Share) if Instant::now() < share_until => {}
                 Err(busy) => return Err(busy),
             }
-            if tokio::time::timeout_at(until, freed).await.is_err() {
+            let now = Instant::now();
+            if now >= until {
                 return Err(Busy::Waited);
             }
+            // A release wakes one waiter, maybe one bound elsewhere: while
+            // waiting for its share, look again often.
+            let wake = if now < share_until {
+                (now + SHARE_RECHECK).min(share_until)
+            } else {
+                until
+            };
+            let _ = tokio::time::timeout_at(wake, freed).await;
         }
     }
 
@@ -410,9 +459,13 @@ impl Limiter {
             }
             return Ok(Start::Wait(None, dest.notify.clone()));
         }
+        if now < dest.next_start {
+            return Ok(Start::Wait(Some(dest.next_start), dest.notify.clone()));
+        }
         if dest.in_flight == 0 {
             dest.progress = now;
         }
+        dest.next_start = now + dest.pace();
         dest.in_flight += 1;
         let used = dest.in_flight;
         s.in_flight += 1;
@@ -645,7 +698,7 @@ mod tests {
         // Another destination is not refused for its share... (it waits for room)
         held.truncate(4);
         let other = l.claim("fast:80", 10).await.unwrap();
-        // ...and now the first one is over its half: handed over at once.
+        // ...and now the first one is over its half: handed over after a moment.
         assert_eq!(l.claim("tarpit:80", 10).await.unwrap_err(), Busy::Share);
         drop(other);
     }

@@ -12,7 +12,7 @@ use clap::{CommandFactory, Parser};
 
 use worker::app::App;
 use worker::config::{Cli, Command, Mode, Options, PollArgs, RunArgs};
-use worker::consumer::{Consumer, Settings, Settlement, Stats, Target};
+use worker::consumer::{Consumer, Deferring, Settings, Settlement, Stats, Target};
 use worker::exporter::{self, Health};
 use worker::outbox::{self, DrainConfig, DrainStats, Outbox};
 use worker::outcome::Status;
@@ -335,6 +335,7 @@ async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
                 queue,
                 poison,
                 outbox,
+                deferring: Deferring::default(),
             });
             continue;
         }
@@ -358,6 +359,7 @@ async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
             queue,
             poison,
             outbox,
+            deferring: Deferring::default(),
         });
     }
     Ok(targets)

@@ -38,6 +38,10 @@ use crate::consumer::{self, Consumer, RunSlot, Stats, Target};
 use crate::exporter::Health;
 use crate::outbox::{self, DrainConfig};
 use crate::queue::{Message, QueueError};
+
+/// Messages asked for at once from a queue whose outcomes were deferred
+/// lately (see [`consumer::Deferring`]).
+const DEFERRING_BATCH: u8 = 2;
 pub use crate::schedule::{Schedule, MAX_ERROR_BACKOFF, MIN_POLL_INTERVAL};
 
 pub use crate::shutdown::SETTLE_MARGIN;
@@ -162,7 +166,8 @@ impl Poller {
         }
         // Wait for half the slots to be free and for room in the delivery
         // backlog. Waiting by choice is healthy.
-        if self.slots.available_permits() < self.refill_at || !self.consumer.backlog_has_room() {
+        let running = self.cfg.concurrency - self.slots.available_permits();
+        if self.slots.available_permits() < self.refill_at || !self.consumer.has_room(running) {
             let freed = self.freed();
             tokio::select! {
                 () = freed.notified() => {}
@@ -181,10 +186,13 @@ impl Poller {
         self.schedule.picked(i);
         let free = self.slots.available_permits() as u64;
         let remaining = self.cfg.max_tasks.map_or(u64::MAX, |m| m - self.started);
-        let want = u64::from(self.cfg.batch_size)
-            .min(free)
-            .min(remaining)
-            .max(1) as u8;
+        // A queue whose outcomes cannot be delivered now gets small batches.
+        let batch = if self.targets[i].deferring.lately() {
+            DEFERRING_BATCH
+        } else {
+            self.cfg.batch_size
+        };
+        let want = u64::from(batch).min(free).min(remaining).max(1) as u8;
         let Some(received) = self.receive(i, want).await else {
             return Step::Stop;
         };

@@ -322,6 +322,10 @@ pub fn destination(url: &Url) -> String {
     )
 }
 
+/// How many request timeouts an outcome may wait for room in the backlog
+/// or for a request slot before it goes to the outbox.
+const CLAIM_WAIT_TIMEOUTS: u32 = 6;
+
 impl Notifier {
     /// Fails when a secret was given but cannot sign: webhooks must never
     /// go out unsigned because of a bad key.
@@ -340,7 +344,10 @@ impl Notifier {
             max_in_flight: retry.concurrency.max(1),
             backlog: retry.concurrency.max(1),
             backlog_bytes: retry.backlog_bytes.max(1),
-            max_wait: retry.timeout,
+            // An outcome waiting for room behind a healthy, slow backend is
+            // better off waiting than in the outbox (due 30 s later); the
+            // poller stops receiving meanwhile.
+            max_wait: retry.timeout * CLAIM_WAIT_TIMEOUTS,
             max_pause: retry.max_backoff,
             ..limiter::Config::default()
         });
@@ -351,6 +358,12 @@ impl Notifier {
             client: tokio::sync::OnceCell::new(),
             limiter,
         })
+    }
+
+    /// How many outcomes may wait for delivery at once
+    /// (`WORKER_WEBHOOK_CONCURRENCY`).
+    pub fn backlog(&self) -> usize {
+        self.retry.concurrency.max(1)
     }
 
     /// The per-request timeout, which bounds one attempt.
