@@ -12,6 +12,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -27,16 +28,6 @@ use common::worker::Worker;
 
 /// Generous bound for anything that should already have happened.
 const ARRIVAL: Duration = Duration::from_secs(60);
-
-fn outbox(az: &Azurite, c: &Client) -> Queue {
-    az.service().queue(&format!("{}-webhooks", c.name)).unwrap()
-}
-
-fn outbox_poison(az: &Azurite, c: &Client) -> Queue {
-    az.service()
-        .queue(&format!("{}-webhooks-poison", c.name))
-        .unwrap()
-}
 
 /// Messages in `queue`, visible or not; a missing queue holds none.
 async fn count(queue: &Queue) -> Option<u64> {
@@ -107,9 +98,9 @@ async fn a_name_that_does_not_resolve_is_retried_not_refused() {
         .run();
     out.assert_code(0);
     // The outcome is kept for later attempts, not given up on.
-    wait_count(&outbox(az, &c), 1, "the outcome waits in the outbox").await;
+    wait_count(&c.outbox.clone(), 1, "the outcome waits in the outbox").await;
     assert_eq!(
-        count(&outbox_poison(az, &c)).await,
+        count(&c.outbox_poison.clone()).await,
         Some(0),
         "{}",
         out.describe()
@@ -157,7 +148,7 @@ async fn a_backend_whose_name_stops_resolving_gets_its_outcomes_when_it_is_back(
         )
         .arg("poll")
         .spawn();
-    wait_count(&outbox(az, &c), 5, "every outcome waits in the outbox").await;
+    wait_count(&c.outbox.clone(), 5, "every outcome waits in the outbox").await;
     wait_count(&c.tasks, 0, "task messages settled once outboxed").await;
     assert_eq!(backend.hit_count(), 0);
     std::fs::write(&hosts, "127.0.0.1 backend.invalid\n").unwrap();
@@ -167,8 +158,8 @@ async fn a_backend_whose_name_stops_resolving_gets_its_outcomes_when_it_is_back(
         || backend.succeeded_count() == 5,
     )
     .await;
-    wait_count(&outbox(az, &c), 0, "the outbox after delivery").await;
-    assert_eq!(count(&outbox_poison(az, &c)).await, Some(0));
+    wait_count(&c.outbox.clone(), 0, "the outbox after delivery").await;
+    assert_eq!(count(&c.outbox_poison.clone()).await, Some(0));
     let ids: HashSet<_> = backend
         .hits()
         .into_iter()
@@ -227,6 +218,69 @@ async fn a_small_backend_is_not_flooded() {
     );
 }
 
+/// A black-holed backend (it accepts and never answers) beside a healthy
+/// one: the healthy client's outcomes keep flowing while the black hole's
+/// first requests still hang, and the black hole's outcomes go to its
+/// outbox instead of filling the backlog (each holding a slot for the
+/// whole request timeout, as the shared backlog once did).
+#[tokio::test]
+async fn a_black_holed_backend_does_not_hold_up_another_clients_outcomes() {
+    let az = Azurite::shared();
+    let (a, b) = (
+        Client::new(az, "healthy").await,
+        Client::new(az, "blackhole").await,
+    );
+    let healthy = Backend::start(Duration::from_secs(1));
+    let hole = Backend::start(Duration::from_secs(600));
+    hole.set_mode(Mode::Hang);
+    let n = 60;
+    for i in 0..n {
+        let hook = hole.url("/h");
+        b.send_task(&task(&format!("b-{i}"), "echo", json!({}), Some(&hook)))
+            .await;
+    }
+    for i in 0..n {
+        let hook = healthy.url("/h");
+        a.send_task(&task(&format!("a-{i}"), "echo", json!({}), Some(&hook)))
+            .await;
+    }
+    let timeout = Duration::from_secs(30);
+    let run = Worker::new()
+        .env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
+        .env("WORKER_CLIENT", format!("{},{}", b.name, a.name))
+        .env("WORKER_MAX_POLL_INTERVAL", "0.5")
+        // A small backlog, so one host could fill it.
+        .env("WORKER_WEBHOOK_CONCURRENCY", "16")
+        .env("WORKER_WEBHOOK_TIMEOUT", timeout.as_secs().to_string())
+        .env("WORKER_WEBHOOK_MAX_ATTEMPTS", "1")
+        .arg("poll")
+        .spawn();
+    // Sixty echo tasks take a second or two; the bound is what a shared
+    // backlog filled by the black hole would need at the very least.
+    let deadline = Instant::now() + timeout - Duration::from_secs(5);
+    while healthy.succeeded_count() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if healthy.succeeded_count() < n {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("black-hole-worker.log");
+        let _ = std::fs::write(&path, run.kill().stderr);
+        panic!(
+            "{} of {n} healthy outcomes arrived while the black hole's requests hung; worker log: {}",
+            healthy.succeeded_count(),
+            path.display()
+        );
+    }
+    // Its task messages are settled, which happens only once an outcome is
+    // delivered (impossible here) or kept in the outbox: nothing is lost.
+    // The requests in flight when the host went silent end at the timeout.
+    wait_count(&b.tasks, 0, "the black hole's task messages are settled").await;
+    let kept = count(&b.outbox.clone()).await.unwrap_or(0);
+    assert_eq!(kept, n as u64, "every black-holed outcome is in the outbox");
+    assert!(hole.peak_in_flight() <= 8, "{}", hole.peak_in_flight());
+    run.signal(Signal::SIGTERM);
+    run.finish_within(ARRIVAL).assert_code(0);
+}
+
 // ---- 2 and 6c. An outbox that cannot be written for a while ----
 
 /// While the outbox cannot be written, the task message is held (not
@@ -263,7 +317,7 @@ async fn an_unwritable_outbox_holds_the_task_until_it_can_be_written() {
         out.describe()
     );
     assert_eq!(c.count().await, 0, "{}", out.describe());
-    wait_count(&outbox(az, &c), 1, "the outcome in the outbox").await;
+    wait_count(&c.outbox.clone(), 1, "the outcome in the outbox").await;
 }
 
 // ---- 5. One shutdown deadline ----
@@ -313,7 +367,7 @@ async fn job_mode_exits_0_after_a_success_when_stopped_during_its_outbox_work() 
         "url": hole.url("/h"), "body": "{}", "attempts": 3, "outbox_attempts": 0,
         "outboxed_at": "2026-12-01T00:00:00Z", "last_error": "HTTP 503"
     });
-    let ob = outbox(az, &c);
+    let ob = c.outbox.clone();
     ob.create_if_missing().await.unwrap();
     ob.send(&entry.to_string(), None, Some(-1)).await.unwrap();
     c.send_task(&task("t-ok", "echo", json!({}), None)).await;
@@ -423,7 +477,7 @@ async fn a_rejected_delivery_records_every_attempt() {
         .run();
     out.assert_code(0);
     // Due after a second: read the entry once it is visible.
-    let ob = outbox(az, &c);
+    let ob = c.outbox.clone();
     let deadline = Instant::now() + ARRIVAL;
     let entry: Value = loop {
         if let Some(m) = ob.peek(1).await.unwrap_or_default().pop() {
@@ -465,7 +519,7 @@ async fn a_shutdown_hand_over_keeps_the_schedules_first_step() {
     .await;
     run.signal(Signal::SIGTERM);
     run.finish_within(ARRIVAL).assert_code(0);
-    wait_count(&outbox(az, &c), 1, "handed over at shutdown").await;
+    wait_count(&c.outbox.clone(), 1, "handed over at shutdown").await;
     // The first outbox attempt fails (503); the next comes after 2 s, not 1 h.
     backend.set_mode(Mode::Unavailable);
     let deliver = c

@@ -22,16 +22,6 @@ use common::worker::Worker;
 /// Generous bound for anything that should already have happened.
 const ARRIVAL: Duration = Duration::from_secs(60);
 
-fn outbox(az: &Azurite, c: &Client) -> Queue {
-    az.service().queue(&format!("{}-webhooks", c.name)).unwrap()
-}
-
-fn outbox_poison(az: &Azurite, c: &Client) -> Queue {
-    az.service()
-        .queue(&format!("{}-webhooks-poison", c.name))
-        .unwrap()
-}
-
 /// Waits until `queue` has a visible message and returns its text.
 async fn wait_visible(queue: &Queue, what: &str) -> String {
     let deadline = Instant::now() + ARRIVAL;
@@ -121,7 +111,7 @@ async fn a_task_redelivered_after_a_crash_reports_again_with_the_same_webhook_id
     assert_eq!(before.json()["data"]["attempt"], 1);
     assert_eq!(again.json()["data"]["attempt"], 2);
     wait_empty(&c.tasks, "the task message after delivery").await;
-    assert_eq!(outbox(az, &c).approximate_count().await.unwrap_or(0), 0);
+    assert_eq!(c.outbox.clone().approximate_count().await.unwrap_or(0), 0);
     second.signal(Signal::SIGTERM);
     second.finish().assert_code(0);
 }
@@ -145,7 +135,7 @@ async fn single_task_mode_keeps_an_undelivered_outcome_in_the_outbox_for_worker_
     out.assert_code(0);
     let first = rx.collect(2, ARRIVAL);
     assert_eq!(first.len(), 2, "two in-process attempts");
-    let text = wait_visible(&outbox(az, &c), "the outboxed outcome").await;
+    let text = wait_visible(&c.outbox.clone(), "the outboxed outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(entry["webhook_id"], id_of(&first[0]));
     assert_eq!(entry["attempts"], 2);
@@ -164,7 +154,7 @@ async fn single_task_mode_keeps_an_undelivered_outcome_in_the_outbox_for_worker_
         "a fresh timestamp is sent"
     );
     assert_eq!(later.json(), first[0].json(), "the same body");
-    wait_empty(&outbox(az, &c), "the delivered entry").await;
+    wait_empty(&c.outbox.clone(), "the delivered entry").await;
 
     // A failed task keeps its exit code; its outcome is kept the same way.
     let down = Receiver::start([Reply::status(500)]);
@@ -172,7 +162,7 @@ async fn single_task_mode_keeps_an_undelivered_outcome_in_the_outbox_for_worker_
         .task(&task("t-fails", "fail", json!({}), Some(&hook(&down))))
         .run();
     out.assert_code(1);
-    let text = wait_visible(&outbox(az, &c), "the failed task's outcome").await;
+    let text = wait_visible(&c.outbox.clone(), "the failed task's outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(entry["event_type"], "task.failed");
     assert_eq!(entry["task_id"], "t-fails");
@@ -200,8 +190,8 @@ async fn the_outbox_retries_on_its_schedule_then_poisons_and_replay_delivers() {
     assert_eq!(tries.len(), 3, "one in-process and two outbox attempts");
     let id = id_of(&tries[0]);
     assert!(tries.iter().all(|r| id_of(r) == id), "one id throughout");
-    wait_visible(&outbox_poison(az, &c), "the given-up entry").await;
-    wait_empty(&outbox(az, &c), "the outbox after giving up").await;
+    wait_visible(&c.outbox_poison.clone(), "the given-up entry").await;
+    wait_empty(&c.outbox.clone(), "the outbox after giving up").await;
     wait_empty(&c.tasks, "the task message").await;
     w.wait_for_log("webhook given up on");
 
@@ -224,8 +214,8 @@ async fn the_outbox_retries_on_its_schedule_then_poisons_and_replay_delivers() {
     replay.assert_code(0);
     let back = rx.recv(ARRIVAL).expect("the replayed entry is delivered");
     assert_eq!(id_of(&back), id);
-    wait_empty(&outbox(az, &c), "the outbox after replay").await;
-    wait_empty(&outbox_poison(az, &c), "the webhook poison queue").await;
+    wait_empty(&c.outbox.clone(), "the outbox after replay").await;
+    wait_empty(&c.outbox_poison.clone(), "the webhook poison queue").await;
     w.signal(Signal::SIGTERM);
     w.finish().assert_code(0);
 }
@@ -243,7 +233,7 @@ async fn a_refused_webhook_url_goes_straight_to_the_webhook_poison_queue() {
         .spawn();
     c.send_task(&task("t-refused", "echo", json!({}), Some(&hook(&rx))))
         .await;
-    let text = wait_visible(&outbox_poison(az, &c), "the refused outcome").await;
+    let text = wait_visible(&c.outbox_poison.clone(), "the refused outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(entry["task_id"], "t-refused");
     assert!(
@@ -251,7 +241,7 @@ async fn a_refused_webhook_url_goes_straight_to_the_webhook_poison_queue() {
         "{entry}"
     );
     wait_empty(&c.tasks, "the task message").await;
-    assert_eq!(outbox(az, &c).approximate_count().await.unwrap_or(0), 0);
+    assert_eq!(c.outbox.clone().approximate_count().await.unwrap_or(0), 0);
     assert!(rx.drain().is_empty(), "a refused URL is never called");
     w.signal(Signal::SIGTERM);
     w.finish().assert_code(0);
@@ -302,7 +292,7 @@ async fn shutdown_hands_a_pending_delivery_to_the_outbox_due_at_once() {
     w.signal(Signal::SIGTERM);
     w.finish().assert_code(0);
     // Due at once, not after the schedule's first delay (5 min by default).
-    let text = wait_visible(&outbox(az, &c), "the handed-over outcome").await;
+    let text = wait_visible(&c.outbox.clone(), "the handed-over outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(entry["webhook_id"], id_of(&first));
     assert_eq!(entry["outbox_attempts"], 0);
@@ -325,12 +315,12 @@ async fn job_mode_executions_also_deliver_due_outbox_entries() {
     job().run().assert_code(0);
     let first = rx.recv(ARRIVAL).expect("the in-process attempt");
     assert_eq!(c.count().await, 0, "settled after outboxing");
-    wait_visible(&outbox(az, &c), "the outboxed outcome").await;
+    wait_visible(&c.outbox.clone(), "the outboxed outcome").await;
     // An execution with no task (started for the outbox) delivers it.
     job().run().assert_code(0);
     let later = rx.recv(ARRIVAL).expect("delivered by the next execution");
     assert_eq!(id_of(&later), id_of(&first));
-    wait_empty(&outbox(az, &c), "the outbox").await;
+    wait_empty(&c.outbox.clone(), "the outbox").await;
 }
 
 /// SIGTERM while a webhook request hangs: the request is given up when the
@@ -355,7 +345,7 @@ async fn a_hanging_webhook_does_not_hold_the_exit() {
         w.signal(Signal::SIGTERM);
         let out = w.finish_within(Duration::from_secs(60));
         out.assert_code(0);
-        let text = wait_visible(&outbox(az, &c), "the handed-over outcome").await;
+        let text = wait_visible(&c.outbox.clone(), "the handed-over outcome").await;
         let entry: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(entry["webhook_id"], id_of(&first), "{mode}");
         wait_empty(&c.tasks, "the task message").await;

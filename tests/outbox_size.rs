@@ -24,16 +24,6 @@ use common::worker::{Output, Worker};
 /// Generous bound for anything that should already have happened.
 const ARRIVAL: Duration = Duration::from_secs(90);
 
-fn outbox(az: &Azurite, c: &Client) -> Queue {
-    az.service().queue(&format!("{}-webhooks", c.name)).unwrap()
-}
-
-fn outbox_poison(az: &Azurite, c: &Client) -> Queue {
-    az.service()
-        .queue(&format!("{}-webhooks-poison", c.name))
-        .unwrap()
-}
-
 fn claims(az: &Azurite, c: &Client) -> ClaimStore {
     az.claims(&format!("{}-webhooks", c.name))
 }
@@ -136,7 +126,7 @@ async fn results_of_any_size_reach_the_backend_whole_from_the_outbox() {
         run_single(az, &c, &task(id, "echo", payload(size), Some(&hook(&rx)))).assert_code(0);
         first.push(rx.recv(ARRIVAL).expect("the in-process attempt"));
     }
-    let texts = wait_visible(&outbox(az, &c), cases.len(), "the outboxed outcomes").await;
+    let texts = wait_visible(&c.outbox.clone(), cases.len(), "the outboxed outcomes").await;
     let mut claimed = Vec::new();
     for text in &texts {
         let e = entry(text);
@@ -177,7 +167,7 @@ async fn results_of_any_size_reach_the_backend_whole_from_the_outbox() {
             "{task_id}: the whole result"
         );
     }
-    wait_empty(&outbox(az, &c), "the outbox after delivery").await;
+    wait_empty(&c.outbox.clone(), "the outbox after delivery").await;
     for name in claimed {
         assert_eq!(
             claims(az, &c).get(&name).await.unwrap(),
@@ -200,7 +190,7 @@ async fn a_huge_task_id_goes_through_the_outbox_whole() {
     )
     .assert_code(0);
     let before = rx.recv(ARRIVAL).expect("the in-process attempt");
-    let text = wait_visible(&outbox(az, &c), 1, "the outboxed outcome").await;
+    let text = wait_visible(&c.outbox.clone(), 1, "the outboxed outcome").await;
     let e = entry(&text[0]);
     assert_eq!(e["v"], 2, "{}", &text[0][..200.min(text[0].len())]);
     assert!(text[0].len() < 2048, "a small entry: {}", text[0].len());
@@ -211,7 +201,7 @@ async fn a_huge_task_id_goes_through_the_outbox_whole() {
     assert_eq!(id_of(&after), id_of(&before));
     assert_eq!(after.json()["data"]["task_id"], task_id.as_str());
     assert!(after.body == before.body, "byte-identical body");
-    wait_empty(&outbox(az, &c), "the outbox after delivery").await;
+    wait_empty(&c.outbox.clone(), "the outbox after delivery").await;
 }
 
 /// Polling mode, where the task itself arrives in a queue message: a result
@@ -237,7 +227,7 @@ async fn polling_mode_outboxes_a_result_near_the_queue_message_limit() {
     assert_eq!(after.json()["data"]["result"], p);
     assert!(after.body == before.body, "byte-identical body");
     wait_empty(&c.tasks, "the task message").await;
-    wait_empty(&outbox(az, &c), "the outbox").await;
+    wait_empty(&c.outbox.clone(), "the outbox").await;
     assert!(c.poisoned().await.is_empty(), "nothing poisoned");
     w.signal(Signal::SIGTERM);
     w.finish().assert_code(0);
@@ -253,13 +243,13 @@ async fn a_claimed_outcome_keeps_its_blob_through_poison_and_replay() {
     let p = payload(200 * 1024);
     run_single(az, &c, &task("t-big", "echo", p.clone(), Some(&hook(&rx)))).assert_code(0);
     let before = rx.recv(ARRIVAL).expect("the in-process attempt");
-    let text = wait_visible(&outbox(az, &c), 1, "the outboxed outcome").await;
+    let text = wait_visible(&c.outbox.clone(), 1, "the outboxed outcome").await;
     let claim = entry(&text[0])["claim"].as_str().unwrap().to_owned();
 
     deliver(az, &c);
     rx.recv(ARRIVAL).expect("the outbox attempt");
-    wait_visible(&outbox_poison(az, &c), 1, "the given-up entry").await;
-    wait_empty(&outbox(az, &c), "the outbox after giving up").await;
+    wait_visible(&c.outbox_poison.clone(), 1, "the given-up entry").await;
+    wait_empty(&c.outbox.clone(), "the outbox after giving up").await;
     assert!(
         claims(az, &c).get(&claim).await.unwrap().is_some(),
         "a poisoned entry keeps its blob"
@@ -283,15 +273,15 @@ async fn a_claimed_outcome_keeps_its_blob_through_poison_and_replay() {
         .args(["poison", "replay", "--webhooks", "--task-id", "t-big"])
         .run()
         .assert_code(0);
-    wait_visible(&outbox(az, &c), 1, "the replayed entry").await;
+    wait_visible(&c.outbox.clone(), 1, "the replayed entry").await;
 
     deliver(az, &c);
     let after = rx.recv(ARRIVAL).expect("the replayed entry is delivered");
     assert_eq!(id_of(&after), id_of(&before));
     assert_eq!(after.json()["data"]["result"], p);
     assert!(after.body == before.body, "byte-identical body");
-    wait_empty(&outbox(az, &c), "the outbox").await;
-    wait_empty(&outbox_poison(az, &c), "the webhook poison queue").await;
+    wait_empty(&c.outbox.clone(), "the outbox").await;
+    wait_empty(&c.outbox_poison.clone(), "the webhook poison queue").await;
     assert_eq!(claims(az, &c).get(&claim).await.unwrap(), None);
 }
 
@@ -307,17 +297,17 @@ async fn an_entry_whose_blob_is_gone_is_poisoned_saying_so() {
     )
     .assert_code(0);
     rx.recv(ARRIVAL).expect("the in-process attempt");
-    let text = wait_visible(&outbox(az, &c), 1, "the outboxed outcome").await;
+    let text = wait_visible(&c.outbox.clone(), 1, "the outboxed outcome").await;
     let claim = entry(&text[0])["claim"].as_str().unwrap().to_owned();
     claims(az, &c).delete(&claim).await.unwrap();
     // Deleting what is already gone counts as done.
     claims(az, &c).delete(&claim).await.unwrap();
 
     deliver(az, &c);
-    let poisoned = wait_visible(&outbox_poison(az, &c), 1, "the entry with no blob").await;
+    let poisoned = wait_visible(&c.outbox_poison.clone(), 1, "the entry with no blob").await;
     let e = entry(&poisoned[0]);
     let why = e["last_error"].as_str().unwrap();
     assert!(why.contains(&claim) && why.contains("is gone"), "{why}");
-    wait_empty(&outbox(az, &c), "the outbox").await;
+    wait_empty(&c.outbox.clone(), "the outbox").await;
     assert!(rx.drain().is_empty(), "nothing sent without the body");
 }

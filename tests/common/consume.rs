@@ -11,11 +11,15 @@ use super::azurite::{unique_name, Azurite};
 use super::receiver::Receiver;
 use super::worker::Worker;
 
-/// A client of its own: `<name>-tasks` and `<name>-tasks-poison`, both created.
+/// A client of its own: `<name>-tasks` and `<name>-tasks-poison`, both
+/// created, and its outbox `<name>-webhooks` with its poison queue (created
+/// by the worker at its first entry).
 pub struct Client {
     pub name: String,
     pub tasks: Queue,
     pub poison: Queue,
+    pub outbox: Queue,
+    pub outbox_poison: Queue,
     connection_string: String,
 }
 
@@ -33,10 +37,14 @@ impl Client {
         let svc = az.service();
         let tasks = svc.queue(&format!("{name}-tasks")).unwrap();
         let poison = svc.queue(&format!("{name}-tasks-poison")).unwrap();
+        let outbox = svc.queue(&format!("{name}-webhooks")).unwrap();
+        let outbox_poison = svc.queue(&format!("{name}-webhooks-poison")).unwrap();
         Self {
             name,
             tasks,
             poison,
+            outbox,
+            outbox_poison,
             connection_string: az.connection_string(),
         }
     }
