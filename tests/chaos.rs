@@ -65,6 +65,19 @@ const HOLE_TASKS: usize = 40;
 const HOLE_MAX_AFTER_CHAOS: Duration = Duration::from_secs(60);
 /// The name the first backend is reached by (a hosts file maps it).
 const BACKEND_NAME: &str = "backend.invalid";
+/// Every this many jobs one is a `large` task: an exec child (Python) that
+/// sleeps like the others, then returns `{"blob": "x" * bytes}`, near or
+/// above a queue message's size, so outbox entries are written inline and as
+/// blobs under the same faults.
+const LARGE_EVERY: usize = 6;
+const LARGE_HANDLER: &str = r#"[handlers.large]
+command = ["python3", "-c", """
+import json, sys, time
+p = json.load(sys.stdin)["payload"]
+time.sleep(p["seconds"])
+sys.stdout.write(json.dumps({"blob": "x" * p["bytes"]}))
+"""]
+"#;
 /// Crashes must never poison a task.
 const MAX_DEQUEUE_COUNT: &str = "20";
 /// SIGTERM grace per worker, picked at random: short ones cancel and release
@@ -106,13 +119,24 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
     let hosts_dir = tempfile::tempdir().expect("a temp dir for the hosts file");
     let hosts = hosts_dir.path().join("hosts");
     set_resolvable(&hosts, true);
+    let handlers = hosts_dir.path().join("handlers.toml");
+    std::fs::write(&handlers, LARGE_HANDLER).expect("write the handlers file");
     let hook = format!("http://{BACKEND_NAME}:{}/hooks/task", backend.port());
     // Plain JSON and base64 of it, the two ways backends enqueue.
     let texts: Vec<String> = plan
         .jobs
         .iter()
         .map(|j| {
-            let text = task(&j.id, "sleep", json!({"seconds": j.seconds}), Some(&hook)).to_string();
+            let text = match j.large {
+                Some(bytes) => task(
+                    &j.id,
+                    "large",
+                    json!({"seconds": j.seconds, "bytes": bytes}),
+                    Some(&hook),
+                ),
+                None => task(&j.id, "sleep", json!({"seconds": j.seconds}), Some(&hook)),
+            }
+            .to_string();
             if j.base64 {
                 base64::engine::general_purpose::STANDARD.encode(text)
             } else {
@@ -145,6 +169,10 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
             ),
         ),
         ("WORKER_HOSTS_FILE".to_owned(), hosts.display().to_string()),
+        (
+            "WORKER_HANDLERS_FILE".to_owned(),
+            handlers.display().to_string(),
+        ),
     ];
     let mut fleet = Fleet::new(&c, env, Rng(seed ^ 0x5eed_f1ee));
     for _ in 0..LIVE {
@@ -306,6 +334,7 @@ fn no_outcome_is_lost_through_crashes_restarts_and_a_flaky_backend() {
             hole_check.missing
         ));
     }
+    problems.extend(large_results_cut(&plan.jobs, &hits));
     let missing = check.missing.clone();
     if !missing.is_empty() {
         problems.push(format!(
@@ -456,6 +485,8 @@ impl Rng {
 struct Job {
     id: String,
     seconds: f64,
+    /// `Some(n)`: a `large` task whose result holds `n` bytes.
+    large: Option<usize>,
     base64: bool,
     /// When it is queued, from the start of the chaos.
     at: Duration,
@@ -531,6 +562,15 @@ impl Plan {
                 // Same length for all: no id is a prefix of another.
                 id: format!("job-{i:03}"),
                 seconds: secs(rng.secs(1.0, 3.0)),
+                large: (i % LARGE_EVERY == LARGE_EVERY - 1).then(|| {
+                    // Near a queue message's 64 KiB (an outbox entry that
+                    // still fits, or just does not), or well above it.
+                    if rng.coin() {
+                        40_000 + rng.below(24_000)
+                    } else {
+                        70_000 + rng.below(900_000)
+                    }
+                }),
                 base64: rng.coin(),
                 at: if i < FIRST_WAVE {
                     Duration::ZERO
@@ -564,6 +604,8 @@ impl Plan {
     fn describe(&self) -> String {
         let total: f64 = self.jobs.iter().map(|j| j.seconds).sum();
         let b64 = self.jobs.iter().filter(|j| j.base64).count();
+        let large = self.jobs.iter().filter_map(|j| j.large);
+        let (large_min, large_max) = (large.clone().min().unwrap_or(0), large.max().unwrap_or(0));
         let backend: Vec<String> = self
             .backend
             .iter()
@@ -586,8 +628,8 @@ impl Plan {
             })
             .collect();
         format!(
-            "plan: {TASKS} sleep tasks ({FIRST_WAVE} before the workers start), {total:.0} task-seconds, \
-             {b64} base64-encoded; {HOLE_TASKS} echo tasks of a second client to a black hole; \
+            "plan: {TASKS} tasks ({FIRST_WAVE} before the workers start; every {LARGE_EVERY}th an exec \
+             task with a result of {large_min}..{large_max} bytes), {total:.0} task-seconds, {b64} base64-encoded; {HOLE_TASKS} echo tasks of a second client to a black hole; \
              {LIVE} workers x {CONCURRENCY}; chaos {:.1}s\n  backend: {}\n  faults: {}\n  {BACKEND_NAME}: {}",
             secs(self.chaos_end),
             backend.join(", "),
@@ -820,6 +862,29 @@ impl Check {
     }
 }
 
+/// Accepted `task.succeeded` bodies of `large` tasks whose result is not
+/// whole (every copy must carry all the bytes).
+fn large_results_cut(jobs: &[Job], hits: &[Hit]) -> Vec<String> {
+    let sizes: BTreeMap<&str, usize> = jobs
+        .iter()
+        .filter_map(|j| Some((j.id.as_str(), j.large?)))
+        .collect();
+    hits.iter()
+        .filter(|h| h.accepted() && h.event_type.as_deref() == Some("task.succeeded"))
+        .filter_map(|h| {
+            let want = *sizes.get(h.task_id.as_deref()?)?;
+            let body: serde_json::Value = serde_json::from_slice(&h.body).ok()?;
+            let got = body["data"]["result"]["blob"].as_str().map_or(0, str::len);
+            (got != want).then(|| {
+                format!(
+                    "{}: a delivered result holds {got} of {want} bytes",
+                    h.task_id.as_deref().unwrap_or("?")
+                )
+            })
+        })
+        .collect()
+}
+
 /// Maps the backend's name to 127.0.0.1 in the workers' hosts file, or not.
 fn set_resolvable(hosts: &std::path::Path, resolvable: bool) {
     let text = if resolvable {
@@ -841,7 +906,8 @@ fn paths_taken(logs: &[(String, String)]) -> String {
         "webhook delivered",
         "webhook handed to the outbox",
         "webhook delivered from the outbox",
-        "outbox delivery failed; rescheduled",
+        "stored as a blob",
+        "outbox entry not delivered; rescheduled",
         "the outbox cannot be written",
         "did not resolve",
         "deferred",
