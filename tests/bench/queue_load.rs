@@ -94,7 +94,16 @@ async fn fill(
                 let text = format!(
                     r#"{{"task_id":"bench-{i}","task_type":{task_type},"payload":{{"i":{i}}}{hook}}}"#
                 );
-                queue.send(&text, None, None).await?;
+                // A busy Azurite can let a call time out: try again (a
+                // duplicate carries the same task id, so the same webhook-id).
+                let mut tries = 0;
+                while let Err(e) = queue.send(&text, None, None).await {
+                    tries += 1;
+                    if !e.is_transient() || tries == 5 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         });
     }
