@@ -68,6 +68,10 @@ impl HandlerError {
     }
 }
 
+/// A task type and the handler that serves it (what a handlers file
+/// declares).
+pub type NamedHandler = (String, Arc<dyn Handler>);
+
 /// A piece of code that performs one kind of task.
 pub trait Handler: Send + Sync {
     /// One line for `worker handlers`.

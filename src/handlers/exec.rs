@@ -36,7 +36,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufRead
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::oneshot;
 
-use super::file::NamedHandler;
+use crate::handler::NamedHandler;
 use crate::handler::{Handler, HandlerError, HandlerFuture, TaskContext};
 
 /// Variables every child inherits; everything else must be listed.

@@ -10,12 +10,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::{exec, persistent};
-use crate::handler::Handler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlersFileError {
@@ -35,8 +33,7 @@ struct File {
     handlers: BTreeMap<String, toml::Table>,
 }
 
-/// A task type and the handler that serves it.
-pub type NamedHandler = (String, Arc<dyn Handler>);
+pub use crate::handler::NamedHandler;
 
 /// Reads and validates a handlers file.
 pub fn load(path: &Path) -> Result<Vec<NamedHandler>, HandlersFileError> {

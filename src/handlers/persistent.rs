@@ -50,7 +50,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::exec::{self, Group, Origin, StderrLog};
-use super::file::NamedHandler;
+use crate::handler::NamedHandler;
 use crate::handler::{Handler, HandlerError, HandlerFuture, HandlerResult, TaskContext};
 use crate::metrics as names;
 
