@@ -30,10 +30,11 @@
 //! whose backend fails has every task's outcome deferred at once, and the
 //! poller (slots free again within milliseconds) would receive its whole
 //! queue and fire one outbox write per message at the storage account: the
-//! calls time out, and every client's settlement with them. A queue whose
-//! outcomes were deferred lately ([`Deferring`]) is also received from in
-//! small batches, so a client whose backend cannot take its outcomes does
-//! not take the storage account's capacity from clients whose backends can.
+//! calls time out, and every client's settlement with them. While other
+//! queues have work, a queue whose outcomes were deferred lately
+//! ([`Deferring`]) is received from in small batches a few times a second,
+//! so a client whose backend cannot take its outcomes does not take the
+//! storage account's capacity from clients whose backends can.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -40,8 +40,10 @@ use crate::outbox::{self, DrainConfig};
 use crate::queue::{Message, QueueError};
 
 /// Messages asked for at once from a queue whose outcomes were deferred
-/// lately (see [`consumer::Deferring`]).
+/// lately (see [`consumer::Deferring`]) while other queues have work, and
+/// the pause before it is received from again.
 const DEFERRING_BATCH: u8 = 2;
+const DEFERRING_PAUSE: Duration = Duration::from_millis(250);
 pub use crate::schedule::{Schedule, MAX_ERROR_BACKOFF, MIN_POLL_INTERVAL};
 
 pub use crate::shutdown::SETTLE_MARGIN;
@@ -186,8 +188,10 @@ impl Poller {
         self.schedule.picked(i);
         let free = self.slots.available_permits() as u64;
         let remaining = self.cfg.max_tasks.map_or(u64::MAX, |m| m - self.started);
-        // A queue whose outcomes cannot be delivered now gets small batches.
-        let batch = if self.targets[i].deferring.lately() {
+        // While other queues have work, a queue whose outcomes cannot be
+        // delivered now gets small batches, a few times a second.
+        let yielding = self.targets[i].deferring.lately() && self.schedule.others_busy(i);
+        let batch = if yielding {
             DEFERRING_BATCH
         } else {
             self.cfg.batch_size
@@ -210,6 +214,9 @@ impl Poller {
             }
             Ok(messages) => {
                 self.schedule.brought(i);
+                if yielding {
+                    self.schedule.hold(i, DEFERRING_PAUSE);
+                }
                 self.start(i, messages);
                 Step::Continue
             }

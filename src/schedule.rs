@@ -81,6 +81,21 @@ impl Schedule {
         q.idle_backoff
     }
 
+    /// Whether any queue but `i` brought messages at its last receive (or
+    /// was not polled yet).
+    pub fn others_busy(&self, i: usize) -> bool {
+        self.queues
+            .iter()
+            .enumerate()
+            .any(|(j, q)| j != i && q.empty_at.is_none())
+    }
+
+    /// Queue `i` is not polled again for `pause`, whatever it brought.
+    pub fn hold(&mut self, i: usize, pause: Duration) {
+        let q = &mut self.queues[i];
+        q.next_poll = q.next_poll.max(Instant::now() + pause);
+    }
+
     /// Queue `i` brought messages: poll it again as soon as there is room.
     pub fn brought(&mut self, i: usize) {
         let q = &mut self.queues[i];
@@ -186,5 +201,36 @@ mod tests {
         s.brought(2);
         s.poll_by(Instant::now());
         assert!(s.next().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_queue_waits_out_its_pause_while_the_others_are_polled() {
+        let mut s = Schedule::new(2, Duration::from_secs(30));
+        assert!(s.others_busy(0), "a queue not polled yet may have work");
+        s.picked(0);
+        s.brought(0);
+        s.hold(0, Duration::from_millis(250));
+        let (i, _) = s.next().unwrap();
+        assert_eq!(i, 1, "the held queue is not due");
+        s.picked(1);
+        s.empty(1);
+        assert!(!s.others_busy(0), "the only other queue is empty");
+        assert!(s.others_busy(1));
+        let start = Instant::now();
+        let (i, due) = s.next().unwrap();
+        assert_eq!(
+            (i, due),
+            (1, start + MIN_POLL_INTERVAL),
+            "the empty one first"
+        );
+        tokio::time::advance(Duration::from_millis(250)).await;
+        s.picked(1);
+        s.brought(1);
+        let (i, due) = s.next().unwrap();
+        assert_eq!(
+            (i, due),
+            (0, start + Duration::from_millis(250)),
+            "then the held one"
+        );
     }
 }
