@@ -9,8 +9,10 @@
 //! TCP congestion control and Netflix's `concurrency-limits` do it:
 //!
 //! - it starts at [`Config::initial`] and doubles per round trip while
-//!   answers come back fast and fine (slow start), then grows by about one
-//!   per round trip (additive increase), and only while the limit is used;
+//!   answers come back fast and fine (slow start; it triples while the
+//!   smoothed round trip stays within a quarter of the best one), then grows
+//!   by a tenth (at least one) per round trip, and only while the limit is
+//!   used;
 //! - a timeout, a refused or reset connection, 429 or 503 halve it
 //!   (multiplicative decrease, at most once per round trip), and so does a
 //!   smoothed round trip more than twice the best one seen lately, gently
@@ -26,8 +28,11 @@
 //! when it is full, finished tasks wait and the poller stops receiving), and
 //! a destination that others are waiting beside may hold only its share
 //! (an outcome beyond it waits a moment, [`SHARE_WAIT`], for its own
-//! destination to drain, then goes to the outbox). A
-//! destination that is failing (its last answer was an overload signal, or
+//! destination to drain, then goes to the outbox). Room a destination took
+//! while it was alone goes back the same way: once another finds the
+//! backlog full, its outcomes beyond its share that cannot start yet go to
+//! the outbox, so a newcomer waits a quarter second, not until the first
+//! destination is judged failing. A destination that is failing (its last answer was an overload signal, or
 //! nothing has come back for a while) gets room for only two rounds of its
 //! limit: the caller hands everything beyond that to the outbox at once
 //! ([`Busy`]), so a black-holed backend costs other clients nothing, and
@@ -45,6 +50,11 @@ use tokio::time::Instant;
 
 /// Above this many remembered destinations, idle ones are forgotten.
 const PRUNE_AT: usize = 1024;
+/// Growth per round trip after slow start, as a fraction of the limit.
+const AVOIDANCE_GROWTH: f64 = 0.1;
+/// A smoothed round trip within this factor of the baseline is flat: slow
+/// start grows faster.
+const FLAT: f64 = 1.25;
 /// A smoothed round trip this much above the baseline (×2 + 1 ms) means
 /// queueing.
 const LATENCY_SLACK: Duration = Duration::from_millis(1);
@@ -60,10 +70,16 @@ const FAILING_STREAK: u32 = 5;
 /// waits for room before it goes to the outbox.
 const SHARE_WAIT: Duration = Duration::from_secs(1);
 const SHARE_RECHECK: Duration = Duration::from_millis(20);
+/// Spacing of the first requests to a destination, before any round trip
+/// is known.
+const FIRST_PACE: Duration = Duration::from_millis(1);
 /// Longest spacing between two request starts to one destination.
 const MAX_PACE: Duration = Duration::from_millis(20);
 /// Longest a request waiting for a slot sleeps before it looks again.
 const RECHECK: Duration = Duration::from_millis(250);
+/// How long an outcome that found the backlog full counts as wanting room
+/// (two [`RECHECK`]s: every waiting request looks again meanwhile).
+const ROOM_WANTED_FOR: Duration = Duration::from_millis(500);
 
 /// Why a request or an outcome cannot go ahead now; the caller hands the
 /// outcome to the outbox, which tries again later.
@@ -111,7 +127,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            initial: 4.0,
+            initial: 8.0,
             max_in_flight: 512,
             backlog: 512,
             backlog_bytes: 64 << 20,
@@ -193,9 +209,7 @@ impl Dest {
     /// a second for its SYN to be sent again).
     fn pace(&self) -> Duration {
         self.srtt
-            .map_or(Duration::ZERO, |srtt| {
-                srtt.div_f64(2.0 * self.limit.max(1.0))
-            })
+            .map_or(FIRST_PACE, |srtt| srtt.div_f64(2.0 * self.limit.max(1.0)))
             .min(MAX_PACE)
     }
 
@@ -241,10 +255,21 @@ impl Dest {
                 if queueing {
                     self.cut(0.9, now);
                 } else if used as f64 >= self.limit / 2.0 {
-                    self.limit += if self.limit < self.ssthresh {
-                        1.0
+                    // Slow start: double per round trip, triple while the
+                    // round trip has not moved at all from the best one.
+                    let flat = self
+                        .baseline()
+                        .zip(self.srtt)
+                        .is_some_and(|(b, srtt)| srtt.as_secs_f64() <= b.as_secs_f64() * FLAT);
+                    self.limit += if self.limit >= self.ssthresh {
+                        // About a tenth per round trip, at least one: back
+                        // within seconds after a cut, even at a 500 ms
+                        // round trip and a limit in the hundreds.
+                        (self.limit * AVOIDANCE_GROWTH).max(1.0) / self.limit
+                    } else if flat {
+                        2.0
                     } else {
-                        1.0 / self.limit
+                        1.0
                     };
                     self.limit = self.limit.min(max);
                 }
@@ -280,7 +305,7 @@ impl Dest {
 /// Whether a request may start now.
 enum Start {
     /// Yes; this many are in flight to the destination, this one included.
-    Started(usize),
+    Started(usize, Instant),
     /// Not yet: wait for the pause to end (if any) or for the notifier.
     Wait(Option<Instant>, Arc<Notify>),
 }
@@ -292,6 +317,10 @@ struct State {
     in_flight: usize,
     claims: usize,
     claim_bytes: usize,
+    /// When an outcome within its destination's share last found the
+    /// backlog full, and for which destination: outcomes of a destination
+    /// beyond its share that have not started yet then give their room back.
+    room_wanted: Option<(Instant, String)>,
 }
 
 /// Adaptive limits per destination, shared by every delivery of a process.
@@ -331,6 +360,7 @@ impl Limiter {
                 in_flight: 0,
                 claims: 0,
                 claim_bytes: 0,
+                room_wanted: None,
             }),
             freed: Notify::new(),
         })
@@ -356,7 +386,8 @@ impl Limiter {
     /// when the destination may not hold more: hand the outcome over.
     pub async fn claim(self: &Arc<Self>, host: &str, bytes: usize) -> Result<Claim, Busy> {
         let until = Instant::now() + self.cfg.max_wait;
-        let share_until = Instant::now() + SHARE_WAIT.min(self.cfg.max_wait);
+        // From the first time the destination is found at its share.
+        let mut share_until = None;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -372,7 +403,13 @@ impl Limiter {
                 Ok(false) => {}
                 // A burst to a destination that drains fast passes in a
                 // moment; one that does not drain goes to the outbox.
-                Err(Busy::Share) if Instant::now() < share_until => {}
+                Err(Busy::Share) => {
+                    let now = Instant::now();
+                    let end = *share_until.get_or_insert(now + SHARE_WAIT.min(self.cfg.max_wait));
+                    if now >= end {
+                        return Err(Busy::Share);
+                    }
+                }
                 Err(busy) => return Err(busy),
             }
             let now = Instant::now();
@@ -381,10 +418,9 @@ impl Limiter {
             }
             // A release wakes one waiter, maybe one bound elsewhere: while
             // waiting for its share, look again often.
-            let wake = if now < share_until {
-                (now + SHARE_RECHECK).min(share_until)
-            } else {
-                until
+            let wake = match share_until {
+                Some(end) if now < end => (now + SHARE_RECHECK).min(end),
+                _ => until,
             };
             let _ = tokio::time::timeout_at(wake, freed).await;
         }
@@ -417,6 +453,9 @@ impl Limiter {
         let fits =
             s.claims < cfg.backlog && (s.claims == 0 || s.claim_bytes + bytes <= cfg.backlog_bytes);
         if !fits {
+            if others > 0 {
+                s.room_wanted = Some((now, host.to_owned()));
+            }
             return Ok(false);
         }
         s.claims += 1;
@@ -446,10 +485,30 @@ impl Limiter {
         let mut s = self.lock();
         let total = s.in_flight;
         let cfg = &self.cfg;
+        // The destinations sharing the backlog: those holding room, and
+        // the one that lately found it full, if it holds none.
+        let wanting = match &s.room_wanted {
+            Some((t, h)) if h != host && now.saturating_duration_since(*t) < ROOM_WANTED_FOR => {
+                Some(s.dests.get(h).map_or(0, |d| d.claims))
+            }
+            _ => None,
+        };
+        let sharing =
+            s.dests.values().filter(|d| d.claims > 0).count() + usize::from(wanting == Some(0));
         let dest = s
             .dests
             .entry(host.to_owned())
             .or_insert_with(|| Dest::new(cfg, now));
+        // Room filled while this destination was alone goes back to the
+        // others once they want it: an outcome that cannot start now goes
+        // to the outbox.
+        let over_share = wanting.is_some() && sharing > 1 && dest.claims > cfg.backlog / sharing;
+        let blocked = dest.paused(now).is_some()
+            || dest.in_flight >= dest.slots()
+            || total >= cfg.max_in_flight;
+        if over_share && blocked {
+            return Err(Busy::Share);
+        }
         if let Some(until) = dest.paused(now) {
             return Ok(Start::Wait(Some(until), dest.notify.clone()));
         }
@@ -459,17 +518,17 @@ impl Limiter {
             }
             return Ok(Start::Wait(None, dest.notify.clone()));
         }
-        if now < dest.next_start {
-            return Ok(Start::Wait(Some(dest.next_start), dest.notify.clone()));
-        }
         if dest.in_flight == 0 {
             dest.progress = now;
         }
-        dest.next_start = now + dest.pace();
+        // Each request reserves its own start time: waiters never wake
+        // together to race for the next one.
+        let at = dest.next_start.max(now);
+        dest.next_start = at + dest.pace();
         dest.in_flight += 1;
         let used = dest.in_flight;
         s.in_flight += 1;
-        Ok(Start::Started(used))
+        Ok(Start::Started(used, at))
     }
 
     fn finish(&self, host: &str, used: usize, signal: Signal, now: Instant) {
@@ -503,15 +562,15 @@ impl Claim {
         let until = Instant::now() + limiter.cfg.max_wait;
         loop {
             let (pause, notify) = match limiter.try_start(&self.host, Instant::now())? {
-                Start::Started(used) => return Ok(self.permit(used)),
+                Start::Started(used, at) => return Ok(self.permit(used, at).await),
                 Start::Wait(pause, notify) => (pause, notify),
             };
             let changed = notify.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             // Re-check: the state may have changed before `enable`.
-            if let Ok(Start::Started(used)) = limiter.try_start(&self.host, Instant::now()) {
-                return Ok(self.permit(used));
+            if let Ok(Start::Started(used, at)) = limiter.try_start(&self.host, Instant::now()) {
+                return Ok(self.permit(used, at).await);
             }
             // Look again at least every RECHECK: a destination starts failing
             // by staying silent, which wakes nobody, and the all-destinations
@@ -530,15 +589,19 @@ impl Claim {
         }
     }
 
-    /// A request started now, with `used` in flight to the destination.
-    fn permit(&self, used: usize) -> Permit {
-        Permit {
+    /// The permit of a started request (`used` in flight to the destination
+    /// with it), once its paced start time `at` has come; the round trip is
+    /// measured from then. Dropped while it waits, it frees its slot.
+    async fn permit(&self, used: usize, at: Instant) -> Permit {
+        let permit = Permit {
             limiter: self.limiter.clone(),
             host: self.host.clone(),
             used,
-            started: Instant::now(),
+            started: at,
             signal: Signal::Ignored,
-        }
+        };
+        tokio::time::sleep_until(at).await;
+        permit
     }
 
     pub fn host(&self) -> &str {
@@ -576,9 +639,17 @@ impl Drop for Permit {
 mod tests {
     use super::*;
 
+    /// The algorithm's tests start from a limit of 4.
+    fn test_config() -> Config {
+        Config {
+            initial: 4.0,
+            ..Config::default()
+        }
+    }
+
     fn dest() -> (Dest, Instant) {
         let now = Instant::now();
-        (Dest::new(&Config::default(), now), now)
+        (Dest::new(&test_config(), now), now)
     }
 
     fn ms(n: u64) -> Duration {
@@ -606,7 +677,8 @@ mod tests {
     #[test]
     fn a_slow_healthy_backend_gets_the_parallelism_it_needs_within_seconds() {
         let (mut d, now) = dest();
-        // 500 ms per answer whatever the load: doubles per round trip.
+        // 500 ms per answer whatever the load: a flat round trip, so slow
+        // start triples the limit per round trip.
         rounds(&mut d, now, 7, |_| Signal::Answered { rtt: ms(500) });
         assert!(d.limit >= 256.0, "{}", d.limit);
     }
@@ -682,7 +754,7 @@ mod tests {
             backlog,
             backlog_bytes: bytes,
             max_wait: Duration::from_millis(200),
-            ..Config::default()
+            ..test_config()
         })
     }
 
@@ -756,6 +828,32 @@ mod tests {
         done.finish(Signal::Answered { rtt: ms(1) });
         let got = tokio::time::timeout(Duration::from_secs(1), claims[4].start()).await;
         assert!(matches!(got, Ok(Ok(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_filled_alone_goes_back_to_a_destination_that_wants_it() {
+        let l = Limiter::new(Config {
+            backlog: 8,
+            max_wait: Duration::from_secs(60),
+            ..test_config()
+        });
+        let mut claims = futures_claims(&l, "hole:80", 8).await;
+        let mut out = Vec::new();
+        for c in &claims[..4] {
+            out.push(c.start().await.unwrap());
+        }
+        // Alone, its outcomes beyond the limit wait for a slot...
+        let alone = tokio::time::timeout(ms(600), claims[7].start()).await;
+        assert!(alone.is_err(), "alone, it keeps its room");
+        // ...until another destination finds the backlog full.
+        let other = l.clone();
+        let wanting = tokio::spawn(async move { other.claim("fast:80", 1).await.map(drop) });
+        tokio::time::sleep(ms(1)).await;
+        let last = claims.pop().unwrap();
+        assert_eq!(last.start().await.unwrap_err(), Busy::Share);
+        drop(last);
+        assert_eq!(wanting.await.unwrap(), Ok(()), "the room went to the other");
+        drop(out);
     }
 
     async fn futures_claims(l: &Arc<Limiter>, host: &str, n: usize) -> Vec<Claim> {
