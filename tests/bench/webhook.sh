@@ -4,7 +4,8 @@
 # only meaningful as ratios on the same machine). Every worker run drains N
 # echo tasks with `worker poll` (batch 32, concurrency 32):
 #
-#  (a) no webhooks: N / the worker's wall time (`--exit-when-empty`).
+#  (a) no webhooks: N / the time from the worker's start to its last task's
+#      end (`--exit-when-empty`; as (c) and (d) count to the last webhook).
 #  (b) the receiver alone: Python's standard `ThreadingHTTPServer` as a backend
 #      team writes it in a few lines: defaults kept (listen queue of 5, HTTP/1.0
 #      so every answer closes its connection), 200 at once, each distinct
@@ -144,6 +145,16 @@ count() {
     else echo "?"; fi
 }
 
+# A fresh in-memory Azurite for every worker run: Azurite gets slower with
+# every message it holds (in any queue) and stalls for seconds after a few
+# runs of thousands, which the real service does not do; each run starts
+# from the same empty one.
+fresh_azurite() {
+    kill "$AZ_PID" 2>/dev/null || true
+    wait "$AZ_PID" 2>/dev/null || true
+    start_azurite
+}
+
 # Starts `worker poll "$@"` for clients $2 under GNU time, in the background;
 # $1 names its files. Sets START (ns), TIME_PID, WORKER_PID.
 start_worker() {
@@ -179,8 +190,7 @@ wait_for() {
     return 0
 }
 # SIGTERM if still running, then a bounded wait, then SIGKILL. Sets STATUS
-# (the worker's), STOP_S (SIGTERM to exit, or "-"), ELAPSED (worker wall s),
-# RSS (KiB).
+# (the worker's), STOP_S (SIGTERM to exit, or "-"), RSS (KiB).
 stop_worker() {
     local t0 deadline
     STOP_S=-
@@ -200,7 +210,7 @@ stop_worker() {
     TIME_PID=
     WORKER_PID=
     # The last line: GNU time puts "Command exited with non-zero status" first.
-    read -r ELAPSED RSS < <(tail -1 "$WORK/$LABEL.time")
+    read -r _ RSS < <(tail -1 "$WORK/$LABEL.time")
 }
 # Rate for run $1 from START: N / time to the N-th id, or, when fewer
 # arrived, the ids so far / the time waited (COMPLETE=0, "incomplete").
@@ -225,12 +235,21 @@ settled() {
 # (a) no webhooks; appends "rate rss" to $WORK/a.
 run_a() {
     local client=plain$1
+    fresh_azurite
     fill "$client"
     start_worker "$client" "$client" --exit-when-empty
     wait_for "$WAIT_SECS"
     stop_worker
     settled
-    echo "$(awk -v n="$N" -v w="$ELAPSED" 'BEGIN {printf "%.1f", n/w}') $RSS" >>"$WORK/a"
+    # Up to the last task's end, as (c) and (d) count up to the last
+    # webhook: not the worker's start-up, nor its wait to see the queue empty.
+    local last
+    last=$(grep "task succeeded" "$WORK/$LABEL.log" | tail -1 | cut -d' ' -f1)
+    if [ -n "$last" ]; then
+        echo "$(awk -v n="$N" -v a="$START" -v b="$(date -d "$last" +%s%N)" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}') $RSS" >>"$WORK/a"
+    else
+        echo "0 $RSS" >>"$WORK/a"
+    fi
 }
 # (b) the receiver alone; appends "best rate_c1 rate_c4 rate_c16" to $WORK/b
 # and each generator line to $WORK/b.lines.
@@ -248,6 +267,7 @@ run_b() {
 # "rate rss complete" to $WORK/$2.
 run_hooks() {
     local client=$2$1 query=
+    fresh_azurite
     [ "$3" -gt 0 ] && query="?delay_ms=$3"
     fill "$client" "http://$HOOK/$client$query"
     start_worker "$client" "$client" --exit-when-empty
@@ -263,6 +283,7 @@ run_hooks() {
 # $WORK/e1.
 run_e_alone() {
     local client=solo$1
+    fresh_azurite
     fill "$client" "http://$HOOK/$client"
     # b's tasks sit in Azurite here too, unconsumed: Azurite's calls get
     # slower with every message it holds (any queue), which the real service
@@ -278,6 +299,7 @@ run_e_alone() {
 # lost" to $WORK/e2.
 run_e_both() {
     local a=a$1 b=b$1 outbox tasks poison lost
+    fresh_azurite
     fill "$a" "http://$HOOK/$a"
     fill "$b" "http://$HOLE/$b"
     start_worker "$a+$b" "$a,$b"
