@@ -17,43 +17,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use worker::queue::Queue;
 
 use common::azurite::{unique_name, Azurite};
 use common::backend::{Backend, Mode};
 use common::consume::{hook, task, Client};
 use common::proxy::Proxy;
+use common::queues::{count, wait_count, ARRIVAL};
 use common::receiver::{Receiver, Reply};
 use common::worker::Worker;
-
-/// Generous bound for anything that should already have happened.
-const ARRIVAL: Duration = Duration::from_secs(60);
-
-/// Messages in `queue`, visible or not; a missing queue holds none.
-async fn count(queue: &Queue) -> Option<u64> {
-    match queue.approximate_count().await {
-        Ok(c) => Some(c),
-        Err(worker::queue::QueueError::QueueNotFound { .. }) => Some(0),
-        Err(_) => None,
-    }
-}
-
-/// Waits until `queue` holds exactly `n` messages (visible or not).
-async fn wait_count(queue: &Queue, n: u64, what: &str) {
-    let deadline = Instant::now() + ARRIVAL;
-    loop {
-        let got = count(queue).await;
-        if got == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} holds {got:?} messages, not {n}, after {ARRIVAL:?}",
-            queue.name()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Waits until `cond` holds, polling; fails with `what` after `bound`.
 async fn wait_until(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) {

@@ -8,70 +8,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use worker::queue::Queue;
 
 use common::azurite::Azurite;
 use common::consume::{hook, task, Client};
-use common::receiver::{Receiver, Reply, Request};
+use common::queues::{wait_count, wait_empty, wait_one, ARRIVAL};
+use common::receiver::{Receiver, Reply};
 use common::worker::Worker;
-
-/// Generous bound for anything that should already have happened.
-const ARRIVAL: Duration = Duration::from_secs(60);
-
-/// Waits until `queue` has a visible message and returns its text.
-async fn wait_visible(queue: &Queue, what: &str) -> String {
-    let deadline = Instant::now() + ARRIVAL;
-    loop {
-        if let Ok(mut m) = queue.peek(1).await {
-            if let Some(m) = m.pop() {
-                return m.text;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: nothing visible in {} within {ARRIVAL:?}",
-            queue.name()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until `queue` holds no message at all (visible or not).
-async fn wait_empty(queue: &Queue, what: &str) {
-    wait_count(queue, 0, what).await;
-}
-
-/// Waits until `queue` holds exactly `n` messages (visible or not); a queue
-/// that does not exist holds none.
-async fn wait_count(queue: &Queue, n: u64, what: &str) {
-    let deadline = Instant::now() + ARRIVAL;
-    loop {
-        let count = match queue.approximate_count().await {
-            Ok(c) => Some(c),
-            Err(worker::queue::QueueError::QueueNotFound { .. }) => Some(0),
-            Err(_) => None,
-        };
-        if count == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} holds {count:?} messages, not {n}, after {ARRIVAL:?}",
-            queue.name()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn id_of(r: &Request) -> String {
-    r.header("webhook-id")
-        .expect("every webhook has a webhook-id")
-        .to_owned()
-}
 
 #[tokio::test]
 async fn a_task_redelivered_after_a_crash_reports_again_with_the_same_webhook_id() {
@@ -105,7 +51,11 @@ async fn a_task_redelivered_after_a_crash_reports_again_with_the_same_webhook_id
     let again = rx
         .recv(ARRIVAL)
         .expect("the redelivered task reports again");
-    assert_eq!(id_of(&again), id_of(&before), "one outcome, one webhook-id");
+    assert_eq!(
+        again.webhook_id(),
+        before.webhook_id(),
+        "one outcome, one webhook-id"
+    );
     assert_eq!(before.json()["type"], "task.succeeded");
     assert_eq!(again.json()["type"], "task.succeeded");
     assert_eq!(before.json()["data"]["attempt"], 1);
@@ -135,9 +85,9 @@ async fn single_task_mode_keeps_an_undelivered_outcome_in_the_outbox_for_worker_
     out.assert_code(0);
     let first = rx.collect(2, ARRIVAL);
     assert_eq!(first.len(), 2, "two in-process attempts");
-    let text = wait_visible(&c.outbox.clone(), "the outboxed outcome").await;
+    let text = wait_one(&c.outbox.clone(), "the outboxed outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(entry["webhook_id"], id_of(&first[0]));
+    assert_eq!(entry["webhook_id"], first[0].webhook_id());
     assert_eq!(entry["attempts"], 2);
     assert!(
         entry["last_error"].as_str().unwrap().contains("503"),
@@ -147,7 +97,11 @@ async fn single_task_mode_keeps_an_undelivered_outcome_in_the_outbox_for_worker_
     let out = base().args(["deliver", "--exit-when-empty"]).run();
     out.assert_code(0);
     let later = rx.recv(ARRIVAL).expect("delivered from the outbox");
-    assert_eq!(id_of(&later), id_of(&first[0]), "same id from the outbox");
+    assert_eq!(
+        later.webhook_id(),
+        first[0].webhook_id(),
+        "same id from the outbox"
+    );
     assert_ne!(
         later.header("webhook-timestamp"),
         None,
@@ -162,7 +116,7 @@ async fn single_task_mode_keeps_an_undelivered_outcome_in_the_outbox_for_worker_
         .task(&task("t-fails", "fail", json!({}), Some(&hook(&down))))
         .run();
     out.assert_code(1);
-    let text = wait_visible(&c.outbox.clone(), "the failed task's outcome").await;
+    let text = wait_one(&c.outbox.clone(), "the failed task's outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(entry["event_type"], "task.failed");
     assert_eq!(entry["task_id"], "t-fails");
@@ -188,9 +142,12 @@ async fn the_outbox_retries_on_its_schedule_then_poisons_and_replay_delivers() {
         .await;
     let tries = rx.collect(3, ARRIVAL);
     assert_eq!(tries.len(), 3, "one in-process and two outbox attempts");
-    let id = id_of(&tries[0]);
-    assert!(tries.iter().all(|r| id_of(r) == id), "one id throughout");
-    wait_visible(&c.outbox_poison.clone(), "the given-up entry").await;
+    let id = tries[0].webhook_id();
+    assert!(
+        tries.iter().all(|r| r.webhook_id() == id),
+        "one id throughout"
+    );
+    wait_one(&c.outbox_poison.clone(), "the given-up entry").await;
     wait_empty(&c.outbox.clone(), "the outbox after giving up").await;
     wait_empty(&c.tasks, "the task message").await;
     w.wait_for_log("webhook given up on");
@@ -213,7 +170,7 @@ async fn the_outbox_retries_on_its_schedule_then_poisons_and_replay_delivers() {
         .run();
     replay.assert_code(0);
     let back = rx.recv(ARRIVAL).expect("the replayed entry is delivered");
-    assert_eq!(id_of(&back), id);
+    assert_eq!(back.webhook_id(), id);
     wait_empty(&c.outbox.clone(), "the outbox after replay").await;
     wait_empty(&c.outbox_poison.clone(), "the webhook poison queue").await;
     w.signal(Signal::SIGTERM);
@@ -233,7 +190,7 @@ async fn a_refused_webhook_url_goes_straight_to_the_webhook_poison_queue() {
         .spawn();
     c.send_task(&task("t-refused", "echo", json!({}), Some(&hook(&rx))))
         .await;
-    let text = wait_visible(&c.outbox_poison.clone(), "the refused outcome").await;
+    let text = wait_one(&c.outbox_poison.clone(), "the refused outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(entry["task_id"], "t-refused");
     assert!(
@@ -292,9 +249,9 @@ async fn shutdown_hands_a_pending_delivery_to_the_outbox_due_at_once() {
     w.signal(Signal::SIGTERM);
     w.finish().assert_code(0);
     // Due at once, not after the schedule's first delay (5 min by default).
-    let text = wait_visible(&c.outbox.clone(), "the handed-over outcome").await;
+    let text = wait_one(&c.outbox.clone(), "the handed-over outcome").await;
     let entry: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(entry["webhook_id"], id_of(&first));
+    assert_eq!(entry["webhook_id"], first.webhook_id());
     assert_eq!(entry["outbox_attempts"], 0);
     assert_eq!(c.count().await, 0, "the task message is settled");
 }
@@ -315,11 +272,11 @@ async fn job_mode_executions_also_deliver_due_outbox_entries() {
     job().run().assert_code(0);
     let first = rx.recv(ARRIVAL).expect("the in-process attempt");
     assert_eq!(c.count().await, 0, "settled after outboxing");
-    wait_visible(&c.outbox.clone(), "the outboxed outcome").await;
+    wait_one(&c.outbox.clone(), "the outboxed outcome").await;
     // An execution with no task (started for the outbox) delivers it.
     job().run().assert_code(0);
     let later = rx.recv(ARRIVAL).expect("delivered by the next execution");
-    assert_eq!(id_of(&later), id_of(&first));
+    assert_eq!(later.webhook_id(), first.webhook_id());
     wait_empty(&c.outbox.clone(), "the outbox").await;
 }
 
@@ -345,9 +302,9 @@ async fn a_hanging_webhook_does_not_hold_the_exit() {
         w.signal(Signal::SIGTERM);
         let out = w.finish_within(Duration::from_secs(60));
         out.assert_code(0);
-        let text = wait_visible(&c.outbox.clone(), "the handed-over outcome").await;
+        let text = wait_one(&c.outbox.clone(), "the handed-over outcome").await;
         let entry: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(entry["webhook_id"], id_of(&first), "{mode}");
+        assert_eq!(entry["webhook_id"], first.webhook_id(), "{mode}");
         wait_empty(&c.tasks, "the task message").await;
     }
 }

@@ -10,19 +10,15 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use worker::queue::{ClaimStore, Queue, QueueError};
+use worker::queue::ClaimStore;
 
 use common::azurite::Azurite;
 use common::consume::{hook, task, Client};
+use common::queues::{wait_empty, wait_visible, ARRIVAL};
 use common::receiver::{Receiver, Reply, Request};
 use common::worker::{Output, Worker};
-
-/// Generous bound for anything that should already have happened.
-const ARRIVAL: Duration = Duration::from_secs(90);
 
 fn claims(az: &Azurite, c: &Client) -> ClaimStore {
     az.claims(&format!("{}-webhooks", c.name))
@@ -51,44 +47,6 @@ fn deliver(az: &Azurite, c: &Client) -> Output {
     let out = base(az, c).args(["deliver", "--exit-when-empty"]).run();
     out.assert_code(0);
     out
-}
-
-/// Waits until `queue` shows `n` visible messages; returns their texts.
-async fn wait_visible(queue: &Queue, n: usize, what: &str) -> Vec<String> {
-    let deadline = Instant::now() + ARRIVAL;
-    loop {
-        if let Ok(m) = queue.peek(32).await {
-            if m.len() >= n {
-                return m.into_iter().map(|m| m.text).collect();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: fewer than {n} visible in {} within {ARRIVAL:?}",
-            queue.name()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until `queue` holds no message at all; a missing queue holds none.
-async fn wait_empty(queue: &Queue, what: &str) {
-    let deadline = Instant::now() + ARRIVAL;
-    loop {
-        match queue.approximate_count().await {
-            Ok(0) | Err(QueueError::QueueNotFound { .. }) => return,
-            other => assert!(
-                Instant::now() < deadline,
-                "{what}: {} holds {other:?} after {ARRIVAL:?}",
-                queue.name()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn id_of(r: &Request) -> String {
-    r.header("webhook-id").expect("a webhook-id").to_owned()
 }
 
 fn entry(text: &str) -> Value {
@@ -155,7 +113,11 @@ async fn results_of_any_size_reach_the_backend_whole_from_the_outbox() {
             .filter(|r| r.json()["data"]["task_id"] == task_id)
             .collect();
         assert_eq!(after.len(), 1, "{task_id}: delivered once");
-        assert_eq!(id_of(after[0]), id_of(before), "{task_id}: the same id");
+        assert_eq!(
+            after[0].webhook_id(),
+            before.webhook_id(),
+            "{task_id}: the same id"
+        );
         assert!(
             after[0].body == before.body,
             "{task_id}: byte-identical body"
@@ -198,7 +160,7 @@ async fn a_huge_task_id_goes_through_the_outbox_whole() {
 
     deliver(az, &c);
     let after = rx.recv(ARRIVAL).expect("delivered from the outbox");
-    assert_eq!(id_of(&after), id_of(&before));
+    assert_eq!(after.webhook_id(), before.webhook_id());
     assert_eq!(after.json()["data"]["task_id"], task_id.as_str());
     assert!(after.body == before.body, "byte-identical body");
     wait_empty(&c.outbox.clone(), "the outbox after delivery").await;
@@ -222,7 +184,7 @@ async fn polling_mode_outboxes_a_result_near_the_queue_message_limit() {
         .await;
     let before = rx.recv(ARRIVAL).expect("the in-process attempt");
     let after = rx.recv(ARRIVAL).expect("delivered from the outbox");
-    assert_eq!(id_of(&after), id_of(&before));
+    assert_eq!(after.webhook_id(), before.webhook_id());
     assert_eq!(after.json()["type"], "task.succeeded");
     assert_eq!(after.json()["data"]["result"], p);
     assert!(after.body == before.body, "byte-identical body");
@@ -277,7 +239,7 @@ async fn a_claimed_outcome_keeps_its_blob_through_poison_and_replay() {
 
     deliver(az, &c);
     let after = rx.recv(ARRIVAL).expect("the replayed entry is delivered");
-    assert_eq!(id_of(&after), id_of(&before));
+    assert_eq!(after.webhook_id(), before.webhook_id());
     assert_eq!(after.json()["data"]["result"], p);
     assert!(after.body == before.body, "byte-identical body");
     wait_empty(&c.outbox.clone(), "the outbox").await;

@@ -8,6 +8,7 @@ pub mod azurite;
 pub mod backend;
 pub mod consume;
 pub mod proxy;
+pub mod queues;
 pub mod receiver;
 pub mod standard_webhooks;
 pub mod worker;

@@ -77,6 +77,12 @@ impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+    /// The `webhook-id` header, which every webhook carries.
+    pub fn webhook_id(&self) -> String {
+        self.header("webhook-id")
+            .expect("every webhook has a webhook-id")
+            .to_owned()
+    }
     pub fn text(&self) -> &str {
         std::str::from_utf8(&self.body).expect("request body is not UTF-8")
     }
