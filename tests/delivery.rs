@@ -152,20 +152,15 @@ async fn the_outbox_retries_on_its_schedule_then_poisons_and_replay_delivers() {
     wait_empty(&c.tasks, "the task message").await;
     w.wait_for_log("webhook given up on");
 
-    let env = |wk: Worker| {
-        wk.env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
-            .env("WORKER_CLIENT", &c.name)
-    };
-    let list = env(Worker::new())
-        .args(["poison", "list", "--webhooks"])
-        .run();
+    let list = c.worker().args(["poison", "list", "--webhooks"]).run();
     list.assert_code(0);
     assert!(
         list.stdout.contains("task_id=t-away"),
         "{}",
         list.describe()
     );
-    let replay = env(Worker::new())
+    let replay = c
+        .worker()
         .args(["poison", "replay", "--webhooks", "--task-id", "t-away"])
         .run();
     replay.assert_code(0);

@@ -216,13 +216,7 @@ async fn a_claimed_outcome_keeps_its_blob_through_poison_and_replay() {
         claims(az, &c).get(&claim).await.unwrap().is_some(),
         "a poisoned entry keeps its blob"
     );
-    let env = |w: Worker| {
-        w.env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
-            .env("WORKER_CLIENT", &c.name)
-    };
-    let list = env(Worker::new())
-        .args(["poison", "list", "--webhooks"])
-        .run();
+    let list = c.worker().args(["poison", "list", "--webhooks"]).run();
     list.assert_code(0);
     assert!(
         list.stdout.contains("task_id=t-big")
@@ -231,7 +225,7 @@ async fn a_claimed_outcome_keeps_its_blob_through_poison_and_replay() {
         "{}",
         list.describe()
     );
-    env(Worker::new())
+    c.worker()
         .args(["poison", "replay", "--webhooks", "--task-id", "t-big"])
         .run()
         .assert_code(0);
