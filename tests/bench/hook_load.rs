@@ -10,6 +10,11 @@
 //! refused or timed-out connection (a full accept queue) counts as an error and
 //! the generator connects again; it never stops early.
 //!
+//! `hook-load URL CONCURRENCY SECONDS SPREAD_MS`: the connections start
+//! SPREAD_MS apart in all (evenly), not at once, so a receiver that answers
+//! after a fixed delay sees a steady stream of new connections instead of
+//! CONCURRENCY of them every delay (a burst a listen queue of 5 cannot hold).
+//!
 //! Prints one line: `concurrency=C ok=N errors=E connections=K seconds=S
 //! rate=R` where rate counts only 2xx answers.
 //!
@@ -27,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-const USAGE: &str = "usage: hook-load http://IP:PORT/PATH CONCURRENCY SECONDS";
+const USAGE: &str = "usage: hook-load http://IP:PORT/PATH CONCURRENCY SECONDS [SPREAD_MS]";
 /// A request that takes longer than this is abandoned and counted as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,9 +53,14 @@ struct Target {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [url, concurrency, seconds] = args.as_slice() else {
-        bail!("{USAGE}");
+    let (url, concurrency, seconds, spread) = match args.as_slice() {
+        [u, c, s] => (u, c, s, "0"),
+        [u, c, s, spread] => (u, c, s, spread.as_str()),
+        _ => bail!("{USAGE}"),
     };
+    let spread: u64 = spread
+        .parse()
+        .with_context(|| format!("SPREAD_MS `{spread}` is not a number\n{USAGE}"))?;
     let target = parse_url(url)?;
     let concurrency: u64 = concurrency
         .parse()
@@ -63,8 +73,14 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
     let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        clients.spawn(client(target.clone(), counters.clone(), deadline));
+    let concurrency = concurrency.max(1);
+    for i in 0..concurrency {
+        let start = Duration::from_millis(spread * i / concurrency);
+        let (target, counters) = (target.clone(), counters.clone());
+        clients.spawn(async move {
+            tokio::time::sleep(start).await;
+            client(target, counters, deadline).await
+        });
     }
     while clients.join_next().await.is_some() {}
     let secs = started.elapsed().as_secs_f64();

@@ -17,6 +17,11 @@ in <--log-dir>/<run>.log (flushed at once):
 with the time from the wall clock (nanoseconds since the epoch, the clock of
 `date +%s%N`), taken under the lock so that the lines are in time order.
 
+`--werkzeug`: the same app served the way Flask's development server (werkzeug)
+serves a threaded app, which is what `flask run` and `app.run()` give a small
+backend: a listen queue of 128 (werkzeug's LISTEN_QUEUE) and HTTP/1.1, so a
+connection stays open for the next request (keep-alive).
+
 `--blackhole`: a host that never answers: it listens (a large backlog, so the
 kernel completes the handshakes) but never accepts a connection or reads a
 byte; every request to it times out.
@@ -37,8 +42,8 @@ from urllib.parse import parse_qs, urlsplit
 
 
 class Receiver(ThreadingHTTPServer):
-    def __init__(self, addr, log_dir):
-        super().__init__(addr, Handler)
+    def __init__(self, addr, log_dir, handler):
+        super().__init__(addr, handler)
         self.log_dir = log_dir
         self.lock = threading.Lock()
         self.seen = {}  # run -> set of webhook-ids
@@ -79,6 +84,14 @@ class Handler(BaseHTTPRequestHandler):
         pass  # the recorded ids are the log
 
 
+class WerkzeugReceiver(Receiver):
+    request_queue_size = 128  # read by server_activate(), in __init__
+
+
+class KeepAliveHandler(Handler):
+    protocol_version = "HTTP/1.1"
+
+
 def write_port(port_file, port):
     # Written whole, then renamed, so a reader never sees half a number.
     tmp = port_file + ".tmp"
@@ -93,6 +106,7 @@ def main():
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file", required=True)
     p.add_argument("--log-dir")
+    p.add_argument("--werkzeug", action="store_true")
     p.add_argument("--blackhole", action="store_true")
     args = p.parse_args()
     if args.blackhole:
@@ -102,7 +116,10 @@ def main():
             time.sleep(3600)
     if not args.log_dir:
         p.error("--log-dir is needed unless --blackhole")
-    server = Receiver((args.host, args.port), args.log_dir)
+    if args.werkzeug:
+        server = WerkzeugReceiver((args.host, args.port), args.log_dir, KeepAliveHandler)
+    else:
+        server = Receiver((args.host, args.port), args.log_dir, Handler)
     write_port(args.port_file, server.server_address[1])
     try:
         server.serve_forever()

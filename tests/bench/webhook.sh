@@ -12,12 +12,25 @@
 #      webhook-id recorded. The load generator (tests/bench/hook_load.rs) posts
 #      for GEN_SECS from 1, 4 and 16 connections; each rate is printed, the
 #      best one is (b). Resets and timeouts are counted, not fatal.
+#      (b500): the same receiver answering after DELAY_MS, from SLOW_CONNS
+#      connections started evenly over DELAY_MS (a steady client, no bursts
+#      of new connections): what that slow receiver can take at all, the
+#      ceiling (d) is measured against.
 #  (c) the worker reporting N outcomes to that receiver: N / the time from the
 #      worker's start until the receiver holds all N distinct webhook-ids.
 #      Targets: c/b >= 0.8 and c/a >= 0.5.
 #  (d) the same with the receiver answering each webhook after DELAY_MS (a
 #      thread per request, so a slow backend that takes any parallelism it is
 #      given). Target: d/c >= 0.8.
+#  (d') the same 500 ms app served the way Flask's development server
+#      (werkzeug) serves a threaded app, as `flask run` gives a small backend:
+#      a listen queue of 128 and HTTP/1.1 keep-alive. (d) measures what a
+#      listen queue of 5 and a new connection per request cost at this
+#      parallelism (on a 2-core machine whose cores Azurite and the worker
+#      keep busy, the receiver's accept thread waits for a core and its queue
+#      overflows: (b500) beside two busy loops drops by about a quarter);
+#      (d') whether the worker gives a slow but healthy backend the
+#      parallelism it needs. Target: d'/c >= 0.8.
 #  (e) two clients, WORKER_CLIENT=a,b (queues a-tasks and b-tasks, N each): a's
 #      webhooks go to the receiver on 127.0.0.1, b's to a black-holed host on
 #      127.0.0.2 (listens, never answers). a's rate (until the receiver holds
@@ -58,6 +71,7 @@ GEN_SECS=${GEN_SECS:-3}
 WAIT_SECS=${WAIT_SECS:-60}
 GRACE=${GRACE:-2}
 CONCURRENCY=32
+SLOW_CONNS=256    # (b500): connections to the slow receiver
 STOP_SECS=30      # bound from SIGTERM to the worker's exit before SIGKILL
 COMMAND="N=$N ROUNDS=$ROUNDS DELAY_MS=$DELAY_MS GEN_SECS=$GEN_SECS WAIT_SECS=$WAIT_SECS GRACE=$GRACE${WORKER_BIN:+ WORKER_BIN=$WORKER_BIN} bash tests/bench/webhook.sh"
 
@@ -79,6 +93,7 @@ WORK=$(mktemp -d)
 mkdir "$WORK/hooks"
 AZ_PID=
 SINK_PID=
+WERKZEUG_PID=
 HOLE_PID=
 TIME_PID=
 WORKER_PID=
@@ -87,7 +102,7 @@ WORKER_PID=
 cleanup() {
     local pid
     [ -n "$WORKER_PID" ] && kill -KILL "$WORKER_PID" 2>/dev/null
-    for pid in $TIME_PID $HOLE_PID $SINK_PID $AZ_PID; do
+    for pid in $TIME_PID $HOLE_PID $WERKZEUG_PID $SINK_PID $AZ_PID; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
@@ -119,12 +134,15 @@ start_receiver() {
 start_receiver sink --log-dir "$WORK/hooks"
 SINK_PID=$STARTED_PID
 HOOK=127.0.0.1:$STARTED_PORT
+start_receiver werkzeug --werkzeug --log-dir "$WORK/hooks"
+WERKZEUG_PID=$STARTED_PID
+HOOK_W=127.0.0.1:$STARTED_PORT
 # A different host, so that a per-host limit cannot confuse the two.
 start_receiver hole --blackhole --host 127.0.0.2
 HOLE_PID=$STARTED_PID
 HOLE=127.0.0.2:$STARTED_PORT
 # The egress guard refuses loopback unless the host:port is allowed by name.
-export WORKER_WEBHOOK_ALLOWED_HOSTS=$HOOK,$HOLE
+export WORKER_WEBHOOK_ALLOWED_HOSTS=$HOOK,$HOOK_W,$HOLE
 
 now_ns() { date +%s%N; }
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
@@ -262,14 +280,18 @@ run_b() {
     done
     best=$(printf '%s\n' "${rates[@]}" | max)
     echo "$best ${rates[*]}" >>"$WORK/b"
+    line=$(timeout -k 5 $((GEN_SECS + 30)) "$GEN" "http://$HOOK/gen$1-slow?delay_ms=$DELAY_MS" \
+        "$SLOW_CONNS" "$GEN_SECS" "$DELAY_MS")
+    echo "round $1: $line" >>"$WORK/b.lines"
+    echo "${line##*rate=}" >>"$WORK/b500"
 }
-# (c) and (d): $2 is the file and run prefix, $3 the delay in ms; appends
-# "rate rss complete" to $WORK/$2.
+# (c), (d) and (d'): $2 is the file and run prefix, $3 the delay in ms, $4
+# the receiver (host:port); appends "rate rss complete" to $WORK/$2.
 run_hooks() {
     local client=$2$1 query=
     fresh_azurite
     [ "$3" -gt 0 ] && query="?delay_ms=$3"
-    fill "$client" "http://$HOOK/$client$query"
+    fill "$client" "http://$4/$client$query"
     start_worker "$client" "$client" --exit-when-empty
     wait_for "$WAIT_SECS" "$client" "$N"
     hook_rate "$client"
@@ -329,9 +351,11 @@ for r in $(seq 1 "$ROUNDS"); do
     echo "round $r: (b) the receiver alone, ${GEN_SECS}s each from 1, 4, 16 connections..." >&2
     run_b "$r"
     echo "round $r: (c) the worker to the receiver..." >&2
-    run_hooks "$r" c 0
+    run_hooks "$r" c 0 "$HOOK"
     echo "round $r: (d) the worker to the receiver answering after ${DELAY_MS} ms..." >&2
-    run_hooks "$r" d "$DELAY_MS"
+    run_hooks "$r" d "$DELAY_MS" "$HOOK"
+    echo "round $r: (d') the same, served as Flask's development server serves it..." >&2
+    run_hooks "$r" dw "$DELAY_MS" "$HOOK_W"
     echo "round $r: (e) client a alone, and beside client b whose host is black-holed..." >&2
     # Alternate the order so that neither side always runs on a fresher Azurite.
     if [ $((r % 2)) = 1 ]; then run_e_alone "$r"; run_e_both "$r"; else run_e_both "$r"; run_e_alone "$r"; fi
@@ -346,8 +370,8 @@ rss() { MIB "$(col "$1" 2 | max)"; }
 partial() { awk '$3 == 0 {p = 1} END {if (p) print " (incomplete)"}' "$WORK/$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a/b; else print "0.00"}'; }
 mark() { if awk -v a="$1" -v t="$2" 'BEGIN {exit !(a >= t)}'; then echo PASS; else echo FAIL; fi; }
-A=$(med a 1); B=$(med b 1); C=$(med c 1); D=$(med d 1); E1=$(med e1 1); E2=$(med e2 1)
-CB=$(ratio "$C" "$B"); CA=$(ratio "$C" "$A"); DC=$(ratio "$D" "$C"); EE=$(ratio "$E2" "$E1")
+A=$(med a 1); B=$(med b 1); B500=$(med b500 1); C=$(med c 1); D=$(med d 1); DW=$(med dw 1); E1=$(med e1 1); E2=$(med e2 1)
+CB=$(ratio "$C" "$B"); CA=$(ratio "$C" "$A"); DC=$(ratio "$D" "$C"); DWC=$(ratio "$DW" "$C"); DB=$(ratio "$D" "$B500"); EE=$(ratio "$E2" "$E1")
 echo
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); Azurite $(node -p "require('$ROOT/tests/node_modules/azurite/package.json').version"); Python $(python3 -c 'import platform; print(platform.python_version())')"
 echo "worker: $BIN"
@@ -361,8 +385,10 @@ for i in 1 2 3; do
     c=$(echo "1 4 16" | cut -d' ' -f"$i")
     printf "%-58s %10.0f\n" "      from $c connection(s)" "$(med b $((i + 1)))"
 done
+printf "%-58s %10.0f %12s\n" "(b500) receiver alone answering after ${DELAY_MS} ms, ${SLOW_CONNS} conns" "$B500" "-"
 printf "%-58s %10.0f %12s\n" "(c) worker -> receiver (outcomes/s)$(partial c)" "$C" "$(rss c)"
 printf "%-58s %10.0f %12s\n" "(d) worker -> receiver answering after ${DELAY_MS} ms$(partial d)" "$D" "$(rss d)"
+printf "%-58s %10.0f %12s\n" "(d') the same, listen queue 128 + keep-alive (werkzeug)$(partial dw)" "$DW" "$(rss dw)"
 printf "%-58s %10.0f %12s\n" "(e) client a alone (a's outcomes/s)$(partial e1)" "$E1" "$(rss e1)"
 printf "%-58s %10.0f %12s\n" "(e) client a beside b, b's host black-holed$(partial e2)" "$E2" "$(rss e2)"
 echo
@@ -370,6 +396,8 @@ echo "targets:"
 printf "   %-40s %6s  %s\n" "c / b >= 0.8  (receiver's capacity)" "$CB" "$(mark "$CB" 0.8)"
 printf "   %-40s %6s  %s\n" "c / a >= 0.5  (cost of reporting)" "$CA" "$(mark "$CA" 0.5)"
 printf "   %-40s %6s  %s\n" "d / c >= 0.8  (a ${DELAY_MS} ms backend)" "$DC" "$(mark "$DC" 0.8)"
+printf "   %-40s %6s\n" "d / b500 (share of what it can take)" "$DB"
+printf "   %-40s %6s  %s\n" "d' / c >= 0.8 (the same, as werkzeug serves)" "$DWC" "$(mark "$DWC" 0.8)"
 printf "   %-40s %6s  %s\n" "e: a beside b / a alone >= 0.8" "$EE" "$(mark "$EE" 0.8)"
 LOST=$(col e2 8 | awk '$1 != 0 {bad = bad " " $1} END {print (bad == "" ? 0 : bad)}')
 printf "   %-40s %6s  %s\n" "b's outcomes lost = 0" "$LOST" "$([ "$LOST" = 0 ] && echo PASS || echo FAIL)"
@@ -377,9 +405,11 @@ echo
 echo "per round:"
 echo "   (a) tasks/s, RSS KiB:               $(tr '\n' ';' <"$WORK/a")"
 echo "   (b) best, c=1, c=4, c=16 req/s:     $(tr '\n' ';' <"$WORK/b")"
+echo "   (b500) req/s:                       $(tr '\n' ';' <"$WORK/b500")"
 sed 's/^/       /' "$WORK/b.lines"
 echo "   (c) outcomes/s, RSS KiB, complete:  $(tr '\n' ';' <"$WORK/c")"
 echo "   (d) outcomes/s, RSS KiB, complete:  $(tr '\n' ';' <"$WORK/d")"
+echo "   (d') outcomes/s, RSS KiB, complete: $(tr '\n' ';' <"$WORK/dw")"
 echo "   (e) a alone:                        $(tr '\n' ';' <"$WORK/e1")"
 echo "   (e) a beside b (+ SIGTERM to exit s, b in b-webhooks, b still in b-tasks, b poisoned, b lost):"
 echo "                                       $(tr '\n' ';' <"$WORK/e2")"
