@@ -203,7 +203,7 @@ pub struct Options {
     /// Seconds before the second webhook attempt; doubles each time (with jitter).
     #[arg(long, env = "WORKER_WEBHOOK_INITIAL_BACKOFF", default_value_t = 1.0, value_parser = positive_secs, global = true)]
     pub webhook_initial_backoff: f64,
-    /// Most webhook requests in flight, and outcomes waiting for delivery, over all destinations; each destination's own limit is learned from its answers.
+    /// Most webhook requests in flight over all destinations (four times as many outcomes may wait for delivery); each destination's own limit is learned from its answers.
     #[arg(long, env = "WORKER_WEBHOOK_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u32).range(2..=4096), global = true)]
     pub webhook_concurrency: u32,
     /// Megabytes of outcomes that may wait for delivery (beyond it finished tasks wait); a single larger outcome waits alone.

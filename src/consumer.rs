@@ -24,8 +24,8 @@
 //! backlog permit, never a slot another task could run in.
 //!
 //! Finished tasks waiting to settle are bounded too: the poller receives
-//! only while fewer than `WORKER_CONCURRENCY + WORKER_WEBHOOK_CONCURRENCY`
-//! messages are held ([`Consumer::has_room`]), and at most
+//! only while fewer than `WORKER_CONCURRENCY` plus the notifier's backlog
+//! (four outcomes per `WORKER_WEBHOOK_CONCURRENCY` slot) messages are held ([`Consumer::has_room`]), and at most
 //! [`OUTBOX_WRITERS`] outbox writes run at once. Without that, a client
 //! whose backend fails has every task's outcome deferred at once, and the
 //! poller (slots free again within milliseconds) would receive its whole

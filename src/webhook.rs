@@ -326,6 +326,15 @@ pub fn destination(url: &Url) -> String {
 /// or for a request slot before it goes to the outbox.
 const CLAIM_WAIT_TIMEOUTS: u32 = 6;
 
+/// How many outcomes may wait for delivery per request slot
+/// (`WORKER_WEBHOOK_CONCURRENCY`). A slow but healthy backend's limit starts
+/// small and grows over a few round trips; while it grows, finished tasks
+/// queue here. With room for only as many outcomes as request slots, the
+/// poller stopped receiving for the whole ramp and the queue service sat
+/// idle, so a 500 ms backend got its outcomes in waves. Memory stays bounded
+/// by `WORKER_WEBHOOK_BACKLOG_MB` whatever the count.
+const BACKLOG_PER_SLOT: usize = 4;
+
 impl Notifier {
     /// Fails when a secret was given but cannot sign: webhooks must never
     /// go out unsigned because of a bad key.
@@ -342,7 +351,7 @@ impl Notifier {
         };
         let limiter = Limiter::new(limiter::Config {
             max_in_flight: retry.concurrency.max(1),
-            backlog: retry.concurrency.max(1),
+            backlog: retry.concurrency.max(1) * BACKLOG_PER_SLOT,
             backlog_bytes: retry.backlog_bytes.max(1),
             // An outcome waiting for room behind a healthy, slow backend is
             // better off waiting than in the outbox (due 30 s later); the
@@ -361,9 +370,9 @@ impl Notifier {
     }
 
     /// How many outcomes may wait for delivery at once
-    /// (`WORKER_WEBHOOK_CONCURRENCY`).
+    /// ([`BACKLOG_PER_SLOT`] × `WORKER_WEBHOOK_CONCURRENCY`).
     pub fn backlog(&self) -> usize {
-        self.retry.concurrency.max(1)
+        self.retry.concurrency.max(1) * BACKLOG_PER_SLOT
     }
 
     /// The per-request timeout, which bounds one attempt.

@@ -204,7 +204,7 @@ async fn a_black_holed_backend_does_not_hold_up_another_clients_outcomes() {
     let healthy = Backend::start(Duration::from_secs(1));
     let hole = Backend::start(Duration::from_secs(600));
     hole.set_mode(Mode::Hang);
-    let n = 60;
+    let n = 80;
     for i in 0..n {
         let hook = hole.url("/h");
         b.send_task(&task(&format!("b-{i}"), "echo", json!({}), Some(&hook)))
@@ -220,13 +220,13 @@ async fn a_black_holed_backend_does_not_hold_up_another_clients_outcomes() {
         .env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
         .env("WORKER_CLIENT", format!("{},{}", b.name, a.name))
         .env("WORKER_MAX_POLL_INTERVAL", "0.5")
-        // A small backlog, so one host could fill it.
+        // A small backlog (64 outcomes), so one host could fill it.
         .env("WORKER_WEBHOOK_CONCURRENCY", "16")
         .env("WORKER_WEBHOOK_TIMEOUT", timeout.as_secs().to_string())
         .env("WORKER_WEBHOOK_MAX_ATTEMPTS", "1")
         .arg("poll")
         .spawn();
-    // Sixty echo tasks take a second or two; the bound is what a shared
+    // Eighty echo tasks take a second or two; the bound is what a shared
     // backlog filled by the black hole would need at the very least.
     let deadline = Instant::now() + timeout - Duration::from_secs(5);
     while healthy.succeeded_count() < n && Instant::now() < deadline {
