@@ -18,9 +18,9 @@
 //!   smoothed round trip more than twice the best one seen lately, gently
 //!   (×0.9);
 //! - `Retry-After` also pauses the destination until then;
-//! - request starts are paced at twice the rate the limit and the smoothed
-//!   round trip sustain, so a burst of answers never becomes a burst of
-//!   new connections.
+//! - request starts are paced at the rate the limit and the smoothed round
+//!   trip sustain (twice that over kept-alive connections), so a burst of
+//!   answers never becomes a burst of new connections.
 //!
 //! The same module bounds what waits: an outcome *claims* room before its
 //! first attempt and keeps it until it is delivered or handed to the outbox.
@@ -96,8 +96,10 @@ pub enum Busy {
 /// How a request ended, as far as the destination's limit is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Signal {
-    /// An answer (2xx, or a client error that says nothing about load).
-    Answered { rtt: Duration },
+    /// An answer (2xx, or a client error that says nothing about load);
+    /// `closed`: the server closed the connection after it (HTTP/1.0, or
+    /// `Connection: close`), so the next request opens a new one.
+    Answered { rtt: Duration, closed: bool },
     /// Timeout, refused or reset connection, 429, 502, 503, 504.
     Overloaded,
     /// 429 or 503 with `Retry-After`.
@@ -158,6 +160,8 @@ struct Dest {
     paused_until: Option<Instant>,
     /// Earliest start of the next request (pacing).
     next_start: Instant,
+    /// The last answer closed its connection: every request is a new one.
+    closes: bool,
     notify: Arc<Notify>,
 }
 
@@ -177,6 +181,7 @@ impl Dest {
             streak: 0,
             paused_until: None,
             next_start: now,
+            closes: false,
             notify: Arc::new(Notify::new()),
         }
     }
@@ -202,14 +207,19 @@ impl Dest {
             || (self.in_flight > 0 && now.duration_since(self.progress) > stall)
     }
 
-    /// Spacing between request starts: twice the rate the limit and the
-    /// smoothed round trip sustain, so the limit can still grow, but a
-    /// burst of answers does not turn into a burst of new connections (a
-    /// small server's accept queue holds five; a connection beyond it waits
-    /// a second for its SYN to be sent again).
+    /// Spacing between request starts: the rate the limit and the smoothed
+    /// round trip sustain, twice that over kept-alive connections (so the
+    /// limit fills faster as it grows). A server that closes every
+    /// connection gets each request as a new connection, and its accept
+    /// queue (five on a small server) sees every burst: a connection beyond
+    /// it waits a second for its SYN to be sent again, and a few of them
+    /// several seconds. Measured against such a server answering in 500 ms
+    /// (`tests/bench/webhook.sh`, d), pacing those at twice the rate gave
+    /// outcomes in a long tail, once the rate none.
     fn pace(&self) -> Duration {
+        let rate = if self.closes { 1.0 } else { 2.0 };
         self.srtt
-            .map_or(FIRST_PACE, |srtt| srtt.div_f64(2.0 * self.limit.max(1.0)))
+            .map_or(FIRST_PACE, |srtt| srtt.div_f64(rate * self.limit.max(1.0)))
             .min(MAX_PACE)
     }
 
@@ -240,8 +250,9 @@ impl Dest {
     fn learn(&mut self, signal: Signal, used: usize, max: f64, now: Instant) -> bool {
         let (slots, failing) = (self.slots(), self.streak >= FAILING_STREAK);
         match signal {
-            Signal::Answered { rtt } => {
+            Signal::Answered { rtt, closed } => {
                 self.progress = now;
+                self.closes = closed;
                 self.streak = 0;
                 self.sample(rtt, now);
                 // The smoothed round trip, not one sample: a connection
@@ -620,8 +631,9 @@ impl Permit {
     /// when the permit is dropped.
     pub fn finish(mut self, signal: Signal) {
         self.signal = match signal {
-            Signal::Answered { .. } => Signal::Answered {
+            Signal::Answered { closed, .. } => Signal::Answered {
                 rtt: self.started.elapsed(),
+                closed,
             },
             other => other,
         };
@@ -663,7 +675,7 @@ mod tests {
             let slots = d.slots();
             let signal = rtt(d.limit);
             let step = match signal {
-                Signal::Answered { rtt } => rtt,
+                Signal::Answered { rtt, .. } => rtt,
                 _ => ms(100),
             };
             now += step;
@@ -679,8 +691,30 @@ mod tests {
         let (mut d, now) = dest();
         // 500 ms per answer whatever the load: a flat round trip, so slow
         // start triples the limit per round trip.
-        rounds(&mut d, now, 7, |_| Signal::Answered { rtt: ms(500) });
+        rounds(&mut d, now, 7, |_| Signal::Answered {
+            rtt: ms(500),
+            closed: false,
+        });
         assert!(d.limit >= 256.0, "{}", d.limit);
+    }
+
+    #[test]
+    fn a_server_that_closes_every_connection_gets_new_ones_at_the_sustained_rate() {
+        let (mut d, now) = dest();
+        let answer = |closed| Signal::Answered {
+            rtt: ms(500),
+            closed,
+        };
+        let now = rounds(&mut d, now, 3, |_| answer(false));
+        let kept_alive = d.pace();
+        d.learn(answer(true), d.slots(), 512.0, now);
+        let closing = d.pace();
+        // One start per srtt / limit: the rate the limit sustains, not twice it.
+        let sustained = d.srtt.expect("answered").div_f64(d.limit);
+        assert_eq!(closing, sustained.min(MAX_PACE));
+        assert!(closing > kept_alive, "{closing:?} vs {kept_alive:?}");
+        d.learn(answer(false), d.slots(), 512.0, now);
+        assert!(d.pace() < closing);
     }
 
     #[test]
@@ -689,6 +723,7 @@ mod tests {
         // A backend that serves 4 at once in 1 ms; more queue up.
         let rtt = |limit: f64| Signal::Answered {
             rtt: ms(1).mul_f64((limit / 4.0).max(1.0)),
+            closed: false,
         };
         rounds(&mut d, now, 400, rtt);
         assert!((2.0..=40.0).contains(&d.limit), "{}", d.limit);
@@ -697,7 +732,10 @@ mod tests {
     #[test]
     fn overload_halves_once_per_round_trip_and_retry_after_pauses() {
         let (mut d, now) = dest();
-        let now = rounds(&mut d, now, 3, |_| Signal::Answered { rtt: ms(200) });
+        let now = rounds(&mut d, now, 3, |_| Signal::Answered {
+            rtt: ms(200),
+            closed: false,
+        });
         let before = d.limit;
         for used in 0..8 {
             d.learn(Signal::Overloaded, used, 512.0, now);
@@ -712,7 +750,10 @@ mod tests {
         // Growth after a cut is additive: no return to slow start.
         let l = d.limit;
         rounds(&mut d, later + Duration::from_secs(6), 2, |_| {
-            Signal::Answered { rtt: ms(200) }
+            Signal::Answered {
+                rtt: ms(200),
+                closed: false,
+            }
         });
         assert!(d.limit <= l + 2.5 && d.limit > l, "{l} -> {}", d.limit);
         assert!(!d.failing(later + Duration::from_secs(7)));
@@ -722,7 +763,15 @@ mod tests {
     fn an_unused_limit_does_not_grow() {
         let (mut d, now) = dest();
         for i in 0..100 {
-            d.learn(Signal::Answered { rtt: ms(10) }, 1, 512.0, now + ms(10 * i));
+            d.learn(
+                Signal::Answered {
+                    rtt: ms(10),
+                    closed: false,
+                },
+                1,
+                512.0,
+                now + ms(10 * i),
+            );
         }
         assert_eq!(d.limit, 4.0);
     }
@@ -730,10 +779,26 @@ mod tests {
     #[test]
     fn a_single_overload_between_good_answers_is_not_failing() {
         let (mut d, now) = dest();
-        d.learn(Signal::Answered { rtt: ms(10) }, 4, 512.0, now);
+        d.learn(
+            Signal::Answered {
+                rtt: ms(10),
+                closed: false,
+            },
+            4,
+            512.0,
+            now,
+        );
         d.learn(Signal::Overloaded, 4, 512.0, now + ms(5));
         assert!(!d.failing(now + ms(6)));
-        d.learn(Signal::Answered { rtt: ms(10) }, 4, 512.0, now + ms(20));
+        d.learn(
+            Signal::Answered {
+                rtt: ms(10),
+                closed: false,
+            },
+            4,
+            512.0,
+            now + ms(20),
+        );
         for i in 0..FAILING_STREAK - 1 {
             d.learn(Signal::Overloaded, 4, 512.0, now + ms(30 + u64::from(i)));
         }
@@ -825,7 +890,10 @@ mod tests {
         assert!(fifth.is_err(), "the initial limit is 4");
         // ...and gets the one given back.
         let done = permits.pop().unwrap();
-        done.finish(Signal::Answered { rtt: ms(1) });
+        done.finish(Signal::Answered {
+            rtt: ms(1),
+            closed: false,
+        });
         let got = tokio::time::timeout(Duration::from_secs(1), claims[4].start()).await;
         assert!(matches!(got, Ok(Ok(_))));
     }

@@ -583,6 +583,7 @@ async fn answered(resp: reqwest::Response) -> (Signal, Result<u16, AttemptError>
     let status = resp.status().as_u16();
     let answer = Signal::Answered {
         rtt: Duration::ZERO,
+        closed: closes_connection(&resp),
     };
     if resp.status().is_success() {
         return (answer, Ok(status));
@@ -603,6 +604,25 @@ async fn answered(resp: reqwest::Response) -> (Signal, Result<u16, AttemptError>
         Err(AttemptError::Rejected { status, body: text })
     };
     (signal, result)
+}
+
+/// Whether the server closes the connection after this answer: HTTP/1.0
+/// unless it asked for keep-alive (Python's `http.server` by default), or
+/// `Connection: close`.
+fn closes_connection(resp: &reqwest::Response) -> bool {
+    let connection = resp
+        .headers()
+        .get_all(reqwest::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect::<Vec<_>>();
+    if resp.version() == reqwest::Version::HTTP_10 {
+        !connection.iter().any(|t| t == "keep-alive")
+    } else {
+        connection.iter().any(|t| t == "close")
+    }
 }
 
 /// What a failed request means. A refusal by the egress guard is final; a
