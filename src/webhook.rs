@@ -682,6 +682,37 @@ fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    fn response(version: http::Version, connection: Option<&str>) -> reqwest::Response {
+        let mut b = http::Response::builder().status(200).version(version);
+        if let Some(c) = connection {
+            b = b.header("connection", c);
+        }
+        reqwest::Response::from(b.body("").expect("a valid response"))
+    }
+
+    /// The limiter paces a destination that closes every connection more
+    /// gently (each request is a new connection to its accept queue).
+    #[test]
+    fn an_answer_says_whether_the_server_closed_the_connection() {
+        use http::Version;
+        // Python's http.server by default: HTTP/1.0, no Connection header.
+        assert!(closes_connection(&response(Version::HTTP_10, None)));
+        assert!(!closes_connection(&response(
+            Version::HTTP_10,
+            Some("Keep-Alive")
+        )));
+        assert!(!closes_connection(&response(Version::HTTP_11, None)));
+        assert!(closes_connection(&response(
+            Version::HTTP_11,
+            Some("close")
+        )));
+        assert!(closes_connection(&response(
+            Version::HTTP_11,
+            Some("upgrade, Close")
+        )));
+        assert!(!closes_connection(&response(Version::HTTP_2, None)));
+    }
+
     #[test]
     fn secret_format_is_enforced_and_never_echoed() {
         let good = format!(
