@@ -29,6 +29,7 @@
 //! - [`ops`]: operator commands on the queues: `enqueue`, `check`.
 //! - [`poison`]: `poison list|replay`, for tasks and (`--webhooks`) for undeliverable webhooks.
 //! - [`lease`]: a received message's lease: renewal, the newest pop receipt, delete / release / retry / poison.
+//! - [`targets`]: the queues a worker serves (tasks, poison, outbox) built from its settings, in every mode.
 //! - [`consumer`]: one received message: run, report (deliver or outbox), settle; shared by poller and job mode.
 //! - [`schedule`]: which of several queues to poll next (backoff when empty or failing, round-robin).
 //! - [`poller`]: polling mode's receive loop (batches, bounded concurrency, backoff, shutdown).
@@ -61,6 +62,7 @@ pub mod schedule;
 pub mod secret;
 pub mod shutdown;
 pub mod single;
+pub mod targets;
 pub mod task;
 pub mod telemetry;
 pub mod webhook;

@@ -1,25 +1,22 @@
 //! The `worker` binary: parse the command line, build the shared parts, pick
 //! the mode, map the result to an exit code. Everything else is in the library.
 
-use std::io::Read;
 use std::os::unix::ffi::OsStringExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{CommandFactory, Parser};
 
 use worker::app::App;
-use worker::config::{Cli, Command, Mode, Options, PollArgs, RunArgs};
-use worker::consumer::{Consumer, Deferring, Settings, Settlement, Stats, Target};
+use worker::config::{Cli, Command, Mode, Options, PollArgs};
+use worker::consumer::{Consumer, Settings, Settlement, Stats, Target};
 use worker::exporter::{self, Health};
 use worker::outbox::{self, DrainConfig, DrainStats, Outbox};
 use worker::outcome::Status;
-use worker::queue::{self, QueueService};
 use worker::registry::Registry;
 use worker::shutdown::{Shutdown, ONE_MESSAGE_SHUTDOWN_BUDGET, SETTLE_MARGIN};
-use worker::task::MAX_TASK_BYTES;
+use worker::targets::{self, TargetsError};
 use worker::webhook::Notifier;
 use worker::{job, poller, single, telemetry};
 
@@ -101,7 +98,7 @@ fn run(cli: Cli, secret: Option<worker::webhook::SigningSecret>) -> anyhow::Resu
     // `worker run` always runs one task; bare `worker` only in auto mode
     // (WORKER_MODE=poll or job ignores a stray TASK_DATA).
     let single_input = match &cli.command {
-        Some(Command::Run(args)) => Some(read_run_input(args, task_data)?),
+        Some(Command::Run(args)) => Some(single::run_input(args, task_data)?),
         None if opts.mode == Mode::Auto => task_data,
         _ => None,
     };
@@ -193,16 +190,16 @@ fn print_listing(command: Option<&Command>, opts: &Options) -> anyhow::Result<bo
 
 /// Single-task mode: the task alone, or holding the message it came from.
 async fn run_single(opts: &Options, app: Arc<App>, raw: &[u8]) -> anyhow::Result<ExitCode> {
-    if let Some(handed) = handed_message(opts) {
+    if let Some(handed) = single::Handed::from_options(opts).unwrap_or_else(|e| usage_error(e)) {
         let shutdown = Shutdown::new(Duration::ZERO, ONE_MESSAGE_SHUTDOWN_BUDGET);
-        spawn_signal_handler(shutdown.clone())?;
+        shutdown.on_signals()?;
         return run_leased(opts, app, handed, raw, shutdown).await;
     }
     // The handler stops at the signal; a webhook request in flight gets the
     // first part of the budget, the outbox hand-over the rest.
     let shutdown = Shutdown::new(ONE_MESSAGE_SHUTDOWN_BUDGET - SETTLE_MARGIN, SETTLE_MARGIN);
-    spawn_signal_handler(shutdown.clone())?;
-    let outbox = single_outbox(opts);
+    shutdown.on_signals()?;
+    let outbox = targets::single_outbox(opts);
     let run = single::run(
         &app,
         raw,
@@ -235,7 +232,7 @@ fn consumer(opts: &Options, app: Arc<App>, shutdown: &Shutdown) -> Arc<Consumer>
 /// Job mode: one message, then the due outbox entries.
 async fn run_job(opts: &Options, app: Arc<App>) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new(Duration::ZERO, ONE_MESSAGE_SHUTDOWN_BUDGET);
-    spawn_signal_handler(shutdown.clone())?;
+    shutdown.on_signals()?;
     // A job execution was started because its queue holds messages: it
     // skips creating queues (a round trip per task); a missing poison queue
     // is still created on first use.
@@ -271,7 +268,7 @@ fn out_of_time(shutdown: &Shutdown) -> anyhow::Error {
 /// Polling mode, until a signal (or --max-tasks / --exit-when-empty).
 async fn run_poll(opts: &Options, app: Arc<App>, args: PollArgs) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new(Duration::from_secs_f64(opts.shutdown_grace), SETTLE_MARGIN);
-    spawn_signal_handler(shutdown.clone())?;
+    shutdown.on_signals()?;
     let targets = connect(opts, true).await?;
     let consumer = consumer(opts, app, &shutdown);
     let health = Arc::new(Health::new(exporter::health_threshold(
@@ -306,84 +303,16 @@ async fn run_poll(opts: &Options, app: Arc<App>, args: PollArgs) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// The queue targets; a setting the operator got wrong exits 2 naming it.
+async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
+    match targets::connect(opts, create).await {
+        Err(TargetsError::Config(msg)) => usage_error(msg),
+        other => Ok(other?),
+    }
+}
+
 fn cfg_queues(targets: &[Target]) -> Vec<&str> {
     targets.iter().map(|t| t.queue.name()).collect()
-}
-
-/// Builds the queue targets from `WORKER_CLIENT` / `WORKER_QUEUE_NAME` and
-/// creates missing queues. Configuration mistakes exit 2 naming the setting.
-async fn connect(opts: &Options, create: bool) -> anyhow::Result<Vec<Target>> {
-    let service = match QueueService::new(&opts.storage()) {
-        Ok(s) => s,
-        Err(e) => usage_error(e.to_string()),
-    };
-    let names = match opts.queues() {
-        Ok(t) => t,
-        Err(e) => usage_error(e),
-    };
-    tracing::info!(storage = %service.describe(), "queue service");
-    let mut targets = Vec::new();
-    for names in names {
-        let outbox_name = names.outbox().unwrap_or_else(|e| usage_error(e));
-        let (client, name) = (names.client, names.queue);
-        let outbox = outbox_for(&service, &outbox_name, opts)?;
-        let queue = service.queue(&name)?;
-        let poison = service.queue(&queue::names::poison_queue(&name))?;
-        if !create {
-            targets.push(Target {
-                client,
-                queue,
-                poison,
-                outbox,
-                deferring: Deferring::default(),
-            });
-            continue;
-        }
-        let (q_made, p_made) = tokio::join!(queue.create_if_missing(), poison.create_if_missing());
-        for (q, made) in [(&queue, q_made), (&poison, p_made)] {
-            match made {
-                Ok(()) => {}
-                // The receive loop retries; a worker must start even while the service is down.
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(queue = %q.name(), error = %e, "cannot reach the queue yet; will keep trying")
-                }
-                Err(e) => {
-                    return Err(
-                        anyhow::Error::new(e).context(format!("cannot prepare queue {}", q.name()))
-                    )
-                }
-            }
-        }
-        targets.push(Target {
-            client,
-            queue,
-            poison,
-            outbox,
-            deferring: Deferring::default(),
-        });
-    }
-    Ok(targets)
-}
-
-/// The message a Logic App handed over with TASK_DATA, when it did.
-fn handed_message(opts: &Options) -> Option<single::Handed> {
-    let id = opts
-        .message_id
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())?;
-    let receipt = opts
-        .pop_receipt
-        .as_ref()
-        .filter(|r| !r.expose().trim().is_empty());
-    let Some(receipt) = receipt else {
-        usage_error("WORKER_MESSAGE_ID is set but WORKER_POP_RECEIPT is not: both are needed to hold the message (or neither, to run the task alone)".into())
-    };
-    Some(single::Handed {
-        message_id: id.to_owned(),
-        pop_receipt: receipt.clone(),
-        dequeue_count: opts.dequeue_count,
-    })
 }
 
 /// Single-task mode holding the handed-over message: settled like job mode.
@@ -432,45 +361,12 @@ fn settings(opts: &Options) -> Settings {
     }
 }
 
-/// The outbox for `name`, with the configured schedule and its blob
-/// container (named like the queue).
-fn outbox_for(service: &QueueService, name: &str, opts: &Options) -> anyhow::Result<Outbox> {
-    Ok(Outbox {
-        queue: service.queue(name)?,
-        poison: service.queue(&queue::names::poison_queue(name))?,
-        schedule: opts.webhook_outbox_schedule.0.clone().into(),
-        claims: queue::ClaimStore::new(&opts.storage(), name)?,
-    })
-}
-
-/// Single-task mode keeps undelivered webhooks in the first configured
-/// client's outbox, when storage and a client are configured; otherwise the
-/// reason there is none.
-fn single_outbox(opts: &Options) -> Result<Outbox, String> {
-    let settings = opts.storage();
-    if !settings.is_configured() {
-        return Err("no storage settings (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with a managed identity)".into());
-    }
-    let made = (|| -> anyhow::Result<Outbox> {
-        let service = QueueService::new(&settings)?;
-        let target = opts
-            .queues()
-            .map_err(anyhow::Error::msg)?
-            .into_iter()
-            .next()
-            .context("no client configured")?;
-        let name = target.outbox().map_err(anyhow::Error::msg)?;
-        outbox_for(&service, &name, opts)
-    })();
-    made.map_err(|e| format!("{e:#}"))
-}
-
 /// `worker deliver`: drains the configured clients' outboxes.
 async fn deliver(opts: &Options, app: Arc<App>, exit_when_empty: bool) -> anyhow::Result<ExitCode> {
     // Requests in flight are given up at the signal (each entry stays in the
     // outbox); rescheduling them gets the settle margin.
     let shutdown = Shutdown::new(Duration::ZERO, SETTLE_MARGIN);
-    spawn_signal_handler(shutdown.clone())?;
+    shutdown.on_signals()?;
     let targets = connect(opts, false).await?;
     let outboxes: Vec<Outbox> = targets.into_iter().map(|t| t.outbox).collect();
     tracing::info!(outboxes = ?outboxes.iter().map(|o| o.queue.name()).collect::<Vec<_>>(), "delivering from the outbox");
@@ -516,71 +412,4 @@ fn build_registry(opts: &Options) -> anyhow::Result<Registry> {
         Err(e @ worker::registry::RegistryError::HandlersFile(_)) => usage_error(e.to_string()),
         Err(e) => Err(anyhow::Error::new(e).context("cannot build the handler registry")),
     }
-}
-
-/// What `worker run` runs when given no task: an echo, so a newcomer sees a
-/// whole run (decode, execute, outcome event on stdout) with nothing set up.
-const EXAMPLE_TASK: &str =
-    r#"{"task_id":"example-1","task_type":"echo","payload":{"hello":"world"}}"#;
-
-/// The task for `worker run`: --task, --task-file (or `-` for stdin), else
-/// TASK_DATA, else [`EXAMPLE_TASK`].
-fn read_run_input(args: &RunArgs, task_data: Option<Vec<u8>>) -> anyhow::Result<Vec<u8>> {
-    if let Some(t) = &args.task {
-        return Ok(t.clone().into_bytes());
-    }
-    if let Some(path) = &args.task_file {
-        let limit = MAX_TASK_BYTES as u64 + 1;
-        let mut buf = Vec::new();
-        if path.as_os_str() == "-" {
-            std::io::stdin()
-                .take(limit)
-                .read_to_end(&mut buf)
-                .context("cannot read the task from stdin")?;
-        } else {
-            let f = std::fs::File::open(path)
-                .with_context(|| format!("cannot open task file {}", path.display()))?;
-            f.take(limit)
-                .read_to_end(&mut buf)
-                .with_context(|| format!("cannot read task file {}", path.display()))?;
-        }
-        return Ok(buf);
-    }
-    Ok(task_data.unwrap_or_else(|| {
-        tracing::info!("no --task, --task-file or TASK_DATA: running the built-in example task");
-        EXAMPLE_TASK.as_bytes().to_vec()
-    }))
-}
-
-/// First SIGTERM/SIGINT starts `shutdown` (and fixes its deadline); a second
-/// one exits at once.
-///
-/// The handlers are installed here, before the task starts, not inside the
-/// spawned task: on a current-thread runtime that task is first polled only
-/// when the task itself yields, and a SIGTERM arriving before then would kill
-/// the process with the default action, without a webhook.
-fn spawn_signal_handler(shutdown: Shutdown) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        let mut first = true;
-        loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            if !first {
-                tracing::warn!("second signal: exiting immediately");
-                std::process::exit(1);
-            }
-            first = false;
-            shutdown.trigger();
-            tracing::warn!(
-                budget_s = shutdown.budget().as_secs_f64(),
-                "signal received: stopping"
-            );
-        }
-    });
-    Ok(())
 }

@@ -127,6 +127,40 @@ impl Shutdown {
             () = self.deadline() => None,
         }
     }
+    /// The first SIGTERM or SIGINT triggers this shutdown (and fixes its
+    /// deadline); a second one exits at once, with 1.
+    ///
+    /// The handlers are installed here, before the caller goes on, not
+    /// inside the spawned task: on a current-thread runtime that task is
+    /// first polled only when the caller yields, and a SIGTERM arriving
+    /// before then would kill the process with the default action, without
+    /// a webhook. Needs a tokio runtime.
+    pub fn on_signals(&self) -> std::io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let shutdown = self.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                if !first {
+                    tracing::warn!("second signal: exiting immediately");
+                    std::process::exit(1);
+                }
+                first = false;
+                shutdown.trigger();
+                tracing::warn!(
+                    budget_s = shutdown.budget().as_secs_f64(),
+                    "signal received: stopping"
+                );
+            }
+        });
+        Ok(())
+    }
 }
 
 #[cfg(test)]

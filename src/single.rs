@@ -20,6 +20,7 @@
 //! that dies before settling leaves the message to reappear: the ACI path is
 //! at-least-once like the others.
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use tracing::Instrument;
 use url::Url;
 
 use crate::app::App;
+use crate::config::{Options, RunArgs};
 use crate::consumer::{self, Consumer, Processed, RunSlot, Target};
 use crate::execute::{Outcome, Status};
 use crate::handler::Retry;
@@ -136,6 +138,85 @@ pub struct Handed {
     pub pop_receipt: Secret,
     /// The attempt, as the Logic App counted it (it sees no dequeue count).
     pub dequeue_count: u32,
+}
+
+impl Handed {
+    /// The message a Logic App handed over with `TASK_DATA`
+    /// (`WORKER_MESSAGE_ID`, `WORKER_POP_RECEIPT`, `WORKER_DEQUEUE_COUNT`),
+    /// when it did; an error (a configuration mistake) when only half of it
+    /// is there.
+    pub fn from_options(opts: &Options) -> Result<Option<Self>, String> {
+        let Some(id) = opts
+            .message_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        else {
+            return Ok(None);
+        };
+        let receipt = opts
+            .pop_receipt
+            .as_ref()
+            .filter(|r| !r.expose().trim().is_empty())
+            .ok_or("WORKER_MESSAGE_ID is set but WORKER_POP_RECEIPT is not: both are needed to hold the message (or neither, to run the task alone)")?;
+        Ok(Some(Self {
+            message_id: id.to_owned(),
+            pop_receipt: receipt.clone(),
+            dequeue_count: opts.dequeue_count,
+        }))
+    }
+}
+
+/// What `worker run` runs when given no task: an echo, so a newcomer sees a
+/// whole run (decode, execute, outcome event on stdout) with nothing set up.
+pub const EXAMPLE_TASK: &str =
+    r#"{"task_id":"example-1","task_type":"echo","payload":{"hello":"world"}}"#;
+
+/// The task for `worker run`: `--task`, `--task-file` (or `-` for stdin),
+/// else `TASK_DATA`, else [`EXAMPLE_TASK`]. A file is read up to one byte
+/// past [`task::MAX_TASK_BYTES`], so decoding reports it as too large
+/// without reading it whole.
+pub fn run_input(args: &RunArgs, task_data: Option<Vec<u8>>) -> Result<Vec<u8>, InputError> {
+    if let Some(t) = &args.task {
+        return Ok(t.clone().into_bytes());
+    }
+    if let Some(path) = &args.task_file {
+        let limit = task::MAX_TASK_BYTES as u64 + 1;
+        let mut buf = Vec::new();
+        if path.as_os_str() == "-" {
+            std::io::stdin()
+                .take(limit)
+                .read_to_end(&mut buf)
+                .map_err(|source| InputError {
+                    what: "read the task from stdin".into(),
+                    source,
+                })?;
+        } else {
+            let file = std::fs::File::open(path).map_err(|source| InputError {
+                what: format!("open task file {}", path.display()),
+                source,
+            })?;
+            file.take(limit)
+                .read_to_end(&mut buf)
+                .map_err(|source| InputError {
+                    what: format!("read task file {}", path.display()),
+                    source,
+                })?;
+        }
+        return Ok(buf);
+    }
+    Ok(task_data.unwrap_or_else(|| {
+        tracing::info!("no --task, --task-file or TASK_DATA: running the built-in example task");
+        EXAMPLE_TASK.as_bytes().to_vec()
+    }))
+}
+
+/// A task file (or stdin) that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what}")]
+pub struct InputError {
+    what: String,
+    source: std::io::Error,
 }
 
 /// Why a handed-over message could not be taken over.
