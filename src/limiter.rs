@@ -387,6 +387,11 @@ impl Limiter {
         s.claims < self.cfg.backlog && s.claim_bytes < self.cfg.backlog_bytes
     }
 
+    /// How many outcomes may wait over all destinations ([`Config::backlog`]).
+    pub fn backlog(&self) -> usize {
+        self.cfg.backlog
+    }
+
     /// The current limit of `host` (for logs and tests).
     pub fn limit(&self, host: &str) -> Option<f64> {
         self.lock().dests.get(host).map(|d| d.limit)

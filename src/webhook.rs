@@ -372,7 +372,7 @@ impl Notifier {
     /// How many outcomes may wait for delivery at once
     /// ([`BACKLOG_PER_SLOT`] × `WORKER_WEBHOOK_CONCURRENCY`).
     pub fn backlog(&self) -> usize {
-        self.retry.concurrency.max(1) * BACKLOG_PER_SLOT
+        self.limiter.backlog()
     }
 
     /// The per-request timeout, which bounds one attempt.
@@ -610,18 +610,17 @@ async fn answered(resp: reqwest::Response) -> (Signal, Result<u16, AttemptError>
 /// unless it asked for keep-alive (Python's `http.server` by default), or
 /// `Connection: close`.
 fn closes_connection(resp: &reqwest::Response) -> bool {
-    let connection = resp
+    let mut tokens = resp
         .headers()
         .get_all(reqwest::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect::<Vec<_>>();
+        .map(str::trim);
     if resp.version() == reqwest::Version::HTTP_10 {
-        !connection.iter().any(|t| t == "keep-alive")
+        !tokens.any(|t| t.eq_ignore_ascii_case("keep-alive"))
     } else {
-        connection.iter().any(|t| t == "close")
+        tokens.any(|t| t.eq_ignore_ascii_case("close"))
     }
 }
 
