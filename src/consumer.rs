@@ -25,8 +25,8 @@
 //!
 //! Finished tasks waiting to settle are bounded too: the poller receives
 //! only while fewer than `WORKER_CONCURRENCY` plus the notifier's backlog
-//! (four outcomes per `WORKER_WEBHOOK_CONCURRENCY` slot) messages are held ([`Consumer::has_room`]), and at most
-//! [`OUTBOX_WRITERS`] outbox writes run at once. Without that, a client
+//! (four outcomes per `WORKER_WEBHOOK_CONCURRENCY` slot) messages are held
+//! ([`Consumer::has_room`]), and at most [`OUTBOX_WRITERS`] outbox writes run at once. Without that, a client
 //! whose backend fails has every task's outcome deferred at once, and the
 //! poller (slots free again within milliseconds) would receive its whole
 //! queue and fire one outbox write per message at the storage account: the

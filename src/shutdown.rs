@@ -127,6 +127,7 @@ impl Shutdown {
             () = self.deadline() => None,
         }
     }
+
     /// The first SIGTERM or SIGINT triggers this shutdown (and fixes its
     /// deadline); a second one exits at once, with 1.
     ///

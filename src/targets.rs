@@ -12,7 +12,7 @@
 use crate::config::Options;
 use crate::consumer::{Deferring, Target};
 use crate::outbox::Outbox;
-use crate::queue::{self, ClaimStore, QueueError, QueueService};
+use crate::queue::{self, ClaimStore, QueueError, QueueService, StorageSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetsError {
@@ -35,15 +35,16 @@ pub enum TargetsError {
 /// the message they were started for; a missing poison queue is created
 /// on first use).
 pub async fn connect(opts: &Options, create: bool) -> Result<Vec<Target>, TargetsError> {
-    let service =
-        QueueService::new(&opts.storage()).map_err(|e| TargetsError::Config(e.to_string()))?;
+    let settings = opts.storage();
+    let service = QueueService::new(&settings).map_err(|e| TargetsError::Config(e.to_string()))?;
     let names = opts.queues().map_err(TargetsError::Config)?;
     tracing::info!(storage = %service.describe(), "queue service");
     let mut targets = Vec::new();
     for names in names {
         let outbox_name = names.outbox().map_err(TargetsError::Config)?;
         let (client, name) = (names.client, names.queue);
-        let outbox = outbox(&service, &outbox_name, opts).map_err(prepare(&outbox_name))?;
+        let outbox =
+            outbox(&service, &settings, &outbox_name, opts).map_err(prepare(&outbox_name))?;
         let queue = service.queue(&name).map_err(prepare(&name))?;
         let poison_name = queue::names::poison_queue(&name);
         let poison = service.queue(&poison_name).map_err(prepare(&poison_name))?;
@@ -80,12 +81,17 @@ fn prepare(queue: &str) -> impl Fn(QueueError) -> TargetsError + '_ {
 
 /// The outbox `name`, with the configured schedule and its blob container
 /// (named like the queue).
-fn outbox(service: &QueueService, name: &str, opts: &Options) -> Result<Outbox, QueueError> {
+fn outbox(
+    service: &QueueService,
+    settings: &StorageSettings,
+    name: &str,
+    opts: &Options,
+) -> Result<Outbox, QueueError> {
     Ok(Outbox {
         queue: service.queue(name)?,
         poison: service.queue(&queue::names::poison_queue(name))?,
         schedule: opts.webhook_outbox_schedule.0.clone().into(),
-        claims: ClaimStore::new(&opts.storage(), name)?,
+        claims: ClaimStore::new(settings, name)?,
     })
 }
 
@@ -105,5 +111,5 @@ pub fn single_outbox(opts: &Options) -> Result<Outbox, String> {
         .next()
         .ok_or("no client configured")?;
     let name = names.outbox()?;
-    outbox(&service, &name, opts).map_err(|e| format!("outbox {name}: {e}"))
+    outbox(&service, &settings, &name, opts).map_err(|e| format!("outbox {name}: {e}"))
 }
